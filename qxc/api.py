@@ -1,0 +1,36 @@
+"""The Python entry points: ``qxc.compile_model(model, "cleanup,quantize-weights{bits=4}", data=...)``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from qxc import ir as qir
+from qxc.data import Dataset, load_data
+from qxc.pipeline import CompileResult, Instrument, PassContext, PassManager, Step, VerifierInstrument, resolve_pipeline
+
+load = qir.load
+save = qir.save
+
+
+def compile_model(model: Any, pipeline: str | Sequence[Step], *, data: Any = None, verify: bool = True,
+                  verify_runtime: bool = False, providers: Sequence[str] = ("cpu",), seed: int = 0,
+                  instruments: Sequence[Instrument] = (), failure_path: str | os.PathLike | None = None,
+                  check_input: bool = True) -> CompileResult:
+    """Run a pipeline (text, recipe path/name or steps) on a model (path, ModelProto, ir.Model or gs.Graph).
+
+    ``data`` is a path (.npz/.npy/.csv), a :class:`~qxc.data.Dataset`, a dict of arrays or a list of feed dicts.
+    The model is changed in place when an ``ir.Model`` is given; the result holds it and the per-pass records.
+    """
+    steps = resolve_pipeline(pipeline)
+    model = qir.coerce_model(model)
+    if check_input:
+        qir.check(model)
+    dataset = None
+    if data is not None:
+        dataset = data if isinstance(data, Dataset) else load_data(data, model)
+    context = PassContext(data=dataset, providers=tuple(providers), seed=seed)
+    extra = [VerifierInstrument(runtime=verify_runtime, providers=providers)] if verify else []
+    manager = PassManager(steps, context=context, instruments=[*extra, *instruments], failure_path=failure_path)
+    return manager.run(model)

@@ -1,0 +1,228 @@
+"""``qxc compile | inspect | passes | compare | bench``: the command line.
+
+Exit codes: 0 success, 1 internal error, 2 usage, 3 invalid model, 4 pass failure, 5 bad data, 130 interrupted.
+Errors print one line ``qxc: error: ...``; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+import warnings
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from qxc import __version__
+from qxc import ir as qir
+from qxc.errors import EXIT_CODES, QxcError, UsageError
+
+
+def _dump_json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _emit_json(obj, target: str | None) -> None:
+    text = _dump_json(obj)
+    if target in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        qir.write_text_atomic(target, text)
+
+
+# --------------------------------------------------------------------------------------------------- commands
+
+
+def cmd_compile(args) -> int:
+    from qxc.api import compile_model
+    from qxc.pipeline import DumpInstrument, PrintAfterInstrument
+
+    if Path(args.output).resolve() == Path(args.model).resolve() and not args.force:
+        raise UsageError(f"{args.output}: refusing to overwrite the input model; choose another -o or pass --force")
+    model = qir.load(args.model)
+    instruments = []
+    if args.dump_dir:
+        instruments.append(DumpInstrument(args.dump_dir))
+    if args.print_after:
+        instruments.append(PrintAfterInstrument(args.print_after.split(",")))
+    result = compile_model(model, args.pipeline, data=args.data, verify=not args.no_verify,
+                           verify_runtime=args.verify_runtime, providers=args.provider.split(","), seed=args.seed,
+                           instruments=instruments, failure_path=args.output)
+    qir.save(result.model, args.output, force=args.force)
+    summary = result.to_json(timings=not args.no_timings)
+    summary["input"] = str(args.model)
+    summary["output"] = str(args.output)
+    if args.json:
+        _emit_json(summary, args.json)
+    if not args.quiet:
+        b, a = result.stats_before, result.stats_after
+        print(f"qxc: {args.model} -> {args.output}: {result.pipeline}", file=sys.stderr)
+        for r in result.records:
+            t = "" if args.no_timings else f" {r.seconds:8.3f}s"
+            print(f"  {r.index:02d} {r.name:<18}{t} {'modified' if r.modified else 'unchanged'}", file=sys.stderr)
+        print(f"  nodes {b['nodes']} -> {a['nodes']}, weight bytes {b['weight_bytes']} -> {a['weight_bytes']}",
+              file=sys.stderr)
+    return 0
+
+
+def zipped_size(path: Path) -> int:
+    """Deflate-compressed size of the model file plus its external data (streamed)."""
+    total = 0
+    for p in [path, path.with_name(path.name + ".data")]:
+        if not p.exists():
+            continue
+        comp = zlib.compressobj(6)
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                total += len(comp.compress(chunk))
+        total += len(comp.flush())
+    return total
+
+
+def cmd_inspect(args) -> int:
+    from qxc.stats import model_stats
+
+    model = qir.load(args.model)
+    stats = model_stats(model)
+    path = Path(args.model)
+    stats["file"] = str(path)
+    stats["file_bytes"] = path.stat().st_size + sum(p.stat().st_size for p in qir.external_files(model))
+    if args.zip:
+        stats["zip_bytes"] = zipped_size(path)
+    if args.json:
+        _emit_json(stats, None if args.json is True else args.json)
+        return 0
+    print(f"{path}  ({stats['file_bytes']:,} bytes" + (f", {stats['zip_bytes']:,} zipped" if args.zip else "") + ")")
+    print(f"  ir_version {stats['ir_version']}, opsets " + ", ".join(f"{d or 'ai.onnx'}={v}"
+                                                                      for d, v in stats["opsets"].items()))
+    for kind in ("inputs", "outputs"):
+        for v in stats[kind]:
+            print(f"  {kind[:-1]:<6} {v['name']}: {v['dtype']} {v['shape']}")
+    print(f"  parameters {stats['parameters']:,} ({stats['weight_bytes']:,} bytes), nodes {stats['nodes']}, "
+          f"subgraphs {stats['subgraphs']}, quantized: {'yes' if stats['quantized'] else 'no'}"
+          + (f" ({stats['quantized_nodes']} nodes)" if stats["quantized"] else ""))
+    for op, n in sorted(stats["ops"].items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"    {n:6d}  {op}")
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from qxc.pipeline import bundled_recipes, load_recipe, option_specs, registered_passes
+
+    passes = {}
+    for name, cls in registered_passes().items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        passes[name] = {"class": cls.__name__, "doc": doc, "needs_data": cls.needs_data,
+                        "options": [{"name": s.name, "type": s.type_text(), "default": s.default, "doc": s.doc}
+                                    for s in option_specs(cls)]}
+    recipes = {}
+    for name, path in bundled_recipes().items():
+        steps, desc = load_recipe(path)
+        recipes[name] = {"path": str(path), "description": desc, "pipeline": ",".join(s.text() for s in steps)}
+    if args.json:
+        _emit_json({"passes": passes, "recipes": recipes}, None)
+        return 0
+    for name, info in passes.items():
+        print(f"{name}  ({info['class']}){'  [needs --data]' if info['needs_data'] else ''}")
+        print(f"    {info['doc']}")
+        for o in info["options"]:
+            print(f"    {o['name']}={json.dumps(o['default'], default=str)}  <{o['type']}>  {o['doc']}")
+    print("\nrecipes (-p NAME or -p passes/NAME.toml):")
+    for name, info in recipes.items():
+        print(f"  {name:<18} {info['pipeline']}")
+        if info["description"]:
+            print(f"  {'':<18} {info['description']}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = "exit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items())
+    p = argparse.ArgumentParser(prog="qxc", description="ONNX model-transformation compiler",
+                                epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"qxc {__version__}")
+    p.add_argument("--debug", action="store_true", help="print tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="run a pass pipeline on a model")
+    c.add_argument("model")
+    c.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
+    c.add_argument("-p", "--pipeline", default="fold-constants,cleanup",
+                   help="pipeline text 'a,b{k=v}', a recipe .toml, or a bundled recipe name (default: %(default)s)")
+    c.add_argument("--data", help="sample data: .npz by input name (+labels), .npy or .csv")
+    c.add_argument("--json", help="write the compile statistics as JSON to this file ('-' for stdout)")
+    c.add_argument("--force", action="store_true", help="allow overwriting the input model")
+    c.add_argument("--no-verify", action="store_true", help="skip the checker after every pass")
+    c.add_argument("--verify-runtime", action="store_true", help="also open an onnxruntime session after every pass")
+    c.add_argument("--dump-dir", help="save the model after every pass into this folder")
+    c.add_argument("--print-after", help="print ONNX text after these passes (comma list, or 'all')")
+    c.add_argument("--provider", default="cpu", help="execution providers for passes that run the model")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--no-timings", action="store_true", help="leave timings out of the JSON (for byte-stable output)")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    c.set_defaults(func=cmd_compile)
+
+    i = sub.add_parser("inspect", help="inputs, outputs, opsets, ops, parameters, quantization")
+    i.add_argument("model")
+    i.add_argument("--json", nargs="?", const=True, default=False, help="JSON to stdout or to a file")
+    i.add_argument("--zip", action="store_true", help="also report the deflate-compressed size")
+    i.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    i.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("passes", help="list passes, their options and the bundled recipes")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_passes)
+
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    debug = getattr(args, "debug", False) or "--debug" in argv
+    if not debug:  # libraries' own warnings (onnx-ir's "model is invalid but...") would break the one-line contract
+        logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module="onnx_ir")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("qxc: interrupted; no output written", file=sys.stderr)
+        return 130
+    except QxcError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"qxc: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Exception as e:  # a bug: say so in one line
+        if debug:
+            traceback.print_exc()
+        print(f"qxc: internal error: {type(e).__name__}: {qir._first_line(e)} (rerun with --debug and report it)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Small helpers over onnx-ir graphs shared by the passes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+
+def all_graphs(model: ir.Model) -> list[ir.Graph]:
+    """The main graph and every subgraph (If branches, Loop/Scan bodies), outermost first."""
+    return [model.graph, *model.graph.subgraphs()]
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant array when it is an initializer (not overridable by a graph input), else None."""
+    if value is None or value.const_value is None:
+        return None
+    if value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def is_weight(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and value.is_initializer() and not value.is_graph_input()
+
+
+def owning_graph(value: ir.Value) -> ir.Graph | None:
+    if value.producer() is not None:
+        return value.producer().graph
+    return value.graph
+
+
+def nodes_using(value: ir.Value) -> Iterator[ir.Node]:
+    seen = set()
+    for use in value.uses():
+        node = use.node
+        if id(node) not in seen:
+            seen.add(id(node))
+            yield node
+
+
+def unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
+    """A value name not used in ``taken`` (callers keep ``taken`` for the whole model)."""
+    name = base
+    i = 1
+    while name in taken:
+        name = f"{base}_{i}"
+        i += 1
+    taken.add(name)
+    return name
+
+
+def value_names(model: ir.Model) -> set[str]:
+    names = set()
+    for graph in all_graphs(model):
+        names.update(v.name for v in graph.inputs)
+        names.update(graph.initializers)
+        for node in graph:
+            names.update(o.name for o in node.outputs if o.name)
+    return names
+
+
+def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register a new initializer holding ``array`` in ``graph``."""
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value

@@ -1,0 +1,417 @@
+"""Model I/O and verification: the only module that touches the onnx protobuf library.
+
+Everything else in qxc works on ``onnx_ir`` objects. Loading validates the file before anything is built from it
+(empty, truncated, not ONNX, unsupported opset, unknown domain, external data that escapes the model folder or is
+missing/short, tensors whose declared shape does not match their bytes); weights stored as external data stay
+memory-mapped by onnx-ir. Saving is atomic: everything is written into a temporary folder beside the target and
+renamed into place, so an interrupted run never leaves a partial file and never touches the input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from qxc.errors import ModelError, UsageError
+
+MIN_OPSET = 7
+MAX_OPSET = onnx.defs.onnx_opset_version()
+#: Protobuf cannot hold more than 2 GiB; we switch to external data well before that.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+KNOWN_DOMAINS = frozenset(
+    {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "ai.onnx.preview.training",
+     "ai.onnx.training", "com.ms.internal.nhwc"}
+)
+SOURCE_KEY = "qxc:source"  # model.meta key holding the resolved path a model was loaded from
+
+_ITEMSIZE_BITS = {
+    onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4,
+    onnx.TensorProto.FLOAT4E2M1: 4,
+}
+
+
+def _expected_nbytes(t: onnx.TensorProto) -> int | None:
+    if t.data_type == onnx.TensorProto.STRING or t.data_type == onnx.TensorProto.UNDEFINED:
+        return None
+    n = math.prod(t.dims)
+    bits = _ITEMSIZE_BITS.get(t.data_type)
+    if bits is not None:
+        return (n * bits + 7) // 8
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    return n * itemsize
+
+
+def _iter_tensors(graph: onnx.GraphProto, where: str) -> Iterator[tuple[onnx.TensorProto, str]]:
+    for t in graph.initializer:
+        yield t, where
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t, f"{where}/node '{node.name or node.op_type}'"
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_tensors(attr.g, f"{where}/{node.name or node.op_type}.{attr.name}")
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for i, g in enumerate(attr.graphs):
+                    yield from _iter_tensors(g, f"{where}/{node.name or node.op_type}.{attr.name}[{i}]")
+
+
+def _iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_nodes(g)
+
+
+def _validate_proto(proto: onnx.ModelProto, path: Path) -> None:
+    """Refuse, in one line each, what would otherwise crash later or read outside the model folder."""
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
+        raise ModelError(f"{path}: not an ONNX model (no IR version, graph or opset import); is it the right file?")
+    opsets = {o.domain: o.version for o in proto.opset_import}
+    default = opsets.get("", opsets.get("ai.onnx"))
+    if default is None:
+        raise ModelError(f"{path}: the model imports no default ('ai.onnx') opset")
+    if not MIN_OPSET <= default <= MAX_OPSET:
+        raise ModelError(
+            f"{path}: opset {default} is outside the supported range {MIN_OPSET}..{MAX_OPSET}; "
+            "convert it with onnx.version_converter first"
+        )
+    function_domains = {f.domain for f in proto.functions}
+    for node in _iter_nodes(proto.graph):
+        if node.domain not in KNOWN_DOMAINS and node.domain not in function_domains:
+            raise ModelError(
+                f"{path}: node '{node.name or node.op_type}' uses op {node.domain}::{node.op_type} from a domain "
+                "onnxruntime does not know and the model does not define; register its custom-op library or remove it"
+            )
+    folder = path.parent.resolve()
+    for t, where in _iter_tensors(proto.graph, "graph"):
+        expected = _expected_nbytes(t)
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            location = info.get("location", "")
+            if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
+                raise ModelError(
+                    f"{path}: tensor '{t.name}' ({where}) has external data at absolute path '{location}'; "
+                    "only paths inside the model's folder are allowed"
+                )
+            target = (folder / location).resolve()
+            if folder != target and folder not in target.parents:
+                raise ModelError(
+                    f"{path}: tensor '{t.name}' ({where}) points its external data outside the model folder "
+                    f"('{location}'); refusing to read it"
+                )
+            if not target.is_file():
+                raise ModelError(
+                    f"{path}: external data file '{location}' of tensor '{t.name}' is missing; "
+                    "copy it next to the model"
+                )
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else None
+            size = target.stat().st_size
+            need = length if length is not None else expected
+            if need is not None and offset + need > size:
+                raise ModelError(
+                    f"{path}: external data of tensor '{t.name}' needs bytes {offset}..{offset + need} "
+                    f"but '{location}' has only {size}; the data file is truncated or belongs to another model"
+                )
+            if length is not None and expected is not None and length != expected:
+                raise ModelError(
+                    f"{path}: tensor '{t.name}' declares shape {list(t.dims)} ({expected} bytes) "
+                    f"but its external data holds {length} bytes"
+                )
+        elif expected is not None:
+            if t.HasField("raw_data") or t.raw_data:
+                got = len(t.raw_data)
+            else:
+                got = None
+                for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    values = getattr(t, field)
+                    if len(values):
+                        got = len(values)
+                        expected = math.prod(t.dims)
+                        if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+                            expected *= 2
+                        if t.data_type in _ITEMSIZE_BITS:
+                            expected = (expected + 1) // 2
+                        break
+                if got is None:
+                    got = 0
+            if got != expected:
+                raise ModelError(
+                    f"{path}: tensor '{t.name}' ({where}) declares shape {list(t.dims)} "
+                    f"({expected} {'bytes' if t.raw_data else 'values'}) but stores {got}; the file is corrupt"
+                )
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load and validate a model; external weights stay memory-mapped."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelError(f"{path}: is a folder, not an .onnx file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: file is empty")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as e:
+        raise ModelError(f"{path}: not a readable ONNX protobuf (truncated or another format): {_first_line(e)}") from e
+    except Exception as e:  # protobuf's C++ parser raises its own types
+        raise ModelError(f"{path}: not a readable ONNX protobuf (truncated or another format): {_first_line(e)}") from e
+    _validate_proto(proto, path)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:
+        raise ModelError(f"{path}: cannot be read into the IR: {_first_line(e)}") from e
+    del proto
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    model.meta[SOURCE_KEY] = str(path.resolve())
+    return model
+
+
+def from_proto(proto: onnx.ModelProto | bytes, base_dir: str | os.PathLike = "") -> ir.Model:
+    """Build an IR model from a ModelProto (or its bytes), e.g. one made with onnx.helper in user code."""
+    if isinstance(proto, bytes | bytearray):
+        proto = onnx.load_from_string(bytes(proto))
+    model = ir.serde.deserialize_model(proto)
+    if base_dir:
+        ir.external_data.set_base_dir(model.graph, str(base_dir))
+    return model
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    return ir.to_proto(model)
+
+
+def external_files(model: ir.Model) -> set[Path]:
+    """The resolved paths of every external data file the model's tensors still read from."""
+    files = set()
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            t = value.const_value
+            if isinstance(t, ir.ExternalTensor):
+                files.add(Path(t.path).resolve())
+    return files
+
+
+def total_weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None)
+
+
+def save(model: ir.Model, path: str | os.PathLike, *, force: bool = False, external_data: bool | None = None) -> Path:
+    """Write ``model`` atomically; returns the path written.
+
+    The model and its ``<name>.data`` file (when external data is used) are written into a temporary folder next to
+    ``path`` and renamed into place, data first. External data is used when the model was loaded with external data,
+    when ``external_data=True``, or when its weights approach protobuf's 2 GiB limit.
+    """
+    path = Path(path)
+    target = path.resolve() if path.exists() else path.parent.resolve() / path.name
+    data_name = path.name + ".data"
+    data_target = target.parent / data_name
+    source = model.meta.get(SOURCE_KEY)
+    inputs = external_files(model)
+    if source:
+        inputs.add(Path(source))
+    clobbers = [p for p in (target, data_target) if p in inputs]
+    if clobbers and not force:
+        raise UsageError(f"{path}: refusing to overwrite the input model ('{clobbers[0]}'); choose another -o or pass --force")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot create the output folder: {e.strerror}") from None
+    if external_data is None:
+        external_data = bool(external_files(model)) or total_weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        tmp_model = tmpdir / path.name
+        if external_data:
+            ir.save(model, tmp_model, external_data=data_name)
+            os.replace(tmpdir / data_name, data_target)
+        else:
+            ir.save(model, tmp_model)
+        os.replace(tmp_model, target)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def _first_line(e: BaseException) -> str:
+    """A library's (often multi-line) message folded into one line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+@contextlib.contextmanager
+def skeleton(model: ir.Model, min_bytes: int = 1024):
+    """Temporarily present large main-graph weights as typed graph inputs, so a proto can be made without copying them.
+
+    Used for checking and opset conversion: a 2 GB model checks like a small one.
+    """
+    graph = model.graph
+    moved: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    input_set = set(graph.inputs)
+    for value in list(graph.initializers.values()):
+        t = value.const_value
+        if t is None or value in input_set:
+            continue
+        if isinstance(t, ir.ExternalTensor) or t.nbytes >= min_bytes:
+            moved.append((value, t))
+    try:
+        for value, t in moved:
+            graph.initializers.pop(value.name)
+            value.const_value = None
+            if value.type is None:
+                value.type = ir.TensorType(t.dtype)
+            if value.shape is None:
+                value.shape = ir.Shape(list(t.shape))
+            graph.inputs.append(value)
+        yield [v.name for v, _ in moved]
+    finally:
+        for value, t in moved:
+            graph.inputs.remove(value)
+            value.const_value = t
+            graph.register_initializer(value)
+
+
+def check(model: ir.Model, full: bool = True) -> None:
+    """Run onnx.checker (full check with strict shape inference) on the model's skeleton; raises ModelError."""
+    with skeleton(model):
+        proto = ir.to_proto(model)
+    try:
+        onnx.checker.check_model(proto, full_check=full)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ModelError(f"onnx.checker: {_first_line(e)}") from e
+    except Exception as e:
+        raise ModelError(f"onnx.checker: {_first_line(e)}") from e
+
+
+def infer_shapes(model: ir.Model) -> ir.Model:
+    """Run ONNX shape inference (data propagation on) and copy the inferred types/shapes onto the model's values."""
+    with skeleton(model) as moved:
+        proto = ir.to_proto(model)
+    inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    info = {vi.name: vi for vi in inferred.graph.value_info}
+    info.update({vi.name: vi for vi in inferred.graph.output})
+    del moved
+    for node in model.graph:
+        for out in node.outputs:
+            vi = info.get(out.name)
+            if vi is None or not vi.type.HasField("tensor_type"):
+                continue
+            tt = vi.type.tensor_type
+            if out.type is None and tt.elem_type:
+                out.type = ir.TensorType(ir.DataType(tt.elem_type))
+            if out.shape is None and tt.HasField("shape"):
+                dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+                out.shape = ir.Shape(dims)
+    return model
+
+
+def upgrade_opset(model: ir.Model, version: int) -> ir.Model:
+    """Raise the default-domain opset with onnx.version_converter, working on the skeleton (weights untouched)."""
+    current = model.opset_imports.get("", 1)
+    if current >= version:
+        return model
+    tensors = {n: v.const_value for n, v in model.graph.initializers.items()}
+    with skeleton(model) as moved:
+        proto = ir.to_proto(model)
+    try:
+        converted = onnx.version_converter.convert_version(proto, version)
+    except Exception as e:
+        raise ModelError(f"cannot convert the model from opset {current} to {version}: {_first_line(e)}") from e
+    new = ir.serde.deserialize_model(converted)
+    moved_set = set(moved)
+    graph = new.graph
+    for value in list(graph.inputs):
+        if value.name in moved_set:
+            graph.inputs.remove(value)
+            value.const_value = tensors[value.name]
+            graph.register_initializer(value)
+    new.meta.update(model.meta)
+    return new
+
+
+def model_bytes(model: ir.Model) -> bytes:
+    """Serialized bytes with external tensors kept as references (for sessions and fingerprints)."""
+    return ir.to_proto(model).SerializeToString(deterministic=True)
+
+
+def fingerprint(model: ir.Model) -> str:
+    """A digest of the whole model, weights included (external ones read through their memory map)."""
+    h = hashlib.sha256()
+    with skeleton(model) as moved:
+        h.update(ir.to_proto(model).SerializeToString(deterministic=True))
+    for name in sorted(moved):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(model.graph.initializers[name].const_value.numpy()).view(np.uint8).tobytes())
+    return h.hexdigest()
+
+
+def to_graphsurgeon(model: ir.Model):
+    """Interop edge: an onnx-graphsurgeon Graph of the model (holds every weight in memory)."""
+    import onnx_graphsurgeon as gs
+
+    return gs.import_onnx(ir.to_proto(model))
+
+
+def from_graphsurgeon(graph) -> ir.Model:
+    import onnx_graphsurgeon as gs
+
+    return ir.serde.deserialize_model(gs.export_onnx(graph))
+
+
+def from_onnx_text(text: str) -> ir.Model:
+    """Parse ONNX textual syntax (used by golden tests)."""
+    return ir.serde.deserialize_model(onnx.parser.parse_model(text))
+
+
+def to_onnx_text(model: ir.Model) -> str:
+    return onnx.printer.to_text(ir.to_proto(model))
+
+
+def coerce_model(obj) -> ir.Model:
+    """Accept an ir.Model, an onnx.ModelProto, serialized bytes, a path or an onnx-graphsurgeon Graph."""
+    if isinstance(obj, ir.Model):
+        return obj
+    if isinstance(obj, onnx.ModelProto | bytes | bytearray):
+        return from_proto(obj)
+    if isinstance(obj, str | os.PathLike):
+        return load(obj)
+    if type(obj).__module__.startswith("onnx_graphsurgeon"):
+        return from_graphsurgeon(obj)
+    raise UsageError(f"cannot make a model from a {type(obj).__name__}; pass a path, ModelProto, ir.Model or gs.Graph")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UsageError(f"{path}: output folder '{path.parent}' does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path

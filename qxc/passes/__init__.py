@@ -1,0 +1,3 @@
+"""Built-in passes; importing this package registers them. One pass per module."""
+
+from qxc.passes import cleanup, fold_constants  # noqa: F401

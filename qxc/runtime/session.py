@@ -1,0 +1,132 @@
+"""Session factory over onnxruntime.
+
+Models are handed to onnxruntime as serialized bytes with external tensors kept as references; the folder holding
+their data is given to the session, so large weights are read in place rather than copied to a temporary file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from qxc import ir as qir
+from qxc.errors import ModelError, UsageError
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+_OPT_LEVELS = {
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class ProviderFallbackWarning(UserWarning):
+    pass
+
+
+def resolve_providers(requested: Sequence[str] | str, *, available: Iterable[str] | None = None,
+                      strict: bool = False) -> list[str]:
+    """Map names (``cpu``, ``cuda``, ``tensorrt`` or full provider names) to the ones onnxruntime has.
+
+    Unavailable providers are dropped with a :class:`ProviderFallbackWarning` (CPU is always appended as the last
+    resort), or raise a UsageError under ``strict``.
+    """
+    if isinstance(requested, str):
+        requested = [p for p in requested.split(",") if p.strip()]
+    available = list(ort.get_available_providers() if available is None else available)
+    chosen: list[str] = []
+    for name in requested:
+        full = PROVIDER_ALIASES.get(name.strip().lower(), name.strip())
+        if full not in PROVIDER_ALIASES.values() and not full.endswith("ExecutionProvider"):
+            raise UsageError(f"unknown execution provider '{name}'; use one of {', '.join(PROVIDER_ALIASES)} "
+                             "or a full onnxruntime provider name")
+        if full in available:
+            if full not in chosen:
+                chosen.append(full)
+            continue
+        msg = (f"execution provider '{name}' ({full}) is not available in this onnxruntime build "
+               f"(available: {', '.join(available)})")
+        if strict:
+            raise UsageError(msg + "; install onnxruntime-gpu (pip install 'qxc[gpu]') or drop --strict-provider")
+        warnings.warn(msg + "; falling back", ProviderFallbackWarning, stacklevel=2)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def session_options(*, threads: int | None = None, optimization: str = "all",
+                    prepacking: bool = True) -> ort.SessionOptions:
+    if optimization not in _OPT_LEVELS:
+        raise UsageError(f"unknown optimization level '{optimization}'; use one of {', '.join(_OPT_LEVELS)}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = _OPT_LEVELS[optimization]
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if not prepacking:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    return so
+
+
+def make_session(model: ir.Model | str | os.PathLike, *, providers: Sequence[str] | str = ("cpu",),
+                 threads: int | None = None, optimization: str = "all", prepacking: bool = True,
+                 strict_provider: bool = False, available: Iterable[str] | None = None) -> ort.InferenceSession:
+    """An onnxruntime session for an IR model or a model file; load failures become one-line ModelErrors."""
+    so = session_options(threads=threads, optimization=optimization, prepacking=prepacking)
+    chosen = resolve_providers(providers, available=available, strict=strict_provider)
+    try:
+        if isinstance(model, ir.Model):
+            folders = {str(p.parent) for p in qir.external_files(model)}
+            if len(folders) > 1:
+                raise ModelError(f"external data spread over several folders ({', '.join(sorted(folders))})")
+            if folders:
+                so.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
+            return ort.InferenceSession(qir.model_bytes(model), sess_options=so, providers=chosen)
+        return ort.InferenceSession(str(model), sess_options=so, providers=chosen)
+    except ModelError:
+        raise
+    except Exception as e:  # onnxruntime raises Fail/InvalidGraph/RuntimeException with multi-line text
+        raise ModelError(f"onnxruntime cannot load the model: {qir._first_line(e)}") from e
+
+
+def normalize_output(value) -> np.ndarray:
+    """skl2onnx classifiers return ZipMap lists of dicts: turn them into a (rows, classes) float array."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        keys = sorted(value[0])
+        return np.array([[row[k] for k in keys] for row in value], dtype=np.float32)
+    return np.asarray(value)
+
+
+def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, batch_size: int = 1024,
+                output_names: Sequence[str] | None = None, progress: bool = False) -> list[np.ndarray]:
+    """Run ``feeds`` (batch along axis 0) in chunks of ``batch_size`` rows and concatenate each output."""
+    n = len(next(iter(feeds.values())))
+    names = list(output_names) if output_names is not None else [o.name for o in session.get_outputs()]
+    parts: list[list[np.ndarray]] = [[] for _ in names]
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, unit="batch", leave=False)
+    for s in starts:
+        chunk = {k: v[s : s + batch_size] for k, v in feeds.items()}
+        for i, out in enumerate(session.run(names, chunk)):
+            parts[i].append(normalize_output(out))
+    return [np.concatenate(p, axis=0) if p else np.empty((0,)) for p in parts]

@@ -1,0 +1,83 @@
+"""Shared test helpers: reference model paths, onnxruntime runs, model builders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+# name -> (model path, data path, input name)
+REFERENCE = {
+    "digits_mlp": (MODELS / "digits_mlp.onnx", MODELS / "digits_test.npz"),
+    "breast_cancer_gb": (MODELS / "breast_cancer_gb.onnx", MODELS / "breast_cancer_test.npz"),
+    "diabetes_mlp": (MODELS / "diabetes_mlp.onnx", MODELS / "diabetes_test.npz"),
+    "cnn_digits": (MODELS / "cnn_digits.onnx", MODELS / "cnn_digits_test.npz"),
+    "ffn_small": (MODELS / "fixtures" / "ffn_small.onnx", MODELS / "fixtures" / "ffn_small_data.npz"),
+    "if_constants": (MODELS / "fixtures" / "if_constants.onnx", MODELS / "fixtures" / "if_constants_data.npz"),
+}
+
+
+def feeds_for(model_path: Path, data_path: Path, rows: int | None = None) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    with np.load(data_path) as z:
+        return {n: z[n][:rows] for n in names}
+
+
+def run(model, feeds: dict[str, np.ndarray], optimization: bool = True) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    if not optimization:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    src = model if isinstance(model, str | bytes) else str(model) if isinstance(model, Path) else \
+        model.SerializeToString()
+    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    ref = ref.astype(np.float64)
+    noise = np.sum((ref - test.astype(np.float64)) ** 2)
+    return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref**2) / noise))
+
+
+def wrap_in_if(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with its whole body moved into both branches of an If (weights become branch-local)."""
+    g = model.graph
+    def branch(tag):
+        b = helper.make_graph(list(g.node), f"{tag}_body", [], list(g.output), list(g.initializer))
+        b.value_info.extend(g.value_info)
+        return b
+    cond = helper.make_node("Constant", [], ["wrap_cond"], value=numpy_helper.from_array(np.array(True)))
+    node = helper.make_node("If", ["wrap_cond"], [o.name for o in g.output], name="wrap",
+                            then_branch=branch("then"), else_branch=branch("else"))
+    graph = helper.make_graph([cond, node], g.name + "_if", list(g.input), list(g.output))
+    m = helper.make_model(graph, opset_imports=list(model.opset_import))
+    m.ir_version = model.ir_version
+    return m
+
+
+def mlp_model(sizes=(8, 16, 4), seed=0, opset=17) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    x = "x"
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        inits += [numpy_helper.from_array(rng.normal(0, 1 / np.sqrt(a), (a, b)).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(rng.normal(0, 0.1, b).astype(np.float32), f"b{i}")]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"mm{i}"], name=f"fc{i}"),
+                  helper.make_node("Add", [f"mm{i}", f"b{i}"], [f"h{i}"], name=f"bias{i}")]
+        x = f"h{i}"
+        if i < len(sizes) - 2:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"], name=f"relu{i}"))
+            x = f"r{i}"
+    nodes.append(helper.make_node("Identity", [x], ["y"], name="out"))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, sizes[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, sizes[-1]])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m

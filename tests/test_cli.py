@@ -1,0 +1,157 @@
+"""The command line: outputs, JSON, exit codes, and the bad-input corpus (one line, no traceback, no leftovers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from helpers import MODELS, mlp_model
+from onnx import numpy_helper
+
+from qxc.cli import main
+
+DIGITS = str(MODELS / "digits_mlp.onnx")
+
+
+def qxc(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qxc.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_compile_writes_model_and_json(tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    recipe = str(MODELS.parent / "passes" / "cleanup.toml")
+    assert main(["compile", DIGITS, "-o", str(out), "-p", recipe, "--json", str(tmp_path / "s.json")]) == 0
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["pipeline"] == "fold-constants,cleanup"
+    assert [p["pass"] for p in stats["passes"]] == ["fold-constants", "cleanup"]
+    assert stats["before"]["nodes"] > stats["after"]["nodes"]
+    assert onnx.load(out).graph.node
+
+
+def test_two_runs_give_identical_bytes_and_json(tmp_path):
+    for tag in "ab":
+        assert main(["compile", DIGITS, "-o", str(tmp_path / f"{tag}.onnx"), "-q", "--no-timings",
+                     "--json", str(tmp_path / f"{tag}.json")]) == 0
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
+    a.pop("output"), b.pop("output")
+    assert a == b
+
+
+def test_inspect_json_and_passes_json(capsys):
+    assert main(["inspect", DIGITS, "--json", "--zip"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["inputs"] == [{"name": "X", "dtype": "float", "shape": [None, 64]}]
+    assert info["parameters"] == 17237 and not info["quantized"]
+    assert 0 < info["zip_bytes"] < info["file_bytes"]
+    assert main(["passes", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert "cleanup" in listing["passes"] and "cleanup" in listing["recipes"]
+    opts = {o["name"]: o for o in listing["passes"]["fold-constants"]["options"]}
+    assert opts["max-elements"]["type"] == "int" and opts["max-elements"]["doc"]
+
+
+def _bad_models(tmp: os.PathLike):
+    """(name, path, expected exit code, text the message must contain) for each bad model in the corpus."""
+    tmp = os.fspath(tmp)
+    cases = []
+
+    def add(name, data: bytes | onnx.ModelProto, code, text, extra=None):
+        path = os.path.join(tmp, f"{name}.onnx")
+        if isinstance(data, bytes):
+            open(path, "wb").write(data)
+        else:
+            onnx.save(data, path)
+        if extra:
+            extra(path)
+        cases.append((name, path, code, text))
+
+    good = open(DIGITS, "rb").read()
+    add("empty", b"", 3, "empty")
+    add("truncated", good[: len(good) // 3], 3, "truncated.onnx")
+    add("random", bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8)), 3, "random.onnx")
+    add("json", b'{"ir_version": 8, "graph": {"node": []}}', 3, "json.onnx")
+    broken = mlp_model()
+    broken.graph.node[1].input[0] = "nowhere"
+    add("checker", broken, 3, "nowhere")
+    dom = mlp_model()
+    dom.graph.node[0].domain = "evil.ops"
+    add("domain", dom, 3, "evil.ops")
+    for v in (2, 99):
+        old = mlp_model()
+        old.opset_import[0].version = v
+        add(f"opset{v}", old, 3, f"opset {v}")
+    for tag, loc in (("dotdot", "../w.bin"), ("absolute", "/etc/hostname"), ("missing", "gone.bin")):
+        m = mlp_model()
+        t = m.graph.initializer[0]
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        t.external_data.add(key="location", value=loc)
+        add(f"ext_{tag}", m, 3, "outside the model folder" if tag == "dotdot" else
+            ("absolute" if tag == "absolute" else "missing"))
+    huge = mlp_model()
+    huge.graph.initializer[0].dims[:] = [1 << 20, 1 << 21]
+    add("terabyte", huge, 3, "declares shape")
+    return cases
+
+
+def test_bad_input_corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    cases = _bad_models(folder)
+    # model-level cases plus data/pipeline cases, all through the real console entry point
+    nanm = mlp_model()
+    arr = numpy_helper.to_array(nanm.graph.initializer[0]).copy()
+    arr[0, 0] = np.inf
+    nanm.graph.initializer[0].CopyFrom(numpy_helper.from_array(arr, "w0"))
+    onnx.save(nanm, folder / "inf_weights.onnx")
+    good = folder / "good.onnx"
+    onnx.save(mlp_model(), good)
+    np.savez(folder / "wrong_name.npz", nope=np.zeros((4, 8), np.float32))
+    np.savez(folder / "wrong_shape.npz", x=np.zeros((4, 5), np.float32))
+    np.savez(folder / "wrong_dtype.npz", x=np.array([["a"] * 8] * 4))
+    np.savez(folder / "zero_rows.npz", x=np.zeros((0, 8), np.float32))
+    runs = [(n, ["compile", p, "-o", folder / f"out_{n}.onnx"], code, text) for n, p, code, text in cases]
+    runs += [
+        ("data_name", ["compile", good, "-o", folder / "o1.onnx", "--data", folder / "wrong_name.npz",
+                       "-p", "cleanup"], 5, "'nope' matches no model input"),
+        ("data_shape", ["compile", good, "-o", folder / "o2.onnx", "--data", folder / "wrong_shape.npz"], 5,
+         "expects 8 features"),
+        ("data_dtype", ["compile", good, "-o", folder / "o3.onnx", "--data", folder / "wrong_dtype.npz"], 5, "dtype"),
+        ("data_rows", ["compile", good, "-o", folder / "o4.onnx", "--data", folder / "zero_rows.npz"], 5, "zero rows"),
+        ("data_missing", ["compile", good, "-o", folder / "o5.onnx", "--data", folder / "nothing.npz"], 5, "not found"),
+        ("unknown_pass", ["compile", good, "-o", folder / "o6.onnx", "-p", "cleanup,qantize"], 2, "unknown pass"),
+        ("unknown_option", ["compile", good, "-o", folder / "o7.onnx", "-p", "cleanup{fast=1}"], 2, "no option 'fast'"),
+        ("overwrite_input", ["compile", good, "-o", good], 2, "refusing to overwrite"),
+        ("no_file", ["inspect", folder / "absent.onnx"], 3, "no such file"),
+    ]
+    tracebacks = 0
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for name, args, code, text in runs:
+        r = qxc(*args)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        tracebacks += "Traceback" in r.stderr
+        assert r.returncode == code, (name, r.returncode, r.stderr)
+        assert len(lines) == 1 and lines[0].startswith("qxc: error: "), (name, r.stderr)
+        assert text in lines[0], (name, lines[0])
+    after = {p.name: p.read_bytes() for p in folder.iterdir()}
+    leftovers = sorted(set(after) - set(before))
+    assert after == {k: before[k] for k in after if k in before} and not leftovers, leftovers
+    print(f"\nbad inputs tried: {len(runs)}; tracebacks: {tracebacks}; leftover files: {len(leftovers)}")
+
+
+def test_debug_prints_the_traceback(tmp_path):
+    (tmp_path / "e.onnx").write_bytes(b"")
+    r = qxc("--debug", "inspect", tmp_path / "e.onnx")
+    assert r.returncode == 3 and "Traceback" in r.stderr
+
+
+@pytest.mark.parametrize("argv,code", [([], 2), (["compile"], 2), (["frobnicate"], 2), (["--version"], 0)])
+def test_usage_exit_codes(argv, code):
+    assert main(argv) == code

@@ -1,0 +1,188 @@
+"""Model I/O: validation on load, atomic save, external data, checker on a skeleton, opset upgrade, interop."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from helpers import MODELS, mlp_model, run
+from onnx import TensorProto, helper, numpy_helper
+
+from qxc import ir as qir
+from qxc.errors import ModelError, UsageError
+
+
+def _save_external(model: onnx.ModelProto, folder, name="m.onnx"):
+    path = folder / name
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=name + ".data",
+              size_threshold=0)
+    return path
+
+
+def test_load_keeps_external_weights_mapped_and_save_round_trips(tmp_path):
+    path = _save_external(mlp_model(), tmp_path)
+    model = qir.load(path)
+    assert all(isinstance(v.const_value, qir.ir.ExternalTensor) for v in model.graph.initializers.values())
+    out = qir.save(model, tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx.data").exists()  # external in, external out
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    np.testing.assert_array_equal(run(path, {"x": x})[0], run(out, {"x": x})[0])
+
+
+def test_save_refuses_to_overwrite_the_input_or_its_data(tmp_path):
+    path = _save_external(mlp_model(), tmp_path)
+    before = path.read_bytes(), (tmp_path / "m.onnx.data").read_bytes()
+    model = qir.load(path)
+    with pytest.raises(UsageError, match="refusing to overwrite the input"):
+        qir.save(model, path)
+    assert (path.read_bytes(), (tmp_path / "m.onnx.data").read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_save_is_atomic_when_serialization_fails(tmp_path, monkeypatch):
+    model = qir.from_proto(mlp_model())
+    (tmp_path / "out.onnx").write_bytes(b"previous")
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(qir.ir, "save", boom)
+    with pytest.raises(RuntimeError):
+        qir.save(model, tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx").read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]  # no temp folder left
+
+
+def test_two_saves_are_byte_identical(tmp_path):
+    model = qir.load(MODELS / "digits_mlp.onnx")
+    a = qir.save(model, tmp_path / "a.onnx").read_bytes()
+    b = qir.save(model, tmp_path / "b.onnx").read_bytes()
+    assert a == b
+
+
+@pytest.mark.parametrize("location", ["../evil.bin", "/etc/passwd", "sub/../../evil.bin"])
+def test_external_data_outside_the_folder_is_refused(tmp_path, location):
+    m = mlp_model()
+    t = m.graph.initializer[0]
+    t.ClearField("raw_data")
+    t.ClearField("float_data")
+    t.data_location = TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=location)
+    (tmp_path / "evil.bin").write_bytes(b"\0" * 1024)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    onnx.save(m, sub / "m.onnx")
+    with pytest.raises(ModelError, match="outside the model folder|absolute path"):
+        qir.load(sub / "m.onnx")
+
+
+def test_missing_and_truncated_external_data_are_named(tmp_path):
+    path = _save_external(mlp_model(), tmp_path)
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(ModelError, match="truncated"):
+        qir.load(path)
+    data.unlink()
+    with pytest.raises(ModelError, match="missing"):
+        qir.load(path)
+
+
+def test_declared_shape_larger_than_the_bytes_is_refused(tmp_path):
+    m = mlp_model()
+    m.graph.initializer[0].dims[:] = [1 << 20, 1 << 20]  # a terabyte of float32 claimed, 128 bytes stored
+    onnx.save(m, tmp_path / "m.onnx")
+    with pytest.raises(ModelError, match="declares shape .* but stores"):
+        qir.load(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "empty"),
+    (b'{"graph": {}}', "not a readable ONNX|not an ONNX model"),
+    (bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8)), "not a readable ONNX|not an ONNX"),
+])
+def test_garbage_files_are_refused(tmp_path, content, match):
+    (tmp_path / "m.onnx").write_bytes(content)
+    with pytest.raises(ModelError, match=match):
+        qir.load(tmp_path / "m.onnx")
+
+
+def test_truncated_model_is_refused(tmp_path):
+    data = (MODELS / "digits_mlp.onnx").read_bytes()
+    (tmp_path / "m.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="m.onnx"):
+        qir.load(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("opset", [3, qir.MAX_OPSET + 1])
+def test_unsupported_opsets_are_refused(tmp_path, opset):
+    m = mlp_model()
+    m.opset_import[0].version = opset
+    onnx.save(m, tmp_path / "m.onnx")
+    with pytest.raises(ModelError, match=f"opset {opset} is outside"):
+        qir.load(tmp_path / "m.onnx")
+
+
+def test_unknown_domain_is_refused(tmp_path):
+    m = mlp_model()
+    m.graph.node[0].domain = "com.example.secret"
+    m.opset_import.append(helper.make_opsetid("com.example.secret", 1))
+    onnx.save(m, tmp_path / "m.onnx")
+    with pytest.raises(ModelError, match="com.example.secret"):
+        qir.load(tmp_path / "m.onnx")
+
+
+def test_check_finds_a_broken_graph_and_names_it():
+    m = mlp_model()
+    m.graph.node[1].input[0] = "does_not_exist"
+    with pytest.raises(ModelError, match="does_not_exist"):
+        qir.check(qir.from_proto(m))
+
+
+def test_skeleton_restores_every_weight():
+    model = qir.from_proto(mlp_model(sizes=(64, 64, 8)))
+    before = {n: v.const_value for n, v in model.graph.initializers.items()}
+    with qir.skeleton(model, min_bytes=1) as moved:
+        assert moved and not model.graph.initializers
+    assert {n: v.const_value for n, v in model.graph.initializers.items()} == before
+    assert [v.name for v in model.graph.inputs] == ["x"]
+
+
+def test_upgrade_opset_keeps_weights_and_results():
+    proto = mlp_model(opset=13)
+    model = qir.upgrade_opset(qir.from_proto(proto), 21)
+    assert model.opset_imports[""] == 21
+    x = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    np.testing.assert_array_equal(run(proto, {"x": x})[0], run(qir.to_proto(model), {"x": x})[0])
+
+
+def test_graphsurgeon_edge_round_trips():
+    model = qir.from_proto(mlp_model())
+    graph = qir.to_graphsurgeon(model)
+    back = qir.coerce_model(graph)
+    x = np.ones((2, 8), np.float32)
+    np.testing.assert_array_equal(run(qir.to_proto(model), {"x": x})[0], run(qir.to_proto(back), {"x": x})[0])
+
+
+def test_fingerprint_reads_weights():
+    a = qir.from_proto(mlp_model(seed=0))
+    b = qir.from_proto(mlp_model(seed=1))
+    assert qir.fingerprint(a) != qir.fingerprint(b)
+    assert qir.fingerprint(a) == qir.fingerprint(qir.from_proto(mlp_model(seed=0)))
+
+
+def test_large_models_switch_to_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(qir, "EXTERNAL_DATA_THRESHOLD", 100)
+    qir.save(qir.from_proto(mlp_model(sizes=(64, 64, 8))), tmp_path / "o.onnx")
+    assert (tmp_path / "o.onnx.data").exists()
+    assert os.path.getsize(tmp_path / "o.onnx") < os.path.getsize(tmp_path / "o.onnx.data")
+
+
+def test_nan_weights_are_loadable_but_named_by_quantization_later(tmp_path):
+    m = mlp_model()
+    arr = numpy_helper.to_array(m.graph.initializer[0]).copy()
+    arr[0, 0] = np.nan
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(arr, "w0"))
+    onnx.save(m, tmp_path / "m.onnx")
+    assert qir.load(tmp_path / "m.onnx").graph.initializers["w0"].const_value.numpy()[0, 0] != 0
