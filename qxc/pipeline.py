@@ -242,7 +242,7 @@ def _format_value(value: Any) -> str:
     if value is None:
         return "none"
     text = repr(value) if isinstance(value, float) else str(value)
-    if text == "" or any(c in _SPECIAL for c in text) or text.lower() in ("none", "null"):
+    if text == "" or any(c in _SPECIAL or c.isspace() for c in text) or text.lower() in ("none", "null"):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text
 
@@ -285,7 +285,7 @@ class _Parser:
     def bare(self) -> str:
         self.ws()
         start = self.i
-        while self.i < len(self.text) and self.text[self.i] not in _SPECIAL:
+        while self.i < len(self.text) and self.text[self.i] not in _SPECIAL and not self.text[self.i].isspace():
             self.i += 1
         return self.text[start : self.i]
 

@@ -73,7 +73,7 @@ def test_parse_types_and_round_trips(toy_pass):
 _text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=12)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(bits=st.integers(-1000, 1000), ratio=st.floats(allow_nan=False, allow_infinity=False), flag=st.booleans(),
        mode=_text, names=st.lists(_text, max_size=4))
 def test_text_round_trip_property(bits, ratio, flag, mode, names):
