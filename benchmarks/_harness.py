@@ -67,3 +67,59 @@ def ensure_ffn(layers: int = 18, d_model: int = 512, d_ff: int = 2048) -> Path:
 
         build.build_ffn(folder, d_model, d_ff, layers)
     return path
+
+
+def model_bytes(path: Path) -> int:
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def session(path, threads: int = 1):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def outputs(path, feeds: dict, batch: int = 256) -> list:
+    import numpy as np
+
+    sess = session(path, threads=2)
+    n = len(next(iter(feeds.values())))
+    parts = None
+    for s in range(0, n, batch):
+        outs = sess.run(None, {k: v[s : s + batch] for k, v in feeds.items()})
+        parts = [[o] for o in outs] if parts is None else [p + [o] for p, o in zip(parts, outs)]
+    return [np.concatenate(p) for p in parts]
+
+
+def fidelity(ref, test) -> tuple[float, float]:
+    """(SQNR dB, mean cosine over rows) of ``test`` against ``ref``."""
+    import numpy as np
+
+    r, t = ref.astype(np.float64).reshape(len(ref), -1), test.astype(np.float64).reshape(len(test), -1)
+    noise = np.sum((r - t) ** 2)
+    sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(r**2) / noise))
+    cos = np.sum(r * t, axis=1) / (np.linalg.norm(r, axis=1) * np.linalg.norm(t, axis=1) + 1e-30)
+    return sqnr, float(np.mean(cos))
+
+
+def latencies(paths: dict[str, Path], feed: dict, runs: int = 200, threads: int = 1) -> dict[str, float]:
+    """Median single-call latency (ms) of each model, calls interleaved across models."""
+    import time
+
+    sessions = {k: session(p, threads) for k, p in paths.items()}
+    for s in sessions.values():
+        for _ in range(10):
+            s.run(None, feed)
+    times = {k: [] for k in paths}
+    for _ in range(runs):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feed)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}

@@ -41,8 +41,8 @@ def nodes_using(value: ir.Value) -> Iterator[ir.Node]:
             yield node
 
 
-def unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
-    """A value name not used in ``taken`` (callers keep ``taken`` for the whole model)."""
+def unique_name(base: str, taken: set[str]) -> str:
+    """A name not in ``taken`` (callers keep ``taken`` for the whole model), added to it."""
     name = base
     i = 1
     while name in taken:

@@ -260,10 +260,11 @@ def _first_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def skeleton(model: ir.Model, min_bytes: int = 1024):
-    """Temporarily present large main-graph weights as typed graph inputs, so a proto can be made without copying them.
+def skeleton(model: ir.Model, min_bytes: int = 1024, only: set[str] | None = None):
+    """Temporarily present main-graph weights as typed graph inputs, so a proto can be made without copying them.
 
-    Used for checking and opset conversion: a 2 GB model checks like a small one.
+    Used for checking and opset conversion (a 2 GB model checks like a small one) and, with ``only``, to make a
+    session whose chosen weights are fed at run time (sensitivity analysis swaps them without new sessions).
     """
     graph = model.graph
     moved: list[tuple[ir.Value, ir.TensorProtocol]] = []
@@ -272,7 +273,10 @@ def skeleton(model: ir.Model, min_bytes: int = 1024):
         t = value.const_value
         if t is None or value in input_set:
             continue
-        if isinstance(t, ir.ExternalTensor) or t.nbytes >= min_bytes:
+        if only is not None:
+            if value.name in only:
+                moved.append((value, t))
+        elif isinstance(t, ir.ExternalTensor) or t.nbytes >= min_bytes:
             moved.append((value, t))
     try:
         for value, t in moved:
@@ -326,7 +330,11 @@ def infer_shapes(model: ir.Model) -> ir.Model:
 
 
 def upgrade_opset(model: ir.Model, version: int) -> ir.Model:
-    """Raise the default-domain opset with onnx.version_converter, working on the skeleton (weights untouched)."""
+    """Raise the default-domain opset in place with onnx.version_converter, on the skeleton (weights untouched).
+
+    The converted graph replaces ``model.graph``: every Value and Node object of the old graph is stale afterwards.
+    The IR version is raised to what the opset needs (10 for opset 21, which brings int4).
+    """
     current = model.opset_imports.get("", 1)
     if current >= version:
         return model
@@ -345,8 +353,12 @@ def upgrade_opset(model: ir.Model, version: int) -> ir.Model:
             graph.inputs.remove(value)
             value.const_value = tensors[value.name]
             graph.register_initializer(value)
-    new.meta.update(model.meta)
-    return new
+    model.graph = new.graph
+    model.ir_version = max(model.ir_version, new.ir_version, _IR_FOR_OPSET.get(version, 10 if version >= 21 else 7))
+    return model
+
+
+_IR_FOR_OPSET = {21: 10, 22: 10, 23: 11, 24: 11, 25: 12}
 
 
 def model_bytes(model: ir.Model) -> bytes:
@@ -357,7 +369,7 @@ def model_bytes(model: ir.Model) -> bytes:
 def fingerprint(model: ir.Model) -> str:
     """A digest of the whole model, weights included (external ones read through their memory map)."""
     h = hashlib.sha256()
-    with skeleton(model) as moved:
+    with skeleton(model, min_bytes=0) as moved:  # every weight hashed by content, wherever it is stored
         h.update(ir.to_proto(model).SerializeToString(deterministic=True))
     for name in sorted(moved):
         h.update(name.encode())

@@ -151,8 +151,10 @@ def test_skeleton_restores_every_weight():
 
 def test_upgrade_opset_keeps_weights_and_results():
     proto = mlp_model(opset=13)
-    model = qir.upgrade_opset(qir.from_proto(proto), 21)
-    assert model.opset_imports[""] == 21
+    original = qir.from_proto(proto)
+    model = qir.upgrade_opset(original, 21)
+    assert model is original  # in place
+    assert model.opset_imports[""] == 21 and model.ir_version >= 10
     x = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
     np.testing.assert_array_equal(run(proto, {"x": x})[0], run(qir.to_proto(model), {"x": x})[0])
 

@@ -1,0 +1,114 @@
+"""Issue 3 figures: qxc quantize-weights vs onnxruntime's quantize_dynamic and MatMulNBitsQuantizer.
+
+    python benchmarks/bench_quantize_weights.py [--models ffn,cnn,digits] [--rounds 3]
+
+For each model: compile time (median of interleaved rounds, each side in a fresh subprocess) and its ratio to a plain
+onnx.load+save, peak RSS of each compile, file size / fp32, output error vs fp32 on the reference data (SQNR dB,
+cosine; accuracy for digits), onnxruntime latency / fp32 (batch 1, 1 thread, interleaved calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from _harness import ROOT, ensure_ffn, fidelity, interleave, latencies, model_bytes, outputs
+
+QXC = "from qxc.cli import main as qxc_main\nimport qxc.passes"
+
+
+def qxc_side(model: Path, out: Path, pipeline: str) -> tuple[str, str]:
+    return QXC, f"assert qxc_main(['compile', {str(model)!r}, '-o', {str(out)!r}, '-p', {pipeline!r}, '-q', '--force']) == 0"
+
+
+def sides_for(model: Path, tmp: Path, ext: bool) -> dict[str, tuple[str, str, Path]]:
+    save_kw = "save_as_external_data=True, all_tensors_to_one_file=True, location='{n}.data'" if ext else ""
+    out = {}
+    p = tmp / "loadsave.onnx"
+    out["onnx load+save"] = ("import onnx", f"onnx.save(onnx.load({str(model)!r}), {str(p)!r}, "
+                                            f"{save_kw.format(n=p.name)})", p)
+    p = tmp / "ort_dyn8.onnx"
+    out["ort dynamic int8"] = (
+        "from onnxruntime.quantization import quantize_dynamic, QuantType",
+        f"quantize_dynamic({str(model)!r}, {str(p)!r}, weight_type=QuantType.QInt8, per_channel=True, "
+        f"use_external_data_format={ext})", p)
+    for name, pipe in [("qxc int8-weights", "passes/int8-weights.toml"),
+                       ("qxc int8-weights-ort", "passes/int8-weights-ort.toml")]:
+        p = tmp / (name.split()[1] + ".onnx")
+        out[name] = (*qxc_side(model, p, str(ROOT / pipe)), p)
+    p = tmp / "ort_nbits4.onnx"
+    out["ort nbits int4 b32"] = (
+        "import onnx\nfrom onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer",
+        f"""
+        q = MatMulNBitsQuantizer(onnx.load({str(model)!r}), bits=4, block_size=32, is_symmetric=False)
+        q.process()
+        q.model.save_model_to_file({str(p)!r}, use_external_data_format={ext})
+        """, p)
+    p = tmp / "qxc_rtn4.onnx"
+    out["qxc int4 rtn b32"] = (*qxc_side(model, p, "quantize-weights{bits=4,symmetric=false,method=rtn,"
+                                                   "format=matmulnbits},cleanup"), p)
+    p = tmp / "qxc_int4.onnx"
+    out["qxc int4-weights"] = (*qxc_side(model, p, str(ROOT / "passes/int4-weights.toml")), p)
+    return out
+
+
+def bench(label: str, model: Path, data: Path, rounds: int, ext: bool, label_key: str | None = None):
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        sides = sides_for(model, tmp, ext)
+        res = interleave({k: (imp, body) for k, (imp, body, _) in sides.items()}, rounds)
+        with np.load(data) as z:
+            import onnxruntime as ort
+
+            names = [i.name for i in ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_inputs()]
+            feeds = {n: z[n] for n in names}
+            labels = z["labels"] if label_key else None
+        ref = outputs(model, feeds)
+        paths = {"fp32": model, **{k: p for k, (_, _, p) in sides.items() if k != "onnx load+save"}}
+        lat = latencies(paths, {k: v[:1] for k, v in feeds.items()}, runs=100 if label == "ffn" else 300)
+        fp32_bytes = model_bytes(model)
+        base = res["onnx load+save"]["seconds"]
+        print(f"\n== {label}: {model.name} ({fp32_bytes / 2**20:.1f} MiB), fp32 latency {lat['fp32']:.3f} ms "
+              f"(batch 1, 1 thread)")
+        print(f"{'side':<22}{'time s':>8}{'x load+save':>12}{'peak MiB':>10}{'size/fp32':>10}{'SQNR dB':>9}"
+              f"{'cosine':>9}{'accuracy':>9}{'latency/fp32':>13}")
+        if labels is not None:
+            acc = float((ref[0] == labels).mean())
+            print(f"{'fp32':<22}{'':>8}{'':>12}{'':>10}{'1.000':>10}{'':>9}{'':>9}{acc:9.4f}{'1.00':>13}")
+        for name, r in res.items():
+            line = f"{name:<22}{r['seconds']:8.3f}{r['seconds'] / base:12.2f}{r['peak_mib']:10.1f}"
+            if name == "onnx load+save":
+                print(line)
+                continue
+            path = sides[name][2]
+            got = outputs(path, feeds)
+            out_i = 1 if label_key else 0  # digits: probabilities
+            sqnr, cos = fidelity(ref[out_i], got[out_i])
+            acc = f"{float((got[0] == labels).mean()):9.4f}" if labels is not None else f"{'':>9}"
+            print(f"{line}{model_bytes(path) / fp32_bytes:10.3f}{sqnr:9.2f}{cos:9.5f}{acc}"
+                  f"{lat[name] / lat['fp32']:13.2f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="ffn,cnn,digits")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    models = args.models.split(",")
+    if "ffn" in models:
+        ffn = ensure_ffn()
+        bench("ffn", ffn, ffn.parent / "ffn_data.npz", args.rounds, ext=True)
+    if "cnn" in models:
+        bench("cnn", ROOT / "models/cnn_digits.onnx", ROOT / "models/cnn_digits_test.npz", args.rounds, ext=False)
+    if "digits" in models:
+        bench("digits", ROOT / "models/digits_mlp.onnx", ROOT / "models/digits_test.npz", args.rounds, ext=False,
+              label_key="labels")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,400 @@
+"""``quantize-weights``: weight-only int8/int4 quantization (QDQ or onnxruntime's MatMulNBits).
+
+Weights of MatMul, Gemm (``transB`` respected), Conv/ConvTranspose (per output channel) and, on request, Gather
+embeddings and LSTM/GRU matrices become integer initializers followed by ``DequantizeLinear``; with
+``format=matmulnbits`` 2-D MatMul weights become ``com.microsoft.MatMulNBits`` (4 or 8 bits, blocked), onnxruntime's
+fast weight-only kernels. The opset is raised when the chosen form needs it (per-axis 13, blocked/int4 21).
+A weight shared by several selected nodes is quantized once. Every weight considered is reported, quantized or
+skipped with the reason; include/exclude patterns that match no node are errors.
+
+With data, ``keep-sensitive=K`` keeps the K weights whose int4 quantization alone hurts the outputs most at int8, and
+``max-error=E`` promotes weights to int8, most sensitive first, until the outputs' relative RMS error is <= E.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from qxc import ir as qir
+from qxc.errors import UsageError
+from qxc.graphs import all_graphs, unique_name, value_names
+from qxc.pipeline import QxcPass, opt, register_pass
+from qxc.quant import Granularity, QuantizedTensor, quantize_tensor
+
+# op type -> (weight input index, channel axis, reduction axis) for a weight of rank r; axes may depend on attrs
+DEFAULT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+OPTIONAL_OPS = ("Gather", "LSTM", "GRU")
+
+
+@dataclass(frozen=True)
+class QuantizeWeightsOptions:
+    bits: Literal[4, 8] = opt(8, "bit width of the integer weights")
+    symmetric: bool = opt(True, "symmetric ranges (zero point 0) instead of min/max ranges")
+    granularity: Literal["auto", "tensor", "channel", "block"] = opt(
+        "auto", "scale per tensor, per output channel or per block along the reduction axis (auto: 8 bits channel, "
+                "4 bits block)")
+    block_size: int = opt(32, "block length along the reduction axis for granularity=block (power of two >= 16)")
+    method: Literal["rtn", "mse"] = opt("mse", "round-to-nearest on min/max, or a clipping search minimising MSE")
+    format: Literal["qdq", "matmulnbits"] = opt("qdq", "DequantizeLinear nodes, or MatMulNBits for 2-D MatMul weights")
+    accuracy_level: int = opt(0, "MatMulNBits accuracy_level (0: fp32 compute, 4: int8 compute, faster)")
+    ops: tuple[str, ...] = opt(DEFAULT_OPS, f"op types whose weights are quantized (also: {', '.join(OPTIONAL_OPS)})")
+    include: tuple[str, ...] = opt((), "only nodes whose name matches one of these regexes")
+    exclude: tuple[str, ...] = opt((), "skip nodes whose name matches one of these regexes")
+    min_elements: int = opt(0, "leave weights with fewer elements in float")
+    max_opset: int = opt(0, "the highest opset the target runtime runs (0: no limit)")
+    keep_sensitive: int = opt(0, "with --data and bits=4: keep this many most output-sensitive weights at int8")
+    max_error: float = opt(0.0, "with --data and bits=4: promote weights to int8 until output relative RMS error <= this")
+
+    def __post_init__(self):
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block-size must be a power of two >= 16, got {self.block_size}")
+        unknown = [o for o in self.ops if o not in DEFAULT_OPS + OPTIONAL_OPS]
+        if unknown:
+            raise ValueError(f"ops: '{unknown[0]}' has no weight rule; use {', '.join(DEFAULT_OPS + OPTIONAL_OPS)}")
+        for pattern in self.include + self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"bad regex {pattern!r}: {e}") from None
+        if self.min_elements < 0 or self.keep_sensitive < 0 or self.max_error < 0:
+            raise ValueError("min-elements, keep-sensitive and max-error must be >= 0")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError("accuracy-level must be 0..4")
+
+
+@dataclass
+class _Use:
+    node: ir.Node
+    index: int  # input index of the weight
+    channel_axis: int
+    reduction_axis: int
+
+
+def _weight_rule(node: ir.Node) -> tuple[int, int, int] | None:
+    """(input index, channel axis, reduction axis) of the weight this node reads, or None."""
+    op = node.op_type
+    if op == "MatMul":
+        return 1, -1, -2
+    if op == "Gemm":
+        trans_b = node.attributes.get("transB")
+        return (1, 0, 1) if trans_b is not None and trans_b.value else (1, 1, 0)
+    if op == "Conv":
+        return 1, 0, 1
+    if op == "ConvTranspose":
+        return 1, 1, 0
+    if op == "Gather":
+        return 0, 0, 1
+    if op in ("LSTM", "GRU"):
+        return 1, 1, 2  # W; R handled as index 2 by the caller
+    return None
+
+
+def _required_opset(bits: int, g: Granularity, fmt: str) -> int:
+    if fmt == "matmulnbits":
+        return 0
+    if bits == 4 or g.block is not None:
+        return 21
+    if g.axis is not None:
+        return 13
+    return 10
+
+
+@register_pass("quantize-weights")
+class QuantizeWeightsPass(QxcPass):
+    """Weight-only quantization to int8/int4 (per tensor, channel or block) as QDQ or MatMulNBits."""
+
+    Options = QuantizeWeightsOptions
+
+    # ------------------------------------------------------------------ selection
+    def _granularity(self, use: _Use, rank: int) -> Granularity:
+        o = self.options
+        kind = o.granularity if o.granularity != "auto" else ("channel" if o.bits == 8 else "block")
+        if kind == "tensor":
+            return Granularity()
+        if kind == "channel":
+            return Granularity(axis=use.channel_axis % rank)
+        return Granularity(axis=use.reduction_axis % rank, block=o.block_size)
+
+    def _select(self, model: ir.Model) -> tuple[dict[ir.Value, list[_Use]], list[dict]]:
+        o = self.options
+        matched = {p: False for p in o.include + o.exclude}
+        uses: dict[ir.Value, list[_Use]] = {}
+        skipped: list[dict] = []
+        for graph in all_graphs(model):
+            for node in graph:
+                if node.domain not in ("", "ai.onnx") or node.op_type not in o.ops:
+                    continue
+                rule = _weight_rule(node)
+                if rule is None:
+                    continue
+                name = node.name or ""
+                if o.include:
+                    hits = [p for p in o.include if re.search(p, name)]
+                    for p in hits:
+                        matched[p] = True
+                    if not hits:
+                        continue
+                excl = [p for p in o.exclude if re.search(p, name)]
+                for p in excl:
+                    matched[p] = True
+                if excl:
+                    skipped.append({"node": name, "reason": f"excluded by '{excl[0]}'"})
+                    continue
+                idx, ch, red = rule
+                indices = [idx] + ([2] if node.op_type in ("LSTM", "GRU") else [])
+                for i in indices:
+                    if i >= len(node.inputs) or node.inputs[i] is None:
+                        continue
+                    uses.setdefault(node.inputs[i], []).append(_Use(node, i, ch, red))
+        unmatched = [p for p, hit in matched.items() if not hit]
+        if unmatched:
+            raise UsageError(f"pass 'quantize-weights': pattern '{unmatched[0]}' matched no "
+                             f"{'/'.join(o.ops)} node; check the node names with `qxc inspect --json`")
+        return uses, skipped
+
+    def _eligible(self, value: ir.Value, value_uses: list[_Use]) -> str | None:
+        """Why this weight is left alone, or None when it can be quantized."""
+        producer = value.producer()
+        if producer is not None:
+            if producer.op_type == "Constant":
+                return "weight is a Constant node: run fold-constants first"
+            if producer.op_type == "DequantizeLinear":
+                return "already quantized (produced by DequantizeLinear)"
+            return f"not a constant (produced by {producer.op_type})"
+        if value.const_value is None:
+            return "not a constant (graph input or outer value)"
+        if value.is_graph_input():
+            return "initializer is also a graph input (can be overridden at run time)"
+        if value.is_graph_output():
+            return "initializer is a graph output"
+        t = value.const_value
+        if t.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+            return f"already integer ({t.dtype.name.lower()})" if t.dtype.is_integer() else f"dtype {t.dtype.name}"
+        if t.size < max(1, self.options.min_elements):
+            return f"{t.size} elements < min-elements={self.options.min_elements}"
+        if len(t.shape) < 2 and any(u.node.op_type != "Gather" for u in value_uses):
+            return f"rank {len(t.shape)} weight"
+        selected = {id(u.node) for u in value_uses}
+        others = [u.node for u in value.uses() if id(u.node) not in selected]
+        if others:
+            n = others[0]
+            return f"shared with unselected node '{n.name or n.op_type}' ({n.op_type})"
+        axes = {(u.channel_axis % len(t.shape), u.reduction_axis % len(t.shape)) for u in value_uses}
+        if len(axes) > 1:
+            return "shared by nodes that read it along different axes"
+        return None
+
+    # ------------------------------------------------------------------ main
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        o = self.options
+        plan = self._plan(model)
+        needed = max([p["opset"] for p in plan.values()], default=0)
+        current = model.opset_imports.get("", 1)
+        if o.max_opset and needed > o.max_opset:
+            form = "int4" if o.bits == 4 else ("blocked" if o.granularity == "block" else "per-channel")
+            raise UsageError(f"pass 'quantize-weights': {form} QDQ weights need opset {needed} but max-opset="
+                             f"{o.max_opset}; use format=matmulnbits, bits=8 or granularity=tensor")
+        upgraded = False
+        if needed > current:
+            qir.upgrade_opset(model, needed)
+            upgraded = True
+        uses, skipped = self._select(model)
+        todo = []
+        for value, value_uses in uses.items():
+            reason = self._eligible(value, value_uses)
+            if reason is not None:
+                skipped.append({"weight": value.name, "nodes": [u.node.name for u in value_uses], "reason": reason})
+                continue
+            todo.append((value, value_uses))
+        bits_for = self._bits_per_weight(model, todo)
+        taken = value_names(model)
+        quantized = []
+        for (value, value_uses), (bits, g, qt) in zip(todo, self._quantize_all(todo, bits_for)):
+            fmt = self._format_for(value, value_uses)
+            t = value.const_value
+            entry = {"weight": value.name, "nodes": [u.node.name for u in value_uses],
+                     "op": value_uses[0].node.op_type, "shape": list(t.shape), "bits": bits,
+                     "granularity": "tensor" if g.axis is None else ("channel" if g.block is None else
+                                                                    f"block{g.block}"),
+                     "format": fmt, "sqnr_db": round(qt.sqnr, 3), "bytes_before": t.nbytes}
+            if fmt == "matmulnbits":
+                entry["bytes_after"] = self._emit_nbits(value, value_uses, qt, bits, taken)
+            else:
+                entry["bytes_after"] = self._emit_qdq(value, qt, g, taken)
+            if isinstance(t, ir.ExternalTensor):
+                t.release()  # unmap the float weight: its pages no longer count against us
+            quantized.append(entry)
+        if quantized and any(e["format"] == "matmulnbits" for e in quantized):
+            model.opset_imports.setdefault("com.microsoft", 1)
+        self.report = {"quantized": quantized, "skipped": skipped, "opset_raised_to": needed if upgraded else None,
+                       "weights_quantized": len(quantized), "weights_skipped": len(skipped),
+                       "bytes_before": sum(e["bytes_before"] for e in quantized),
+                       "bytes_after": sum(e["bytes_after"] for e in quantized)}
+        if getattr(self, "sensitivity", None):
+            self.report["sensitivity"] = self.sensitivity
+        return ir.passes.PassResult(model, modified=bool(quantized) or upgraded)
+
+    def _plan(self, model: ir.Model) -> dict[ir.Value, dict]:
+        """What each eligible weight needs (opset), decided before any upgrade replaces the graph."""
+        uses, _ = self._select(model)
+        plan = {}
+        for value, value_uses in uses.items():
+            if self._eligible(value, value_uses) is not None:
+                continue
+            g = self._granularity(value_uses[0], len(value.const_value.shape))
+            fmt = self._format_for(value, value_uses)
+            bits = 8 if (self.options.keep_sensitive or self.options.max_error) else self.options.bits
+            plan[value] = {"opset": max(_required_opset(bits, g, fmt), _required_opset(self.options.bits, g, fmt))}
+        return plan
+
+    def _format_for(self, value: ir.Value, value_uses: list[_Use]) -> str:
+        if self.options.format != "matmulnbits":
+            return "qdq"
+        if all(u.node.op_type == "MatMul" for u in value_uses) and len(value.const_value.shape) == 2:
+            return "matmulnbits"
+        return "qdq"
+
+    def _quantize_one(self, value: ir.Value, value_uses: list[_Use], bits: int, keep: bool = False):
+        o = self.options
+        t = value.const_value
+        g = self._granularity(value_uses[0], len(t.shape))
+        if self._format_for(value, value_uses) == "matmulnbits":
+            g = Granularity(axis=0, block=o.block_size)
+        qt_name = ("int4" if o.symmetric else "uint4") if bits == 4 else ("int8" if o.symmetric else "uint8")
+        qt = quantize_tensor(t.numpy().astype(np.float32), qt_name, symmetric=o.symmetric, granularity=g,
+                             method=o.method, name=value.name, keep_dequantized=keep)
+        return bits, g, qt
+
+    def _quantize_all(self, todo, bits_for) -> Iterator[tuple[int, Granularity, QuantizedTensor]]:
+        """Quantize on two threads (numpy releases the GIL), yielding in order with at most a few in flight."""
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pending = []
+            for item in todo:
+                pending.append(pool.submit(self._quantize_one, item[0], item[1], bits_for[item[0]]))
+                if len(pending) > 2:
+                    yield pending.pop(0).result()
+            for fut in pending:
+                yield fut.result()
+
+    # ------------------------------------------------------------------ emitters
+    def _emit_qdq(self, value: ir.Value, qt: QuantizedTensor, g: Granularity, taken: set[str]) -> int:
+        graph = value.graph
+        base = value.name
+        q, zp = qt.q, qt.zero_point
+        q_val = ir.Value(name=unique_name(f"{base}_quantized", taken), shape=ir.Shape(q.shape),
+                         type=ir.TensorType(ir.DataType.from_numpy(q.dtype)), const_value=ir.tensor(q))
+        s_val = ir.Value(name=unique_name(f"{base}_scale", taken), shape=ir.Shape(qt.scale.shape),
+                         type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(qt.scale))
+        z_val = ir.Value(name=unique_name(f"{base}_zero_point", taken), shape=ir.Shape(zp.shape),
+                         type=ir.TensorType(ir.DataType.from_numpy(zp.dtype)), const_value=ir.tensor(zp))
+        for v in (q_val, s_val, z_val):
+            v.const_value.name = v.name
+            graph.register_initializer(v)
+        attrs = []
+        if g.axis is not None:
+            attrs.append(ir.AttrInt64("axis", g.axis))
+        if g.block is not None:
+            attrs.append(ir.AttrInt64("block_size", g.block))
+        dq = ir.Node("", "DequantizeLinear", [q_val, s_val, z_val], attrs, name=unique_name(f"{base}_dq", taken))
+        out = dq.outputs[0]
+        out.name = unique_name(f"{base}_dequantized", taken)
+        out.type, out.shape = value.type, value.shape
+        value.replace_all_uses_with(out)
+        first = next(iter(graph), None)
+        if first is None:
+            graph.append(dq)
+        else:
+            graph.insert_before(first, dq)
+        del graph.initializers[value.name]
+        return _stored_bytes(qt.codes.size, qt.qtype.bits) + qt.scale.nbytes + _stored_bytes(qt.zero_points.size,
+                                                                                              qt.qtype.bits)
+
+    def _emit_nbits(self, value: ir.Value, value_uses: list[_Use], qt: QuantizedTensor, bits: int,
+                    taken: set[str]) -> int:
+        from qxc.quant.numerics import pack_uint4
+
+        o = self.options
+        k, n = value.const_value.shape
+        bs = o.block_size
+        nb = -(-k // bs)
+        offset = (8 if bits == 4 else 128) if o.symmetric else 0
+        codes = qt.codes.astype(np.int16)
+        zp = qt.zero_points.astype(np.int16)  # (nb, n)
+        if offset:
+            codes += offset
+            zp += offset
+        pad = nb * bs - k
+        if pad:
+            codes = np.concatenate([codes, np.broadcast_to(np.repeat(zp, bs, axis=0)[k:], (pad, n))], axis=0)
+        blocks = codes.T.reshape(n, nb, bs).astype(np.uint8)
+        packed = pack_uint4(blocks) if bits == 4 else blocks
+        scales = np.ascontiguousarray(qt.scale.T).reshape(-1).astype(np.float32)
+        inits = [("B", packed), ("scales", scales)]
+        if not o.symmetric:
+            zpt = np.ascontiguousarray(zp.T).astype(np.uint8)  # (n, nb)
+            inits.append(("zero_points", (pack_uint4(zpt) if bits == 4 else zpt).reshape(-1)))
+        graph = value.graph
+        vals = []
+        for suffix, arr in inits:
+            name = unique_name(f"{value.name}_{suffix}", taken)
+            v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                         const_value=ir.tensor(arr, name=name))
+            graph.register_initializer(v)
+            vals.append(v)
+        for use in value_uses:
+            node = use.node
+            attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),
+                     ir.AttrInt64("block_size", bs)]
+            if o.accuracy_level:
+                attrs.append(ir.AttrInt64("accuracy_level", o.accuracy_level))
+            new = ir.Node("com.microsoft", "MatMulNBits", [node.inputs[0], *vals], attrs,
+                          name=unique_name(f"{node.name or value.name}_nbits", taken))
+            old_out = node.outputs[0]
+            new.outputs[0].type, new.outputs[0].shape = old_out.type, old_out.shape
+            node.graph.insert_before(node, new)
+            name = old_out.name
+            old_out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+            node.graph.remove(node, safe=True)
+            new.outputs[0].name = name
+        del graph.initializers[value.name]
+        return sum(arr.nbytes for _, arr in inits)
+
+    # ------------------------------------------------------------------ sensitivity
+    def _bits_per_weight(self, model: ir.Model, todo) -> dict[ir.Value, int]:
+        o = self.options
+        bits = {value: o.bits for value, _ in todo}
+        if o.bits != 4 or not (o.keep_sensitive or o.max_error):
+            return bits
+        data = self.context.data
+        if data is None:
+            raise UsageError("pass 'quantize-weights': keep-sensitive/max-error need sample data; pass --data")
+        from qxc.passes._sensitivity import WeightSwapEvaluator
+
+        ev = WeightSwapEvaluator(model, data, [value for value, _ in todo])
+        fake4 = {value: self._quantize_one(value, uses, 4, keep=True)[2].dequantized for value, uses in todo}
+        fake8 = {value: self._quantize_one(value, uses, 8, keep=True)[2].dequantized for value, uses in todo}
+        scores = {value: ev.error({value: fake4[value]}) for value, _ in todo}
+        order = sorted(scores, key=lambda v: (-scores[v], v.name))
+        promoted = set(order[: o.keep_sensitive])
+        if o.max_error:
+            for value in order:
+                current = {v: (fake8[v] if v in promoted else fake4[v]) for v, _ in todo}
+                if ev.error(current) <= o.max_error:
+                    break
+                promoted.add(value)
+        for v in promoted:
+            bits[v] = 8
+        self.sensitivity = {v.name: {"int4_error": round(s, 6), "bits": bits[v]} for v, s in scores.items()}
+        return bits
+
+
+def _stored_bytes(count: int, bits: int) -> int:
+    return (count * bits + 7) // 8
+

@@ -1,0 +1,352 @@
+"""Quantization numerics, in one place: integer types, scale/zero-point, quantize/dequantize, MSE scale search.
+
+Semantics follow ONNX ``QuantizeLinear``/``DequantizeLinear`` exactly: ``q = saturate(rint(x / scale) + zp)``
+(round half to even) and ``x' = (q - zp) * scale``, with scales and zero points per tensor, per axis or per block
+along one axis. Scale/zero-point rules follow onnxruntime's ``compute_scale_zp`` so that our round-to-nearest
+results equal onnxruntime's at the same setting: the range is widened to contain 0; symmetric ranges use the
+restricted signed range (-127..127 for int8) and a zero point of 0 (128 for uint8); an all-zero range gets scale 1.
+
+Everything works on a *group matrix*: the tensor rearranged into ``(groups, group_size)`` rows, one row per
+channel or block, so per-tensor, per-axis and per-block are one vectorised code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import ml_dtypes
+import numpy as np
+
+
+@dataclass(frozen=True)
+class QType:
+    name: str
+    qmin: int
+    qmax: int
+    storage: np.dtype  # numpy dtype of the quantized tensor (ml_dtypes for 4-bit)
+    bits: int
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+    def sym_range(self) -> tuple[int, int]:
+        """The range symmetric quantization uses (signed types drop the most negative value)."""
+        if self.signed and self.bits >= 8:
+            return -self.qmax, self.qmax
+        return self.qmin, self.qmax
+
+
+QTYPES = {
+    "int8": QType("int8", -128, 127, np.dtype(np.int8), 8),
+    "uint8": QType("uint8", 0, 255, np.dtype(np.uint8), 8),
+    "int16": QType("int16", -32768, 32767, np.dtype(np.int16), 16),
+    "uint16": QType("uint16", 0, 65535, np.dtype(np.uint16), 16),
+    "int4": QType("int4", -8, 7, np.dtype(ml_dtypes.int4), 4),
+    "uint4": QType("uint4", 0, 15, np.dtype(ml_dtypes.uint4), 4),
+}
+
+
+def qtype(name: str | QType) -> QType:
+    if isinstance(name, QType):
+        return name
+    try:
+        return QTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown integer type '{name}'; use one of {', '.join(QTYPES)}") from None
+
+
+class NonFiniteError(ValueError):
+    pass
+
+
+def check_finite(x: np.ndarray, name: str) -> None:
+    if not np.isfinite(x).all():
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        raise NonFiniteError(f"tensor '{name}' holds {bad} NaN/Inf value(s); fix the model's weights before quantizing")
+
+
+# --------------------------------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """Per tensor (axis None), per axis (block None) or per block of ``block`` along ``axis``."""
+
+    axis: int | None = None
+    block: int | None = None
+
+    def param_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the scale/zero-point tensor in ONNX's convention for this granularity."""
+        if self.axis is None:
+            return ()
+        axis = self.axis % len(shape)
+        if self.block is None:
+            return (shape[axis],)
+        out = list(shape)
+        out[axis] = -(-shape[axis] // self.block)
+        return tuple(out)
+
+
+def to_groups(x: np.ndarray, g: Granularity) -> tuple[np.ndarray, int]:
+    """Rearrange ``x`` into rows of one group each; returns (matrix, pad) where pad is how many columns were padded.
+
+    Per axis: rows are the channels along ``axis``. Per block: rows are (other dims..., block index) and columns the
+    ``block`` elements along ``axis`` (a partial last block is padded with copies of its last element, which changes
+    neither its min/max nor its codes; padding is stripped again in :func:`from_groups`).
+    """
+    if g.axis is None:
+        return x.reshape(1, -1), 0
+    axis = g.axis % x.ndim
+    moved = np.moveaxis(x, axis, -1)  # (..., C)
+    if g.block is None:
+        return moved.reshape(-1, x.shape[axis]).T.copy() if x.ndim > 1 else moved.reshape(-1, 1), 0
+    c = x.shape[axis]
+    nb = -(-c // g.block)
+    pad = nb * g.block - c
+    if pad:
+        edge = np.repeat(moved[..., -1:], pad, axis=-1)
+        moved = np.concatenate([moved, edge], axis=-1)
+    return moved.reshape(-1, g.block), pad
+
+
+def from_groups(m: np.ndarray, shape: tuple[int, ...], g: Granularity, pad: int) -> np.ndarray:
+    if g.axis is None:
+        return m.reshape(shape)
+    axis = g.axis % len(shape)
+    moved_shape = [d for i, d in enumerate(shape) if i != axis]
+    if g.block is None:
+        if len(shape) == 1:
+            return m.reshape(shape)
+        return np.moveaxis(m.T.reshape(*moved_shape, shape[axis]), -1, axis)
+    c = shape[axis] + pad
+    out = m.reshape(*moved_shape, c)
+    if pad:
+        out = out[..., : shape[axis]]
+    return np.moveaxis(out, -1, axis)
+
+
+def params_to_onnx(p: np.ndarray, shape: tuple[int, ...], g: Granularity) -> np.ndarray:
+    """Per-group parameters (one per row of the group matrix) in ONNX's layout for scale/zero point."""
+    if g.axis is None:
+        return p.reshape(())
+    if g.block is None:
+        return p.reshape(-1)
+    axis = g.axis % len(shape)
+    pshape = list(g.param_shape(shape))
+    moved = [d for i, d in enumerate(pshape) if i != axis] + [pshape[axis]]
+    return np.moveaxis(p.reshape(moved), -1, axis)
+
+
+# --------------------------------------------------------------------------------------------------- params
+
+
+def compute_params(rmin: np.ndarray, rmax: np.ndarray, qt: QType | str, symmetric: bool
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (int64) per range, as onnxruntime's ``compute_scale_zp`` computes them."""
+    qt = qtype(qt)
+    rmin = np.minimum(np.asarray(rmin, np.float32), 0).astype(np.float64)
+    rmax = np.maximum(np.asarray(rmax, np.float32), 0).astype(np.float64)
+    if symmetric:
+        qmin, qmax = qt.sym_range()
+        absmax = np.maximum(np.abs(rmin), np.abs(rmax))
+        rmin, rmax = -absmax, absmax
+    else:
+        qmin, qmax = qt.qmin, qt.qmax
+    scale64 = (rmax - rmin) / float(qmax - qmin)
+    tiny = scale64 < np.finfo(np.float32).tiny
+    scale = np.where(tiny, 1.0, scale64).astype(np.float32)
+    if symmetric:
+        zp = np.full(scale.shape, np.round((qmin + qmax) / 2.0), dtype=np.float64)
+    else:
+        zp = np.round(qmin - rmin / np.where(tiny, 1.0, scale64))
+    zp = np.clip(np.where(tiny, 0, zp), qt.qmin, qt.qmax).astype(np.int64)
+    return scale, zp
+
+
+def quantize(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qt: QType | str) -> np.ndarray:
+    """ONNX QuantizeLinear on broadcastable parameters: rint(x / scale) + zp, saturated; returns int64 codes."""
+    qt = qtype(qt)
+    q = np.rint(x.astype(np.float32) / scale.astype(np.float32)) + zp
+    return np.clip(q, qt.qmin, qt.qmax).astype(np.int64)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
+    return ((q - zp).astype(np.float32) * scale.astype(np.float32)).astype(np.float32)
+
+
+@dataclass
+class QuantizedTensor:
+    """Integer codes and parameters in ONNX layout, the reconstruction's SQNR, and the reconstruction if kept."""
+
+    codes: np.ndarray  # integer codes in a native container (int8/uint8 for 4 and 8 bits, int16/uint16 for 16)
+    scale: np.ndarray  # float32, ONNX layout
+    zero_points: np.ndarray  # native container like ``codes``, ONNX layout
+    qtype: QType
+    granularity: Granularity
+    sqnr: float  # dB, reconstruction vs the float tensor
+    dequantized: np.ndarray | None = None  # float32 reconstruction (``keep_dequantized=True``)
+
+    @property
+    def q(self) -> np.ndarray:
+        """Codes in the ONNX storage dtype (ml_dtypes int4/uint4 for 4 bits)."""
+        return self.codes if self.codes.dtype == self.qtype.storage else self.codes.astype(self.qtype.storage)
+
+    @property
+    def zero_point(self) -> np.ndarray:
+        zp = self.zero_points
+        return zp if zp.dtype == self.qtype.storage else zp.astype(self.qtype.storage)
+
+    def sqnr_db(self, x: np.ndarray | None = None) -> float:
+        return self.sqnr if x is None else sqnr_db(x, self.dequantized)
+
+
+def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (float64 sums); inf when identical."""
+    ref = np.asarray(ref, np.float64)
+    noise = float(np.sum((ref - np.asarray(test, np.float64)) ** 2))
+    signal = float(np.sum(ref**2))
+    return _db(signal, noise)
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return float(10.0 * np.log10(signal / noise))
+
+
+Method = Literal["rtn", "mse"]
+
+# Group kernels: float32 throughout, codes held as exact small integers in float32 (|q| < 2**24).
+
+
+def _params32(lo: np.ndarray, hi: np.ndarray, qt: QType, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    scale, zp = compute_params(lo, hi, qt, symmetric)
+    return scale, zp.astype(np.float32)
+
+
+def _codes(m: np.ndarray, s: np.ndarray, z: np.ndarray, qt: QType) -> np.ndarray:
+    q = np.divide(m, s[:, None], dtype=np.float32)
+    np.rint(q, out=q)
+    q += z[:, None]
+    np.clip(q, qt.qmin, qt.qmax, out=q)
+    return q
+
+
+def _row_sq_err(m: np.ndarray, q: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
+    d = q - z[:, None]
+    d *= s[:, None]
+    np.subtract(m, d, out=d)
+    return np.einsum("ij,ij->i", d, d, dtype=np.float64)
+
+
+def _group_rtn(m: np.ndarray, qt: QType, symmetric: bool, lo=None, hi=None):
+    s, z = _params32(m.min(axis=1) if lo is None else lo, m.max(axis=1) if hi is None else hi, qt, symmetric)
+    return _codes(m, s, z, qt), s, z
+
+
+def _group_mse(m: np.ndarray, qt: QType, symmetric: bool, chunk_elems: int = 1 << 21):
+    """Per-row clipping search minimising reconstruction MSE, then a closed-form least-squares scale.
+
+    Each row's range is shrunk by factors 0.5..1 (coarse), then +-0.02 around each row's best; finally, with the
+    codes fixed, the scale minimising ||w - s (q - z)||^2 (s = <w, q-z> / <q-z, q-z>) is tried. The RTN choice is
+    always a candidate, so the result is never worse than round-to-nearest, row by row. Rows are processed in
+    chunks of ``chunk_elems`` elements to bound memory.
+    """
+    rows = m.shape[0]
+    out_q = np.empty_like(m)
+    out_s = np.empty(rows, np.float32)
+    out_z = np.empty(rows, np.float32)
+    step = max(1, chunk_elems // max(1, m.shape[1]))
+    for start in range(0, rows, step):
+        sub = m[start : start + step]
+        best = _ClipSearch(sub, qt, symmetric)
+        for f in np.arange(0.5, 1.0, 0.05, dtype=np.float32):
+            best.consider(f)
+        center = best.f.copy()
+        for d in (-0.02, -0.01, 0.01, 0.02):
+            best.consider(np.clip(center + np.float32(d), 0.05, 1.0))
+        best.refine_scale()
+        out_q[start : start + step], out_s[start : start + step], out_z[start : start + step] = best.q, best.s, best.z
+    return out_q, out_s, out_z
+
+
+class _ClipSearch:
+    """Best (codes, scale, zero point) per row found so far, starting from round-to-nearest."""
+
+    def __init__(self, m: np.ndarray, qt: QType, symmetric: bool):
+        self.m, self.qt, self.symmetric = m, qt, symmetric
+        self.lo, self.hi = m.min(axis=1), m.max(axis=1)
+        self.q, self.s, self.z = _group_rtn(m, qt, symmetric, self.lo, self.hi)
+        self.err = _row_sq_err(m, self.q, self.s, self.z)
+        self.f = np.ones(len(m), np.float32)
+
+    def _keep(self, q, s, z, err, f=None) -> None:
+        better = err < self.err
+        if better.any():
+            self.q[better], self.s[better], self.z[better] = q[better], s[better], z[better]
+            self.err = np.where(better, err, self.err)
+            if f is not None:
+                self.f[better] = np.broadcast_to(f, better.shape)[better]
+
+    def consider(self, f) -> None:
+        q, s, z = _group_rtn(self.m, self.qt, self.symmetric, self.lo * f, self.hi * f)
+        self._keep(q, s, z, _row_sq_err(self.m, q, s, z), f)
+
+    def refine_scale(self) -> None:
+        """With the codes fixed, the least-squares scale s = <w, q-z> / <q-z, q-z>; kept where it lowers the error."""
+        c = self.q - self.z[:, None]
+        den = np.einsum("ij,ij->i", c, c, dtype=np.float64)
+        s = (np.einsum("ij,ij->i", self.m, c, dtype=np.float64) / np.where(den > 0, den, 1)).astype(np.float32)
+        s = np.where((den > 0) & (s > 0), s, self.s)
+        q = _codes(self.m, s, self.z, self.qt)
+        self._keep(q, s, self.z, _row_sq_err(self.m, q, s, self.z))
+
+
+def quantize_tensor(x: np.ndarray, qt: QType | str = "int8", *, symmetric: bool = True,
+                    granularity: Granularity = Granularity(), method: Method = "rtn",
+                    name: str = "tensor", keep_dequantized: bool = True) -> QuantizedTensor:
+    """Quantize a float tensor; NaN/Inf raise :class:`NonFiniteError` naming ``name``.
+
+    ``keep_dequantized=False`` drops the float reconstruction once its SQNR is known (passes on large models).
+    """
+    qt = qtype(qt)
+    x = np.asarray(x, np.float32)
+    check_finite(x, name)
+    m, pad = to_groups(x, granularity)
+    if method == "mse":
+        q, s, z = _group_mse(m, qt, symmetric)
+    elif method == "rtn":
+        q, s, z = _group_rtn(m, qt, symmetric)
+    else:
+        raise ValueError(f"unknown method '{method}'; use rtn or mse")
+    deq = q - z[:, None]
+    deq *= s[:, None]
+    shape = x.shape
+    full = from_groups(deq, shape, granularity, pad)  # a view unless blocks were padded
+    diff = (x - full).reshape(-1)
+    noise = float(np.dot(diff.astype(np.float64), diff)) if diff.size < 4096 else float(np.dot(diff, diff))
+    flat = x.reshape(-1)
+    signal = float(np.dot(flat.astype(np.float64), flat)) if flat.size < 4096 else float(np.dot(flat, flat))
+    del diff, m
+    native = qt.storage if qt.bits >= 8 else np.dtype(np.int8 if qt.signed else np.uint8)
+    return QuantizedTensor(
+        codes=from_groups(q, shape, granularity, pad).astype(native),
+        scale=params_to_onnx(s, shape, granularity).astype(np.float32),
+        zero_points=params_to_onnx(z, shape, granularity).astype(native),
+        qtype=qt,
+        granularity=granularity,
+        sqnr=_db(signal, noise),
+        dequantized=np.ascontiguousarray(full) if keep_dequantized else None,
+    )
+
+
+def pack_uint4(codes: np.ndarray) -> np.ndarray:
+    """Pack unsigned 4-bit codes (last axis) two per byte, low nibble first, padding an odd count with 0."""
+    codes = np.asarray(codes, np.uint8)
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)
+    return (codes[..., 0::2] & 0x0F) | ((codes[..., 1::2] & 0x0F) << 4)

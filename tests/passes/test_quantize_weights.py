@@ -1,0 +1,219 @@
+"""quantize-weights: numerics checked through onnxruntime, layouts, selection and its report, subgraphs, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from helpers import MODELS, REFERENCE, feeds_for, mlp_model, run, sqnr_db
+from onnx import TensorProto, helper, numpy_helper
+
+from qxc import compile_model
+from qxc import ir as qir
+from qxc.errors import PassError, UsageError
+from qxc.quant import Granularity, quantize_tensor
+
+
+def _accuracy(model, data) -> float:
+    with np.load(data) as z:
+        x, y = z["X"], z["labels"]
+    return float((run(model, {"X": x})[0] == y).mean())
+
+
+def test_digits_int8_keeps_accuracy_and_shrinks_weights():
+    path, data = REFERENCE["digits_mlp"]
+    result = compile_model(path, "quantize-weights", verify_runtime=True)
+    report = result.records[0].report
+    assert report["weights_quantized"] == 3 and report["bytes_after"] < 0.27 * report["bytes_before"]
+    assert result.stats_after["ops"]["DequantizeLinear"] == 3
+    drop = _accuracy(path, data) - _accuracy(qir.to_proto(result.model), data)
+    assert drop <= 0.003
+    assert all(e["sqnr_db"] > 40 for e in report["quantized"])
+
+
+def _fake_quant_outputs(path, feeds, bits, symmetric, block):
+    """Reference: the float model with every MatMul weight replaced by our dequantized reconstruction."""
+    m = onnx.load(path)
+    weights = {n.input[1] for n in m.graph.node if n.op_type == "MatMul"}
+    for t in m.graph.initializer:
+        if t.name in weights:
+            w = numpy_helper.to_array(t)
+            qt = quantize_tensor(w, ("int4" if symmetric else "uint4") if bits == 4 else ("int8" if symmetric else "uint8"),
+                                 symmetric=symmetric, granularity=Granularity(axis=0, block=block))
+            t.CopyFrom(numpy_helper.from_array(qt.dequantized, t.name))
+    return run(m, feeds)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matmulnbits_layout_computes_our_reconstruction(tmp_path, bits, symmetric):
+    proto = mlp_model(sizes=(40, 24, 8), seed=3)  # K=40: a partial block of 8 after one of 32
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    x = np.random.default_rng(0).normal(size=(16, 40)).astype(np.float32)
+    spec = f"quantize-weights{{format=matmulnbits,bits={bits},symmetric={str(symmetric).lower()},method=rtn}}"
+    result = compile_model(path, spec, verify_runtime=True)
+    assert result.stats_after["ops"]["com.microsoft::MatMulNBits"] == 2
+    got = run(qir.to_proto(result.model), {"x": x})[0]
+    want = _fake_quant_outputs(path, {"x": x}, bits, symmetric, 32)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_qdq_int4_blocked_matches_fake_quant_and_raises_opset(tmp_path):
+    proto = mlp_model(sizes=(64, 32, 8), seed=1, opset=17)
+    onnx.save(proto, tmp_path / "m.onnx")
+    result = compile_model(tmp_path / "m.onnx", "quantize-weights{bits=4,method=rtn}")
+    assert result.model.opset_imports[""] == 21 and result.records[0].report["opset_raised_to"] == 21
+    x = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
+    # without graph optimizations: onnxruntime otherwise fuses DQ(int4)->MatMul into MatMulNBits with its default
+    # accuracy level 4, which quantizes the activations to int8 as well (faster, ~1 % off)
+    got = run(qir.to_proto(result.model), {"x": x}, optimization=False)[0]
+    want = _fake_quant_outputs(tmp_path / "m.onnx", {"x": x}, 4, True, 32)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gemm_transb_and_conv_use_output_channel_axes():
+    result = compile_model(MODELS / "cnn_digits.onnx", "quantize-weights")
+    dq_axes = {}
+    for node in result.model.graph:
+        if node.op_type == "DequantizeLinear":
+            consumer = next(iter(node.outputs[0].uses())).node
+            dq_axes[consumer.op_type] = node.attributes["axis"].value
+            scale = node.inputs[1].const_value.numpy()
+            out_channels = node.inputs[0].const_value.shape[node.attributes["axis"].value]
+            assert scale.shape == (out_channels,)
+    assert dq_axes == {"Conv": 0, "Gemm": 0}  # Gemm has transB=1: B is [N, K]
+    feeds = feeds_for(*REFERENCE["cnn_digits"])
+    assert sqnr_db(run(MODELS / "cnn_digits.onnx", feeds)[0], run(qir.to_proto(result.model), feeds)[0]) > 30
+
+
+def _shared_model(extra_use: bool):
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="mm1"),
+             helper.make_node("MatMul", ["a", "w"], ["y"], name="mm2")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])]
+    if extra_use:
+        nodes.append(helper.make_node("Add", ["x", "w"], ["z"], name="add"))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [8, 8]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])], outputs, [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return qir.from_proto(m)
+
+
+def test_shared_weight_is_quantized_once():
+    result = compile_model(_shared_model(False), "quantize-weights")
+    report = result.records[0].report
+    assert result.stats_after["ops"]["DequantizeLinear"] == 1
+    assert report["quantized"][0]["nodes"] == ["mm1", "mm2"]
+
+
+def test_weight_shared_with_an_unselected_node_is_skipped_with_the_reason():
+    result = compile_model(_shared_model(True), "quantize-weights")
+    assert not result.modified
+    assert result.records[0].report["skipped"] == [
+        {"weight": "w", "nodes": ["mm1", "mm2"], "reason": "shared with unselected node 'add' (Add)"}]
+
+
+def test_selectors_are_checked_and_reported():
+    path = MODELS / "fixtures" / "ffn_small.onnx"
+    result = compile_model(path, "quantize-weights{exclude=[fc2$],include=[layer0]}")
+    report = result.records[0].report
+    assert sorted(e["nodes"][0] for e in report["quantized"]) == ["layer0.fc1"]
+    assert report["skipped"] == [{"node": "layer0.fc2", "reason": "excluded by 'fc2$'"}]
+    with pytest.raises(UsageError, match="pattern 'layer9' matched no MatMul"):
+        compile_model(path, "quantize-weights{include=[layer9]}")
+
+
+def test_constant_node_weights_need_fold_constants_and_then_quantize_inside_if_branches():
+    path, data = REFERENCE["if_constants"]
+    result = compile_model(path, "quantize-weights")
+    assert not result.modified
+    assert {s["reason"] for s in result.records[0].report["skipped"]} == {
+        "weight is a Constant node: run fold-constants first"}
+    result = compile_model(path, "fold-constants,quantize-weights{min-elements=16}")
+    report = result.records[1].report
+    assert sorted(e["weight"] for e in report["quantized"]) == ["else.w1", "else.w2", "then.w1", "then.w2"]
+    branch_ops = [n.op_type for g in result.model.graph.subgraphs() for n in g]
+    assert branch_ops.count("DequantizeLinear") == 4
+    feeds = feeds_for(path, data)
+    assert sqnr_db(run(path, feeds)[0], run(qir.to_proto(result.model), feeds)[0]) > 35
+
+
+def test_already_quantized_models_are_left_alone():
+    result = compile_model(MODELS / "digits_mlp.onnx", "quantize-weights")
+    again = compile_model(result.model, "quantize-weights")
+    assert not again.modified
+    assert {s["reason"] for s in again.records[0].report["skipped"]} == {
+        "already quantized (produced by DequantizeLinear)"}
+    nbits = compile_model(MODELS / "digits_mlp.onnx", "quantize-weights{format=matmulnbits,bits=4}")
+    assert not compile_model(nbits.model, "quantize-weights{format=matmulnbits,bits=4}").modified
+
+
+def test_int4_beyond_the_runtime_opset_is_refused():
+    with pytest.raises(UsageError, match="int4 QDQ weights need opset 21 but max-opset=17; use format=matmulnbits"):
+        compile_model(MODELS / "digits_mlp.onnx", "quantize-weights{bits=4,max-opset=17}")
+    ok = compile_model(MODELS / "digits_mlp.onnx", "quantize-weights{bits=4,max-opset=17,format=matmulnbits}")
+    assert ok.model.opset_imports[""] == 17
+
+
+def test_nan_weights_fail_naming_the_tensor():
+    m = mlp_model()
+    arr = numpy_helper.to_array(m.graph.initializer[0]).copy()
+    arr[0, 0] = np.nan
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(arr, "w0"))
+    with pytest.raises(PassError, match="tensor 'w0' holds 1 NaN/Inf"):
+        compile_model(qir.from_proto(m), "quantize-weights")
+
+
+def test_keep_sensitive_promotes_the_most_sensitive_weight_to_int8():
+    path, data = REFERENCE["digits_mlp"]
+    result = compile_model(path, "quantize-weights{bits=4,keep-sensitive=1}", data=data)
+    report = result.records[0].report
+    sens = report["sensitivity"]
+    worst = max(sens, key=lambda k: sens[k]["int4_error"])
+    assert {e["weight"]: e["bits"] for e in report["quantized"]}[worst] == 8
+    assert sorted(e["bits"] for e in report["quantized"]) == [4, 4, 8]
+    budget = compile_model(path, "quantize-weights{bits=4,max-error=0.02}", data=data).records[0].report
+    plain = compile_model(path, "quantize-weights{bits=4}").records[0].report
+    assert sum(e["bits"] == 8 for e in budget["quantized"]) >= 1
+    assert sum(e["bits"] == 8 for e in plain["quantized"]) == 0
+
+
+def test_keep_sensitive_without_data_is_a_usage_error():
+    with pytest.raises(UsageError, match="need sample data; pass --data"):
+        compile_model(MODELS / "digits_mlp.onnx", "quantize-weights{bits=4,keep-sensitive=1}")
+
+
+def test_gather_and_lstm_weights_on_request():
+    rng = np.random.default_rng(0)
+    emb = numpy_helper.from_array(rng.normal(size=(50, 16)).astype(np.float32), "emb")
+    w = numpy_helper.from_array(rng.normal(size=(1, 32, 16)).astype(np.float32), "W")
+    r = numpy_helper.from_array(rng.normal(size=(1, 32, 8)).astype(np.float32), "R")
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
+         helper.make_node("LSTM", ["e", "W", "R"], ["y"], name="lstm", hidden_size=8)],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [5, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 8])], [emb, w, r])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    result = compile_model(qir.from_proto(m), "quantize-weights{ops=[Gather,LSTM]}", verify_runtime=True)
+    assert sorted(e["weight"] for e in result.records[0].report["quantized"]) == ["R", "W", "emb"]
+    ids = np.array([[1], [7], [3], [49], [0]], np.int64)
+    assert sqnr_db(run(m, {"ids": ids})[0], run(qir.to_proto(result.model), {"ids": ids})[0]) > 30
+
+
+def test_bad_options_are_named():
+    for text, match in [("quantize-weights{bits=3}", "not one of 4, 8"),
+                        ("quantize-weights{block-size=24}", "power of two"),
+                        ("quantize-weights{ops=[Softmax]}", "'Softmax' has no weight rule"),
+                        ("quantize-weights{exclude=[(]}", "bad regex")]:
+        with pytest.raises(UsageError, match=match):
+            compile_model(MODELS / "digits_mlp.onnx", text)
+
+
+def test_ir_model_is_changed_in_place():
+    model = qir.load(MODELS / "digits_mlp.onnx")
+    result = compile_model(model, "quantize-weights")
+    assert result.model is model and isinstance(model, ir.Model)

@@ -1,0 +1,130 @@
+"""Numerics against onnxruntime: codes and reconstructions bit-exact with QuantizeLinear/DequantizeLinear (opset 21)."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization.quant_utils import compute_scale_zp
+
+from qxc.quant import Granularity, NonFiniteError, compute_params, qtype, quantize_tensor, sqnr_db
+from qxc.quant.numerics import pack_uint4
+
+ONNX_TYPES = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int16": TensorProto.INT16,
+              "uint16": TensorProto.UINT16, "int4": TensorProto.INT4, "uint4": TensorProto.UINT4}
+
+
+def _ort_qdq(x, qt, scale, zp, g: Granularity):
+    attrs = {}
+    if g.axis is not None:
+        attrs["axis"] = g.axis
+    if g.block is not None:
+        attrs["block_size"] = g.block
+    zp_t = numpy_helper.from_array(zp, "zp") if qt not in ("int4", "uint4") else helper.make_tensor(
+        "zp", ONNX_TYPES[qt], zp.shape, zp.astype(np.int8 if qt == "int4" else np.uint8).reshape(-1).tolist())
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "scale", "zp"], ["q"], **attrs),
+         helper.make_node("Cast", ["q"], ["qc"], to=TensorProto.INT32),  # numpy has no int4: read codes as int32
+         helper.make_node("DequantizeLinear", ["q", "scale", "zp"], ["y"], **attrs)],
+        "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info("qc", TensorProto.INT32, x.shape),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape)],
+        [numpy_helper.from_array(scale, "scale"), zp_t])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})
+
+
+@st.composite
+def cases(draw):
+    qt = draw(st.sampled_from(list(ONNX_TYPES)))
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=ndim, max_size=ndim)))
+    kind = draw(st.sampled_from(["tensor", "axis", "block"] if ndim > 1 else ["tensor", "axis"]))
+    axis = None if kind == "tensor" else draw(st.integers(0, ndim - 1))
+    block = draw(st.integers(1, 5)) if kind == "block" else None
+    symmetric = draw(st.booleans())
+    scale = draw(st.sampled_from([1e-3, 0.1, 1.0, 37.0]))
+    seed = draw(st.integers(0, 2**31))
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=shape) * scale).astype(np.float32)
+    if draw(st.booleans()):  # exact ties: multiples of half a quantization step
+        x = (np.round(x * 4) / 4).astype(np.float32)
+    if draw(st.integers(0, 9)) == 0:
+        x[...] = 0  # all-zero tensor: scale must be valid and non-zero
+    return x, qt, Granularity(axis, block), symmetric
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases())
+def test_codes_and_reconstruction_are_bit_exact_with_onnxruntime(case):
+    x, qt, g, symmetric = case
+    res = quantize_tensor(x, qt, symmetric=symmetric, granularity=g)
+    assert np.all(res.scale > 0)
+    q_ort, y_ort = _ort_qdq(x, qt, res.scale, res.zero_point, g)
+    np.testing.assert_array_equal(np.asarray(q_ort).astype(np.int64), res.q.astype(np.int64))
+    np.testing.assert_array_equal(y_ort, res.dequantized)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(-1e4, 0, width=32), st.floats(0, 1e4, width=32), st.sampled_from(["int8", "uint8", "int16"]),
+       st.booleans())
+def test_params_equal_onnxruntime_compute_scale_zp(rmin, rmax, qt, symmetric):
+    from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
+
+    qmin, qmax = get_qmin_qmax_for_qType(ONNX_TYPES[qt], symmetric=symmetric)
+    zp_ort, s_ort = compute_scale_zp(np.array(rmin, np.float32), np.array(rmax, np.float32), qmin, qmax, symmetric)
+    s, zp = compute_params(np.array([rmin]), np.array([rmax]), qt, symmetric)
+    assert s[0] == np.float32(s_ort) and zp[0] == int(zp_ort)
+
+
+def test_mse_is_never_worse_than_rtn_and_better_on_outliers():
+    rng = np.random.default_rng(0)
+    w = rng.standard_t(df=3, size=(64, 256)).astype(np.float32)  # heavy tails
+    g = Granularity(axis=0, block=32)
+    rtn = quantize_tensor(w, "int4", symmetric=False, granularity=g)
+    mse = quantize_tensor(w, "int4", symmetric=False, granularity=g, method="mse")
+    rtn_err = ((w - rtn.dequantized) ** 2).reshape(-1)
+    mse_err = ((w - mse.dequantized) ** 2).reshape(-1)
+    # per block never worse
+    bw = lambda e: e.reshape(2, 32, 256).sum(axis=1)  # noqa: E731
+    assert np.all(bw(mse_err.reshape(64, 256)) <= bw(rtn_err.reshape(64, 256)) + 1e-9)
+    assert mse.sqnr_db(w) > rtn.sqnr_db(w) + 0.15  # blocks of 32 leave little to clip; per channel leaves more
+    rtn_c = quantize_tensor(w, "int4", symmetric=True, granularity=Granularity(axis=1))
+    mse_c = quantize_tensor(w, "int4", symmetric=True, granularity=Granularity(axis=1), method="mse")
+    assert mse_c.sqnr_db(w) > rtn_c.sqnr_db(w) + 0.5
+
+
+def test_nan_weights_are_named():
+    w = np.ones((4, 4), np.float32)
+    w[1, 2] = np.nan
+    with pytest.raises(NonFiniteError, match="tensor 'fc.weight' holds 1 NaN/Inf"):
+        quantize_tensor(w, "int8", name="fc.weight")
+
+
+def test_int4_storage_and_packing():
+    res = quantize_tensor(np.linspace(-1, 1, 10, dtype=np.float32), "int4", symmetric=True)
+    assert res.q.dtype == ml_dtypes.int4 and res.q.astype(int).min() >= -8
+    packed = pack_uint4(np.array([1, 2, 15], np.uint8))
+    assert packed.tolist() == [0x21, 0x0F]
+
+
+def test_sqnr_of_identical_tensors_is_infinite():
+    x = np.arange(4, dtype=np.float32)
+    assert sqnr_db(x, x) == float("inf")
+    assert 20 < sqnr_db(x, x + 0.01) < 60
+
+
+def test_unknown_type_is_named():
+    with pytest.raises(ValueError, match="unknown integer type 'int3'"):
+        qtype("int3")
+
+
+def test_onnx_proto_is_not_needed_for_numerics():
+    assert onnx  # the numerics module itself imports no onnx (ruff banned-api), tests may
