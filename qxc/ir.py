@@ -34,6 +34,7 @@ KNOWN_DOMAINS = frozenset(
      "ai.onnx.training", "com.ms.internal.nhwc"}
 )
 SOURCE_KEY = "qxc:source"  # model.meta key holding the resolved path a model was loaded from
+EXTERNAL_KEY = "qxc:external-data"  # model.meta key: the model was loaded with external data
 
 _ITEMSIZE_BITS = {
     onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4,
@@ -183,6 +184,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     del proto
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     model.meta[SOURCE_KEY] = str(path.resolve())
+    model.meta[EXTERNAL_KEY] = bool(external_files(model))
     return model
 
 
@@ -238,7 +240,8 @@ def save(model: ir.Model, path: str | os.PathLike, *, force: bool = False, exter
     except OSError as e:
         raise UsageError(f"{path}: cannot create the output folder: {e.strerror}") from None
     if external_data is None:
-        external_data = bool(external_files(model)) or total_weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data = (bool(model.meta.get(EXTERNAL_KEY)) or bool(external_files(model))
+                         or total_weight_bytes(model) > EXTERNAL_DATA_THRESHOLD)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=target.parent))
     try:
         tmp_model = tmpdir / path.name
@@ -269,6 +272,7 @@ def skeleton(model: ir.Model, min_bytes: int = 1024, only: set[str] | None = Non
     graph = model.graph
     moved: list[tuple[ir.Value, ir.TensorProtocol]] = []
     input_set = set(graph.inputs)
+    order = list(graph.initializers.values())
     for value in list(graph.initializers.values()):
         t = value.const_value
         if t is None or value in input_set:
@@ -292,7 +296,11 @@ def skeleton(model: ir.Model, min_bytes: int = 1024, only: set[str] | None = Non
         for value, t in moved:
             graph.inputs.remove(value)
             value.const_value = t
-            graph.register_initializer(value)
+        if moved:  # restore the original initializer order (it decides the saved file's layout)
+            for value in list(graph.initializers.values()):
+                graph.initializers.pop(value.name)
+            for value in order:
+                graph.register_initializer(value)
 
 
 def check(model: ir.Model, full: bool = True) -> None:
@@ -307,15 +315,32 @@ def check(model: ir.Model, full: bool = True) -> None:
         raise ModelError(f"onnx.checker: {_first_line(e)}") from e
 
 
+def _value_infos(graph: onnx.GraphProto, out: dict[str, onnx.ValueInfoProto]) -> None:
+    for vi in (*graph.value_info, *graph.output):
+        out.setdefault(vi.name, vi)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _value_infos(attr.g, out)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _value_infos(g, out)
+
+
 def infer_shapes(model: ir.Model) -> ir.Model:
-    """Run ONNX shape inference (data propagation on) and copy the inferred types/shapes onto the model's values."""
-    with skeleton(model) as moved:
+    """Run ONNX shape inference (data propagation on) and copy inferred types/shapes onto values that lack them.
+
+    Covers subgraph values too. Works on the skeleton, so weights are never copied.
+    """
+    with skeleton(model):
         proto = ir.to_proto(model)
-    inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
-    info = {vi.name: vi for vi in inferred.graph.value_info}
-    info.update({vi.name: vi for vi in inferred.graph.output})
-    del moved
-    for node in model.graph:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # inference is best effort: a model it cannot follow keeps what it has
+        return model
+    info: dict[str, onnx.ValueInfoProto] = {}
+    _value_infos(inferred.graph, info)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
         for out in node.outputs:
             vi = info.get(out.name)
             if vi is None or not vi.type.HasField("tensor_type"):

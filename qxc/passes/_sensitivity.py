@@ -41,13 +41,39 @@ class WeightSwapEvaluator:
         return [np.concatenate(o) if o[0].ndim else np.stack(o) for o in outs]
 
     def error(self, replacements: dict[ir.Value, np.ndarray]) -> float:
-        """Relative RMS error over every float output: sqrt(sum (y - y0)^2 / sum y0^2)."""
-        got = self.run(replacements)
-        num = den = 0.0
-        for ref, y in zip(self.reference, got):
-            if ref.dtype.kind != "f":
-                continue
-            r = ref.astype(np.float64)
-            num += float(np.sum((r - y.astype(np.float64)) ** 2))
-            den += float(np.sum(r**2))
-        return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
+        return relative_error(self.reference, self.run(replacements))
+
+
+def relative_error(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """Relative RMS error over every float output: sqrt(sum (y - y0)^2 / sum y0^2)."""
+    num = den = 0.0
+    for ref, y in zip(reference, got):
+        if ref.dtype.kind != "f":
+            continue
+        r = ref.astype(np.float64)
+        num += float(np.sum((r - y.astype(np.float64)) ** 2))
+        den += float(np.sum(r**2))
+    return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
+
+
+class OutputErrorMeter:
+    """Outputs of a reference model on sample rows, and the error of any candidate model against them."""
+
+    def __init__(self, model: ir.Model, data: Dataset, max_rows: int = 256):
+        self.feeds = list(data.head(max_rows).batches(256))
+        self.reference = self._run(model)
+
+    def _run(self, model: ir.Model) -> list[np.ndarray]:
+        from qxc.runtime import make_session
+
+        session = make_session(model, prepacking=False)
+        outs: list[list[np.ndarray]] = []
+        for feed in self.feeds:
+            for i, y in enumerate(session.run(None, feed)):
+                if len(outs) <= i:
+                    outs.append([])
+                outs[i].append(np.asarray(y))
+        return [np.concatenate(o) if o[0].ndim else np.stack(o) for o in outs]
+
+    def error(self, candidate: ir.Model) -> float:
+        return relative_error(self.reference, self._run(candidate))

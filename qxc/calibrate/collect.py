@@ -1,0 +1,87 @@
+"""Run a model over sample data through the instrument pass and fold every batch into per-tensor observers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from qxc.calibrate.observers import Histogram, MinMax
+from qxc.calibrate.ranges import Ranges
+from qxc.data import Dataset
+from qxc.errors import DataError
+
+CalibrationMethod = Literal["minmax", "percentile", "entropy", "mse"]
+
+
+class TapRunner:
+    """One onnxruntime session over the instrumented model; yields {tensor name: array} per batch."""
+
+    def __init__(self, model: ir.Model, tensors: Iterable[str] | None = None, providers: Sequence[str] = ("cpu",)):
+        from qxc.passes.instrument import InstrumentOptions, InstrumentPass
+        from qxc.runtime import make_session
+
+        names = None if tensors is None else sorted(set(tensors))
+        pattern = "" if names is None else "^(" + "|".join(_escape(n) for n in names) + ")$"
+        inst = InstrumentPass(InstrumentOptions(names=pattern))
+        result = inst(model)
+        self.manifest = inst.manifest
+        self.session = make_session(result.model, providers=providers, prepacking=False)
+        self.outputs = [t.output for t in self.manifest.taps]
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            arrays = self.session.run(self.outputs, feed)
+        except Exception as e:  # onnxruntime's messages are multi-line
+            raise DataError(f"onnxruntime failed on the sample data: {' '.join(str(e).split())[:300]}") from e
+        out: dict[str, np.ndarray] = {}
+        for t, a in zip(self.manifest.taps, arrays):
+            if a is None or (t.kind == "if-branch" and a.size == 0):
+                continue  # the branch not taken on this batch
+            out[t.tensor] = a
+        return out
+
+
+def _escape(name: str) -> str:
+    import re
+
+    return re.escape(name)
+
+
+def collect_ranges(model: ir.Model, data: Dataset, *, tensors: Iterable[str] | None = None,
+                   method: CalibrationMethod = "minmax", percentile: float = 99.999, bins: int = 2048,
+                   batch_size: int = 64, providers: Sequence[str] = ("cpu",), activation_type: str = "uint8",
+                   symmetric: bool = False, keep_minmax: Iterable[str] = ()) -> Ranges:
+    """Ranges of the model's float tensors (or ``tensors``) on ``data``.
+
+    ``keep_minmax`` names tensors that keep their min/max range whatever the method (model outputs, say).
+    """
+    runner = TapRunner(model, tensors, providers)
+    mm: dict[str, MinMax] = {}
+    for feed in data.batches(batch_size):
+        for name, arr in runner.run(feed).items():
+            mm.setdefault(name, MinMax()).update(np.asarray(arr))
+    seen = {k: v for k, v in mm.items() if v.seen}
+    ranges = {k: (v.lo, v.hi) for k, v in seen.items()}
+    if method != "minmax":
+        hists = {k: Histogram(v.lo, v.hi, bins) for k, v in seen.items()}
+        for feed in data.batches(batch_size):
+            for name, arr in runner.run(feed).items():
+                if name in hists:
+                    hists[name].update(np.asarray(arr))
+        keep = set(keep_minmax)
+        for name, h in hists.items():
+            if name in keep:
+                continue
+            if method == "percentile":
+                ranges[name] = h.percentile(percentile)
+            elif method == "entropy":
+                ranges[name] = h.entropy()
+            elif method == "mse":
+                ranges[name] = h.mse(activation_type, symmetric)
+    settings = {"batch_size": batch_size, "bins": bins}
+    if method == "percentile":
+        settings["percentile"] = percentile
+    return Ranges(method, ranges, len(data), settings)

@@ -1,0 +1,59 @@
+"""The calibration result: a typed, JSON-serialisable map from tensor name to its [lo, hi] range."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qxc.errors import UsageError
+
+SCHEMA = "qxc.ranges/1"
+
+
+@dataclass
+class Ranges:
+    method: str
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    samples: int = 0
+    settings: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> tuple[float, float]:
+        return self.ranges[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.ranges
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, "method": self.method, "samples": self.samples, "settings": self.settings,
+                "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in sorted(self.ranges.items())}}
+
+    @classmethod
+    def from_json(cls, doc: dict, source: str = "<ranges>") -> Ranges:
+        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+            raise UsageError(f"{source}: not a qxc ranges file (expected schema '{SCHEMA}')")
+        try:
+            ranges = {k: (float(v[0]), float(v[1])) for k, v in doc["ranges"].items()}
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise UsageError(f"{source}: malformed 'ranges' (want name: [lo, hi])") from None
+        bad = [k for k, (lo, hi) in ranges.items() if not lo <= hi]
+        if bad:
+            raise UsageError(f"{source}: range of '{bad[0]}' has lo > hi")
+        return cls(doc.get("method", "unknown"), ranges, int(doc.get("samples", 0)), dict(doc.get("settings", {})))
+
+    def save(self, path: str | os.PathLike) -> None:
+        from qxc.ir import write_text_atomic
+
+        write_text_atomic(path, json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Ranges:
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text())
+        except OSError as e:
+            raise UsageError(f"{path}: cannot read ranges: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}: not JSON: {e}") from None
+        return cls.from_json(doc, str(path))

@@ -1,0 +1,430 @@
+"""``insert-qdq``: static int8 quantization in QDQ form, calibrated on sample data, that onnxruntime fuses.
+
+Activations get QuantizeLinear->DequantizeLinear pairs with ranges from calibration (min-max, percentile, entropy or
+MSE); weights of Conv/ConvTranspose/MatMul/Gemm become per-channel symmetric int8 behind DequantizeLinear, biases
+int32 with scale = input scale x weight scale. Relu/Clip are folded into their producer's range (no QDQ between
+them; onnxruntime then drops the Relu, since a uint8 zero point of 0 clips at 0 anyway). Pooling, Resize, Gather and
+shape ops share their input's scale so onnxruntime runs them on int8 directly. Graph inputs and outputs stay float.
+Activations are uint8 on CPU and int8 symmetric for CUDA/TensorRT (``activations=auto``); nodes named in ``int16``
+get 16-bit activations (opset 21). Works inside If branches and Loop bodies, with Constant-node weights after
+fold-constants. With ``max-error``, the nodes whose quantization hurts the outputs most are kept in float (or int16)
+until the outputs' relative RMS error is within the budget.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from qxc import ir as qir
+from qxc.calibrate import Ranges, collect_ranges
+from qxc.errors import UsageError
+from qxc.graphs import all_graphs, is_weight, unique_name, value_names
+from qxc.pipeline import QxcPass, opt, register_pass
+from qxc.quant import Granularity, compute_params, quantize_tensor
+
+COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+ELEMENTWISE = ("Add", "Mul")
+OWN_RANGE = ("AveragePool", "GlobalAveragePool", "Concat", "Softmax", "Sigmoid")
+SHARE = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Gather")
+FOLDED = ("Relu", "Clip")
+DEFAULT_OPS = COMPUTE + ELEMENTWISE + OWN_RANGE + SHARE + FOLDED
+FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+
+
+@dataclass(frozen=True)
+class InsertQdqOptions:
+    method: Literal["minmax", "percentile", "entropy", "mse"] = opt("minmax", "calibration method for activations")
+    percentile: float = opt(99.999, "percentile kept by method=percentile")
+    activations: Literal["auto", "uint8", "int8"] = opt(
+        "auto", "activation type: uint8 asymmetric (CPU), int8 symmetric (CUDA/TensorRT); auto picks by provider")
+    per_channel: bool = opt(True, "per-output-channel weight scales")
+    ops: tuple[str, ...] = opt(DEFAULT_OPS, "op types to quantize")
+    exclude: tuple[str, ...] = opt((), "node-name regexes kept in float")
+    exclude_ops: tuple[str, ...] = opt((), "op types kept in float")
+    int16: tuple[str, ...] = opt((), "node-name regexes whose activations use 16 bits (mixed precision, opset 21)")
+    ranges: str = opt("", "load activation ranges from this JSON file instead of calibrating")
+    save_ranges: str = opt("", "write the calibrated ranges to this JSON file")
+    samples: int = opt(0, "calibrate on at most this many samples (0: all)")
+    batch_size: int = opt(64, "calibration batch size")
+    max_error: float = opt(0.0, "keep the most harmful nodes out of int8 until output relative RMS error <= this")
+    fallback: Literal["float", "int16"] = opt("float", "what max-error does with a harmful node")
+
+    def __post_init__(self):
+        if not 50 < self.percentile <= 100:
+            raise ValueError("percentile must be in (50, 100]")
+        if self.batch_size < 1 or self.samples < 0 or self.max_error < 0:
+            raise ValueError("batch-size must be >= 1, samples and max-error >= 0")
+        for p in self.exclude + self.int16:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"bad regex {p!r}: {e}") from None
+
+
+@dataclass
+class _Plan:
+    tensors: dict[ir.Value, str]  # activation tensors that get Q->DQ (sibling If branches may reuse a name)
+    share: dict[str, str]  # tensor -> the tensor whose parameters it reuses
+    wide: dict[str, str]  # tensor -> "int16" for mixed precision
+    weights: list[tuple[ir.Node, int, int]]  # (node, input index, channel axis)
+    biases: list[tuple[ir.Node, int, str, int]]  # (node, input index, activation input name, weight input index)
+    consts: list[tuple[ir.Node, int]]  # constant inputs of Add/Mul/Gather quantized like activations
+    nodes: list[str]  # quantized node names (for reports)
+    skipped: list[dict]
+
+
+def _float(v: ir.Value | None) -> bool:
+    return v is not None and v.dtype in FLOATS
+
+
+def _weight_axis(node: ir.Node, rank: int) -> int:
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        t = node.attributes.get("transB")
+        return 0 if (t is not None and t.value) else 1
+    return rank - 1  # MatMul: output columns
+
+
+@register_pass("insert-qdq")
+class InsertQdqPass(QxcPass):
+    """Static int8 activation+weight quantization in QDQ form, calibrated on --data (min-max/percentile/entropy/MSE)."""
+
+    Options = InsertQdqOptions
+
+    def _activation_type(self) -> tuple[str, bool]:
+        kind = self.options.activations
+        if kind == "auto":
+            gpu = any(p.lower() in ("cuda", "tensorrt", "trt", "cudaexecutionprovider", "tensorrtexecutionprovider")
+                      for p in self.context.providers)
+            kind = "int8" if gpu else "uint8"
+        return kind, kind == "int8"
+
+    # ------------------------------------------------------------------ planning
+    def _selected(self, node: ir.Node, excluded: set[str]) -> bool:
+        o = self.options
+        if node.domain not in ("", "ai.onnx") or node.op_type not in o.ops or node.op_type in o.exclude_ops:
+            return False
+        name = node.name or ""
+        return name not in excluded and not any(re.search(p, name) for p in o.exclude)
+
+    def _plan(self, model: ir.Model, excluded: set[str], wide_nodes: set[str]) -> _Plan:
+        o = self.options
+        plan = _Plan({}, {}, {}, [], [], [], [], [])
+        for p in o.exclude:
+            if not any(re.search(p, n.name or "") for n in ir.traversal.RecursiveGraphIterator(model.graph)):
+                raise UsageError(f"pass 'insert-qdq': exclude pattern '{p}' matched no node")
+        for p in o.int16:
+            if not any(re.search(p, n.name or "") for n in ir.traversal.RecursiveGraphIterator(model.graph)):
+                raise UsageError(f"pass 'insert-qdq': int16 pattern '{p}' matched no node")
+
+        def wide(node: ir.Node) -> bool:
+            return (node.name or "") in wide_nodes or any(re.search(p, node.name or "") for p in o.int16)
+
+        def add(v: ir.Value | None, node: ir.Node) -> None:
+            if v is None or not _float(v) or is_weight(v) or not v.name:
+                return
+            plan.tensors[v] = v.name
+            if wide(node):
+                plan.wide[v.name] = "int16"
+
+        for graph in all_graphs(model):
+            for node in graph:
+                op = node.op_type
+                if op in ("QuantizeLinear", "DequantizeLinear"):
+                    continue
+                if not self._selected(node, excluded):
+                    if node.domain in ("", "ai.onnx") and op in DEFAULT_OPS and node.name:
+                        plan.skipped.append({"node": node.name, "op": op, "reason": "excluded"})
+                    continue
+                if op in FOLDED:
+                    producer = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+                    if producer is None or not self._selected(producer, excluded):
+                        add(node.inputs[0], node)  # a lone Relu/Clip: quantize its input and output
+                    add(node.outputs[0], node)
+                    plan.nodes.append(node.name or op)
+                    continue
+                if op in SHARE:
+                    data = node.inputs[0]
+                    if op == "Gather" and is_weight(data) and _float(data):
+                        plan.consts.append((node, 0))
+                    elif not _float(data):
+                        continue
+                    else:
+                        add(data, node)
+                    out = node.outputs[0]
+                    if _float(out):
+                        add(out, node)
+                        plan.share[out.name] = data.name
+                    plan.nodes.append(node.name or op)
+                    continue
+                # compute, elementwise, own-range ops
+                for i, v in enumerate(node.inputs):
+                    if v is None or not _float(v):
+                        continue
+                    if is_weight(v):
+                        if op in COMPUTE and i == 1:
+                            plan.weights.append((node, i, _weight_axis(node, len(v.const_value.shape))))
+                        elif op in ("Conv", "ConvTranspose", "Gemm") and i == 2 and len(v.const_value.shape) == 1:
+                            plan.biases.append((node, i, node.inputs[0].name if node.inputs[0] else "", 1))
+                        elif op in ELEMENTWISE or op == "Concat":
+                            plan.consts.append((node, i))
+                        continue
+                    if op in COMPUTE and i >= 2:
+                        continue  # a computed bias stays float
+                    add(v, node)
+                for out in node.outputs:
+                    if not _float(out):
+                        continue
+                    users = [u.node for u in out.uses()]
+                    if (len(users) == 1 and users[0].op_type in FOLDED and self._selected(users[0], excluded)
+                            and not out.is_graph_output()):
+                        continue  # folded: the Relu/Clip output carries the range
+                    add(out, node)
+                plan.nodes.append(node.name or op)
+        # a tensor that shares parameters must share with a quantized tensor
+        names = set(plan.tensors.values())
+        plan.share = {k: v for k, v in plan.share.items() if v in names}
+        return plan
+
+    # ------------------------------------------------------------------ main
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        o = self.options
+        if model_is_quantized(model):
+            self.report = {"skipped_model": "the model already holds QuantizeLinear nodes; left alone"}
+            return ir.passes.PassResult(model, modified=False)
+        if not o.ranges and self.context.data is None:
+            raise UsageError("pass 'insert-qdq' needs sample data to calibrate; pass --data (or ranges=FILE)")
+        needed = 21 if (o.int16 or o.fallback == "int16" and o.max_error) else 13
+        upgraded = model.opset_imports.get("", 1) < needed
+        if upgraded:
+            qir.upgrade_opset(model, needed)
+        qir.infer_shapes(model)
+        excluded: set[str] = set()
+        wide_nodes: set[str] = set()
+        plan = self._plan(model, excluded, wide_nodes)
+        ranges = self._ranges(model, plan)
+        report_extra = {}
+        if o.max_error:
+            excluded, wide_nodes, report_extra = self._budget(model, ranges)
+            plan = self._plan(model, excluded, wide_nodes)
+        inserted = self._apply(model, plan, ranges)
+        self.report = {
+            "activation_type": self._activation_type()[0], "method": ranges.method, "samples": ranges.samples,
+            "quantized_nodes": len(plan.nodes), "activation_qdq": inserted["activations"],
+            "weights": inserted["weights"], "biases": inserted["biases"], "constants": inserted["constants"],
+            "skipped": plan.skipped + inserted["skipped"], "opset_raised_to": needed if upgraded else None,
+            "int16_tensors": sorted(plan.wide), **report_extra,
+        }
+        return ir.passes.PassResult(model, modified=bool(plan.nodes) or upgraded)
+
+    def _ranges(self, model: ir.Model, plan: _Plan) -> Ranges:
+        o = self.options
+        needed = sorted({t for t in plan.tensors.values() if t not in plan.share})
+        if o.ranges:
+            ranges = Ranges.load(o.ranges)
+            missing = [t for t in needed if t not in ranges]
+            if missing:
+                raise UsageError(f"pass 'insert-qdq': {o.ranges} has no range for tensor '{missing[0]}' "
+                                 f"({len(missing)} missing); recalibrate with --data")
+        else:
+            data = self.context.data
+            if o.samples:
+                data = data.head(o.samples)
+            act, sym = self._activation_type()
+            outputs = {v.name for g in all_graphs(model) for v in g.outputs}
+            ranges = collect_ranges(model, data, tensors=needed, method=o.method, percentile=o.percentile,
+                                    batch_size=o.batch_size, providers=self.context.providers, activation_type=act,
+                                    symmetric=sym, keep_minmax=outputs)
+        if o.save_ranges:
+            ranges.save(o.save_ranges)
+        return ranges
+
+    # ------------------------------------------------------------------ rewriting
+    def _params(self, lo: float, hi: float, kind: str) -> tuple[np.ndarray, np.ndarray, str]:
+        act, sym = self._activation_type()
+        qt = {"int16": "int16" if sym else "uint16"}.get(kind, act)
+        s, z = compute_params(np.array([lo]), np.array([hi]), qt, sym)
+        from qxc.quant import qtype
+
+        return s[0:1].reshape(()).astype(np.float32), z[0:1].reshape(()).astype(qtype(qt).storage), qt
+
+    def _apply(self, model: ir.Model, plan: _Plan, ranges: Ranges) -> dict:
+        taken = value_names(model)
+        params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        skipped = []
+        # union ranges over scale-sharing groups so the shared scale covers every member
+        root = {}
+        for t in set(plan.tensors.values()):
+            r = t
+            while r in plan.share:
+                r = plan.share[r]
+            root[t] = r
+        group_range: dict[str, tuple[float, float]] = {}
+        for t, r in root.items():
+            if t not in ranges and t not in plan.share:
+                continue
+            lo, hi = ranges[t] if t in ranges else ranges[r]
+            glo, ghi = group_range.get(r, (lo, hi))
+            group_range[r] = (min(glo, lo), max(ghi, hi))
+        activations = 0
+        for value, name in plan.tensors.items():
+            r = root[name]
+            if r not in group_range:
+                skipped.append({"tensor": name, "reason": "never computed on the calibration data (branch not taken)"})
+                continue
+            kind = "int16" if (name in plan.wide or r in plan.wide) else "8"
+            s, z, _ = self._params(*group_range[r], kind)
+            params[name] = (s, z)
+            self._insert_qdq(value, s, z, taken)
+            activations += 1
+        weights = 0
+        for node, i, axis in plan.weights:
+            v = node.inputs[i]
+            if v is None or not is_weight(v):
+                continue  # shared weight already rewired
+            g = Granularity(axis=axis) if self.options.per_channel else Granularity()
+            qt = quantize_tensor(v.const_value.numpy().astype(np.float32), "int8", symmetric=True, granularity=g,
+                                 name=v.name, keep_dequantized=False)
+            self._weight_dq(v, qt.q, qt.scale, qt.zero_point, g.axis, taken)
+            weights += 1
+        biases = 0
+        for node, i, act_name, wi in plan.biases:
+            b = node.inputs[i]
+            w_dq = node.inputs[wi].producer() if node.inputs[wi] is not None else None
+            if b is None or not is_weight(b) or act_name not in params or w_dq is None \
+                    or w_dq.op_type != "DequantizeLinear":
+                continue
+            s_x = float(params[act_name][0])
+            s_w = w_dq.inputs[1].const_value.numpy().astype(np.float64)
+            scale = (s_x * s_w).astype(np.float32)
+            if scale.ndim == 0:
+                scale = np.full(b.const_value.shape, scale, np.float32)
+            bq = np.clip(np.rint(b.const_value.numpy().astype(np.float64) / scale), -2**31, 2**31 - 1).astype(np.int32)
+            self._weight_dq(b, bq, scale, np.zeros(scale.shape, np.int32), 0 if scale.ndim else None, taken)
+            biases += 1
+        constants = 0
+        for node, i in plan.consts:
+            v = node.inputs[i]
+            if v is None or not is_weight(v):
+                continue
+            arr = v.const_value.numpy().astype(np.float32)
+            s, z, qt = self._params(float(arr.min()), float(arr.max()), "8")
+            from qxc.quant import quantize
+
+            q = quantize(arr, s, z.astype(np.int64), qt).astype(z.dtype)
+            self._weight_dq(v, q, s, z, None, taken)
+            constants += 1
+        return {"activations": activations, "weights": weights, "biases": biases, "constants": constants,
+                "skipped": skipped}
+
+    def _insert_qdq(self, value: ir.Value, scale: np.ndarray, zp: np.ndarray, taken: set[str]) -> None:
+        graph = value.graph if value.producer() is None else value.producer().graph
+        base = value.name
+        s = _init(graph, unique_name(f"{base}_scale", taken), scale)
+        z = _init(graph, unique_name(f"{base}_zero_point", taken), zp)
+        q = ir.Node("", "QuantizeLinear", [value, s, z], name=unique_name(f"{base}_QuantizeLinear", taken))
+        q.outputs[0].name = unique_name(f"{base}_quantized", taken)
+        q.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(zp.dtype))
+        q.outputs[0].shape = value.shape
+        dq = ir.Node("", "DequantizeLinear", [q.outputs[0], s, z], name=unique_name(f"{base}_DequantizeLinear", taken))
+        out = dq.outputs[0]
+        out.type, out.shape = value.type, value.shape
+        users = [(u.node, u.idx) for u in value.uses() if u.node is not q]
+        producer = value.producer()
+        if producer is None:
+            first = next(iter(graph), None)
+            if first is None:
+                graph.extend([q, dq])
+            else:
+                graph.insert_before(first, [q, dq])
+        else:
+            graph.insert_after(producer, [q, dq])
+        for node, idx in users:
+            node.replace_input_with(idx, out)
+        if value.is_graph_output():
+            g = value.graph if value.graph is not None else graph
+            idx = [i for i, v in enumerate(g.outputs) if v is value]
+            name = value.name
+            value.name = unique_name(f"{base}_prequant", taken)
+            out.name = name
+            for i in idx:
+                g.outputs[i] = out
+        else:
+            out.name = unique_name(f"{base}_dequantized", taken)
+
+    def _weight_dq(self, value: ir.Value, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int | None,
+                   taken: set[str]) -> None:
+        graph = value.graph
+        base = value.name
+        qv = _init(graph, unique_name(f"{base}_quantized", taken), q)
+        sv = _init(graph, unique_name(f"{base}_scale", taken), np.asarray(scale, np.float32))
+        zv = _init(graph, unique_name(f"{base}_zero_point", taken), np.asarray(zp))
+        attrs = [ir.AttrInt64("axis", axis)] if axis is not None and np.ndim(scale) else []
+        dq = ir.Node("", "DequantizeLinear", [qv, sv, zv], attrs, name=unique_name(f"{base}_DequantizeLinear", taken))
+        dq.outputs[0].name = unique_name(f"{base}_dequantized", taken)
+        dq.outputs[0].type, dq.outputs[0].shape = value.type, value.shape
+        value.replace_all_uses_with(dq.outputs[0])
+        first = next(iter(graph), None)
+        if first is None:
+            graph.append(dq)
+        else:
+            graph.insert_before(first, dq)
+        del graph.initializers[value.name]
+
+    # ------------------------------------------------------------------ error budget
+    def _budget(self, model: ir.Model, ranges: Ranges) -> tuple[set[str], set[str], dict]:
+        """Greedy: quantize everything, find the node after which error jumps most, take it out, repeat."""
+        from qxc.passes._sensitivity import OutputErrorMeter
+
+        o = self.options
+        meter = OutputErrorMeter(model, self.context.data, max_rows=256)
+        excluded: set[str] = set()
+        wide: set[str] = set()
+        history = []
+        candidates = [n.name for n in ir.traversal.RecursiveGraphIterator(model.graph)
+                      if n.name and n.op_type in COMPUTE + ELEMENTWISE and self._selected(n, set())]
+        scores = None
+        for _ in range(len(candidates) + 1):
+            trial = model.clone()
+            plan = self._plan(trial, excluded, wide)
+            self._apply(trial, plan, ranges)
+            err = meter.error(trial)
+            history.append({"kept_out": sorted(excluded | wide), "error": round(err, 6)})
+            if err <= o.max_error:
+                break
+            if scores is None:  # one pass: each node quantized alone
+                scores = {}
+                for name in candidates:
+                    single = model.clone()
+                    others = {c for c in candidates if c != name}
+                    p = replace(self._plan(single, others, set()))
+                    self._apply(single, p, ranges)
+                    scores[name] = meter.error(single)
+            remaining = [c for c in candidates if c not in excluded and c not in wide]
+            if not remaining:
+                break
+            worst = max(remaining, key=lambda c: (scores[c], c))
+            (wide if o.fallback == "int16" else excluded).add(worst)
+        return excluded, wide, {"budget": {"max_error": o.max_error, "history": history,
+                                           "node_errors": {k: round(v, 6) for k, v in sorted((scores or {}).items())}}}
+
+
+def _init(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    array = np.asarray(array)
+    v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                 const_value=ir.tensor(array, name=name))
+    graph.register_initializer(v)
+    return v
+
+
+def model_is_quantized(model: ir.Model) -> bool:
+    return any(n.op_type == "QuantizeLinear" or n.op_type.startswith("QLinear")
+               for n in ir.traversal.RecursiveGraphIterator(model.graph))
