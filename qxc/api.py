@@ -17,7 +17,7 @@ save = qir.save
 def compile_model(model: Any, pipeline: str | Sequence[Step], *, data: Any = None, verify: bool = True,
                   verify_runtime: bool = False, providers: Sequence[str] = ("cpu",), seed: int = 0,
                   instruments: Sequence[Instrument] = (), failure_path: str | os.PathLike | None = None,
-                  check_input: bool = True) -> CompileResult:
+                  check_input: bool = True, ranges: Any = None) -> CompileResult:
     """Run a pipeline (text, recipe path/name or steps) on a model (path, ModelProto, ir.Model or gs.Graph).
 
     ``data`` is a path (.npz/.npy/.csv), a :class:`~qxc.data.Dataset`, a dict of arrays or a list of feed dicts.
@@ -30,7 +30,11 @@ def compile_model(model: Any, pipeline: str | Sequence[Step], *, data: Any = Non
     dataset = None
     if data is not None:
         dataset = data if isinstance(data, Dataset) else load_data(data, model)
-    context = PassContext(data=dataset, providers=tuple(providers), seed=seed)
+    if ranges is not None and not hasattr(ranges, "ranges"):
+        from qxc.calibrate import Ranges
+
+        ranges = Ranges.load(ranges)
+    context = PassContext(data=dataset, ranges=ranges, providers=tuple(providers), seed=seed)
     extra = [VerifierInstrument(runtime=verify_runtime, providers=providers)] if verify else []
     manager = PassManager(steps, context=context, instruments=[*extra, *instruments], failure_path=failure_path)
     return manager.run(model)

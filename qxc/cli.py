@@ -62,7 +62,7 @@ def cmd_compile(args) -> int:
         instruments.append(PrintAfterInstrument(args.print_after.split(",")))
     result = compile_model(model, args.pipeline, data=args.data, verify=not args.no_verify,
                            verify_runtime=args.verify_runtime, providers=args.provider.split(","), seed=args.seed,
-                           instruments=instruments, failure_path=args.output)
+                           instruments=instruments, failure_path=args.output, ranges=args.ranges)
     qir.save(result.model, args.output, force=args.force)
     summary = result.to_json(timings=not args.no_timings)
     summary["input"] = str(args.model)
@@ -150,6 +150,63 @@ def cmd_passes(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from qxc.compare import compare_models
+    from qxc.data import load_data
+
+    providers = args.provider.split(",")
+    ref = qir.load(args.reference)
+    if args.candidate is None:
+        if len(providers) != 2:
+            raise UsageError("give a candidate model, or two providers (--provider a,b) to compare one model on both")
+        cand, rp, cp = ref, providers[:1], providers[1:]
+    else:
+        cand, rp, cp = qir.load(args.candidate), providers[:1], providers[-1:]
+    data = load_data(args.data, ref)
+    result = compare_models(ref, cand, data, ref_providers=rp, cand_providers=cp, layers=not args.no_layers,
+                            jump_db=args.jump_db, batch_size=args.batch)
+    doc = result.to_json()
+    if args.json:
+        _emit_json(doc, args.json)
+    if args.json != "-":
+        for name, o in doc["outputs"].items():
+            print(f"output {name}: SQNR {o['sqnr_db'] if isinstance(o['sqnr_db'], str) else round(o['sqnr_db'], 2)} dB,"
+                  f" cosine {o['cosine']:.6f}, max abs {o['max_abs']:.4g}")
+        if doc["accuracy"]:
+            print("accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in doc["accuracy"].items()))
+        for key in ("first_jump", "largest_drop"):
+            e = doc[key]
+            if e:
+                print(f"{key.replace('_', ' ')}: {e['tensor']} ({e['op']} {e['node'] or ''}) SQNR {e['sqnr_db']} dB, "
+                      f"drop {e['drop_db']} dB")
+        for u in doc["unfused"]:
+            print(f"not fused: {u['node']} ({u['op']}): {u['reason']}")
+    if args.fail_below is not None:
+        worst = min((o["sqnr_db"] if not isinstance(o["sqnr_db"], str) else float(o["sqnr_db"]))
+                    for o in doc["outputs"].values())
+        if worst < args.fail_below:
+            print(f"qxc: fidelity below threshold: output SQNR {worst:.2f} dB < {args.fail_below} dB", file=sys.stderr)
+            return 6
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from qxc.runtime.bench import bench_models
+
+    doc = bench_models(args.models, batch=args.batch, providers=args.provider.split(","), threads=args.threads,
+                       runs=args.runs, data=args.data)
+    if args.json:
+        _emit_json(doc, args.json)
+    if args.json != "-":
+        print(f"batch {args.batch}, {args.threads} thread(s), {args.runs} interleaved runs, providers "
+              f"{doc['providers']}")
+        base = doc["models"][0]["median_ms"]
+        for m in doc["models"]:
+            print(f"  {m['model']:<40} median {m['median_ms']:9.3f} ms  p90 {m['p90_ms']:9.3f} ms  "
+                  f"{m['rows_per_s']:12.1f} rows/s  x{m['median_ms'] / base:.2f}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- parser
 
 
@@ -167,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-p", "--pipeline", default="fold-constants,cleanup",
                    help="pipeline text 'a,b{k=v}', a recipe .toml, or a bundled recipe name (default: %(default)s)")
     c.add_argument("--data", help="sample data: .npz by input name (+labels), .npy or .csv")
+    c.add_argument("--ranges", help="activation ranges (JSON from insert-qdq{save-ranges=...}) instead of calibrating")
     c.add_argument("--json", help="write the compile statistics as JSON to this file ('-' for stdout)")
     c.add_argument("--force", action="store_true", help="allow overwriting the input model")
     c.add_argument("--no-verify", action="store_true", help="skip the checker after every pass")
@@ -192,6 +250,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_passes)
 
+    m = sub.add_parser("compare", help="output and per-layer error between two models (or two providers)")
+    m.add_argument("reference")
+    m.add_argument("candidate", nargs="?", help="omit to compare the reference on two providers (--provider a,b)")
+    m.add_argument("--data", required=True)
+    m.add_argument("--json", help="write the comparison as JSON ('-' for stdout)")
+    m.add_argument("--provider", default="cpu", help="provider, or 'a,b' for reference and candidate")
+    m.add_argument("--no-layers", action="store_true", help="outputs only (no instrumentation)")
+    m.add_argument("--jump-db", type=float, default=6.0, help="SQNR loss that marks the first diverging node")
+    m.add_argument("--batch", type=int, default=64)
+    m.add_argument("--fail-below", type=float, help="exit 6 when an output's SQNR (dB) is below this")
+    m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    m.set_defaults(func=cmd_compare)
+
+    b = sub.add_parser("bench", help="interleaved onnxruntime latency/throughput medians of one or more models")
+    b.add_argument("models", nargs="+")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--provider", default="cpu")
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--runs", type=int, default=100)
+    b.add_argument("--data", help="take inputs from this data file (else random inputs of the declared shapes)")
+    b.add_argument("--json", help="write the figures as JSON ('-' for stdout)")
+    b.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    b.set_defaults(func=cmd_bench)
     return p
 
 

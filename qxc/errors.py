@@ -43,5 +43,6 @@ EXIT_CODES = {
     3: "invalid input model",
     4: "a pass failed or its result failed verification",
     5: "bad data file",
+    6: "fidelity below the threshold given with --fail-below (qxc compare)",
     130: "interrupted (SIGINT); no output written",
 }

@@ -57,6 +57,7 @@ class PassContext:
     """What a pass may need beyond the model: sample data, execution providers, a seed."""
 
     data: Any = None  # qxc.data.Dataset or None
+    ranges: Any = None  # qxc.calibrate.Ranges given with --ranges, or None
     providers: tuple[str, ...] = ("cpu",)
     seed: int = 0
     log: Callable[[str], None] = lambda msg: None

@@ -142,21 +142,28 @@ class Histogram:
         np.add.at(mags, idx, self.counts)
         return mags, absmax, False
 
-    def mse(self, qt: QType | str = "uint8", symmetric: bool = False, steps: int = 100) -> tuple[float, float]:
-        """The range [a*lo, b*hi] whose quantization (rounding + clipping) error over the histogram is smallest."""
+    def mse(self, qt: QType | str = "uint8", symmetric: bool = False, steps: int = 200) -> tuple[float, float]:
+        """The range [f*lo, f*hi] with the smallest expected quantization error over the histogram.
+
+        In-range values contribute uniform rounding noise (scale^2 / 12 each); values beyond the range contribute
+        their squared clipping distance (from bin centers). The rounding term does not depend on bin width, so the
+        estimate stays sound when a few outliers stretch the histogram over a range much wider than the bulk.
+        """
         qt = qtype(qt)
         centers = (self.edges[:-1] + self.edges[1:]) / 2
         w = self.counts.astype(np.float64)
         if w.sum() == 0 or self.hi <= self.lo:
             return self.lo, self.hi
         best, best_err = (self.lo, self.hi), np.inf
-        for f in np.linspace(1.0, 0.05, steps):
-            lo, hi = self.lo * f, self.hi * f
+        for f in np.geomspace(1.0, 1e-3, steps):
+            lo, hi = min(self.lo * f, 0.0), max(self.hi * f, 0.0)
             scale, zp = compute_params(np.array([lo]), np.array([hi]), qt, symmetric)
-            s, z = float(scale[0]), float(zp[0])
-            q = np.clip(np.rint(centers / s) + z, qt.qmin if not symmetric else qt.sym_range()[0],
-                        qt.qmax if not symmetric else qt.sym_range()[1])
-            err = float(np.sum(w * ((q - z) * s - centers) ** 2))
+            s = float(scale[0])
+            qlo, qhi = (qt.sym_range() if symmetric else (qt.qmin, qt.qmax))
+            rlo, rhi = (qlo - float(zp[0])) * s, (qhi - float(zp[0])) * s  # representable range
+            clipped = np.clip(centers, rlo, rhi)
+            inside = (centers >= rlo) & (centers <= rhi)
+            err = float(np.sum(w[inside]) * s * s / 12 + np.sum(w * (centers - clipped) ** 2))
             if err < best_err:
                 best, best_err = (float(lo), float(hi)), err
         return best

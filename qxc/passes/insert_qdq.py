@@ -50,15 +50,16 @@ class InsertQdqOptions:
     ranges: str = opt("", "load activation ranges from this JSON file instead of calibrating")
     save_ranges: str = opt("", "write the calibrated ranges to this JSON file")
     samples: int = opt(0, "calibrate on at most this many samples (0: all)")
-    batch_size: int = opt(64, "calibration batch size")
+    batch_size: int = opt(0, "calibration batch size (0: 64, or 1 when the model has If/Loop control flow, whose "
+                             "branches may depend on the whole batch)")
     max_error: float = opt(0.0, "keep the most harmful nodes out of int8 until output relative RMS error <= this")
     fallback: Literal["float", "int16"] = opt("float", "what max-error does with a harmful node")
 
     def __post_init__(self):
         if not 50 < self.percentile <= 100:
             raise ValueError("percentile must be in (50, 100]")
-        if self.batch_size < 1 or self.samples < 0 or self.max_error < 0:
-            raise ValueError("batch-size must be >= 1, samples and max-error >= 0")
+        if self.batch_size < 0 or self.samples < 0 or self.max_error < 0:
+            raise ValueError("batch-size, samples and max-error must be >= 0")
         for p in self.exclude + self.int16:
             try:
                 re.compile(p)
@@ -128,11 +129,11 @@ class InsertQdqPass(QxcPass):
         def wide(node: ir.Node) -> bool:
             return (node.name or "") in wide_nodes or any(re.search(p, node.name or "") for p in o.int16)
 
-        def add(v: ir.Value | None, node: ir.Node) -> None:
+        def add(v: ir.Value | None, *nodes: ir.Node) -> None:
             if v is None or not _float(v) or is_weight(v) or not v.name:
                 return
             plan.tensors[v] = v.name
-            if wide(node):
+            if any(wide(n) for n in nodes):
                 plan.wide[v.name] = "int16"
 
         for graph in all_graphs(model):
@@ -148,7 +149,9 @@ class InsertQdqPass(QxcPass):
                     producer = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
                     if producer is None or not self._selected(producer, excluded):
                         add(node.inputs[0], node)  # a lone Relu/Clip: quantize its input and output
-                    add(node.outputs[0], node)
+                        add(node.outputs[0], node)
+                    else:
+                        add(node.outputs[0], node, producer)  # folded: carries the producer's precision
                     plan.nodes.append(node.name or op)
                     continue
                 if op in SHARE:
@@ -200,7 +203,7 @@ class InsertQdqPass(QxcPass):
         if model_is_quantized(model):
             self.report = {"skipped_model": "the model already holds QuantizeLinear nodes; left alone"}
             return ir.passes.PassResult(model, modified=False)
-        if not o.ranges and self.context.data is None:
+        if not o.ranges and self.context.ranges is None and self.context.data is None:
             raise UsageError("pass 'insert-qdq' needs sample data to calibrate; pass --data (or ranges=FILE)")
         needed = 21 if (o.int16 or o.fallback == "int16" and o.max_error) else 13
         upgraded = model.opset_imports.get("", 1) < needed
@@ -227,12 +230,13 @@ class InsertQdqPass(QxcPass):
 
     def _ranges(self, model: ir.Model, plan: _Plan) -> Ranges:
         o = self.options
-        needed = sorted({t for t in plan.tensors.values() if t not in plan.share})
-        if o.ranges:
-            ranges = Ranges.load(o.ranges)
-            missing = [t for t in needed if t not in ranges]
+        # every planned tensor, shared ones too: a later plan (max-error) may cut a sharing chain
+        needed = sorted(set(plan.tensors.values()))
+        if o.ranges or self.context.ranges is not None:
+            ranges = Ranges.load(o.ranges) if o.ranges else self.context.ranges
+            missing = [t for t in needed if t not in ranges and t not in plan.share]
             if missing:
-                raise UsageError(f"pass 'insert-qdq': {o.ranges} has no range for tensor '{missing[0]}' "
+                raise UsageError(f"pass 'insert-qdq': the ranges have no entry for tensor '{missing[0]}' "
                                  f"({len(missing)} missing); recalibrate with --data")
         else:
             data = self.context.data
@@ -240,8 +244,9 @@ class InsertQdqPass(QxcPass):
                 data = data.head(o.samples)
             act, sym = self._activation_type()
             outputs = {v.name for g in all_graphs(model) for v in g.outputs}
+            batch = o.batch_size or (1 if any(n.op_type in ("If", "Loop") for n in model.graph) else 64)
             ranges = collect_ranges(model, data, tensors=needed, method=o.method, percentile=o.percentile,
-                                    batch_size=o.batch_size, providers=self.context.providers, activation_type=act,
+                                    batch_size=batch, providers=self.context.providers, activation_type=act,
                                     symmetric=sym, keep_minmax=outputs)
         if o.save_ranges:
             ranges.save(o.save_ranges)
@@ -390,14 +395,14 @@ class InsertQdqPass(QxcPass):
         wide: set[str] = set()
         history = []
         candidates = [n.name for n in ir.traversal.RecursiveGraphIterator(model.graph)
-                      if n.name and n.op_type in COMPUTE + ELEMENTWISE and self._selected(n, set())]
+                      if n.name and self._selected(n, set())]
         scores = None
-        for _ in range(len(candidates) + 1):
+        for _ in range(2 * len(candidates) + 1):
             trial = model.clone()
             plan = self._plan(trial, excluded, wide)
             self._apply(trial, plan, ranges)
             err = meter.error(trial)
-            history.append({"kept_out": sorted(excluded | wide), "error": round(err, 6)})
+            history.append({"float": sorted(excluded), "int16": sorted(wide), "error": round(err, 6)})
             if err <= o.max_error:
                 break
             if scores is None:  # one pass: each node quantized alone
@@ -409,10 +414,16 @@ class InsertQdqPass(QxcPass):
                     self._apply(single, p, ranges)
                     scores[name] = meter.error(single)
             remaining = [c for c in candidates if c not in excluded and c not in wide]
-            if not remaining:
-                break
-            worst = max(remaining, key=lambda c: (scores[c], c))
-            (wide if o.fallback == "int16" else excluded).add(worst)
+            if remaining:
+                worst = max(remaining, key=lambda c: (scores[c], c))
+                (wide if o.fallback == "int16" else excluded).add(worst)
+            else:  # int16 everywhere is not enough: move the worst int16 nodes on to float
+                in16 = [c for c in candidates if c in wide]
+                if not in16:
+                    break
+                worst = max(in16, key=lambda c: (scores[c], c))
+                wide.discard(worst)
+                excluded.add(worst)
         return excluded, wide, {"budget": {"max_error": o.max_error, "history": history,
                                            "node_errors": {k: round(v, 6) for k, v in sorted((scores or {}).items())}}}
 

@@ -1,0 +1,229 @@
+"""``qxc compare``: output and per-layer error between a reference model and a candidate (or two providers).
+
+Like onnxruntime's ``qdq_loss_debug``, but one call, streaming and robust to what compilation does to names:
+tensors are matched by name, and where the candidate quantizes a tensor the comparison reads its DequantizeLinear
+output (what the consumers see), so a folded Relu's tensor is compared with the same tensor, not with a pre-Relu
+value. Sums are float64 (an integer tensor is never subtracted in its own type), per batch, and no tensor is kept:
+memory does not grow with the data. The report names the first node, in topological order, whose output loses
+``jump_db`` of SQNR relative to its inputs, and the largest such drop; it also lists the compute nodes onnxruntime
+left in float in the candidate (not fused into integer kernels).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from qxc import ir as qir
+from qxc.data import Dataset
+
+COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "AveragePool", "GlobalAveragePool",
+               "Concat", "Softmax", "Sigmoid", "MaxPool")
+
+
+@dataclass
+class ErrorSums:
+    """Running float64 sums for SQNR, cosine and max abs error."""
+
+    ref2: float = 0.0
+    err2: float = 0.0
+    dot: float = 0.0
+    cand2: float = 0.0
+    max_abs: float = 0.0
+    count: int = 0
+
+    def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        if ref.shape != cand.shape or ref.size == 0:
+            return
+        r = ref.astype(np.float64).reshape(-1)
+        c = cand.astype(np.float64).reshape(-1)
+        d = r - c
+        self.ref2 += float(r @ r)
+        self.err2 += float(d @ d)
+        self.dot += float(r @ c)
+        self.cand2 += float(c @ c)
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(d))))
+        self.count += r.size
+
+    def to_json(self) -> dict:
+        if self.err2 == 0:
+            sqnr = float("inf")
+        elif self.ref2 == 0:
+            sqnr = float("-inf")
+        else:
+            sqnr = 10 * np.log10(self.ref2 / self.err2)
+        denom = np.sqrt(self.ref2 * self.cand2)
+        cosine = self.dot / denom if denom > 0 else (1.0 if self.err2 == 0 else 0.0)
+        return {"sqnr_db": _num(sqnr), "cosine": round(float(cosine), 8), "max_abs": float(self.max_abs),
+                "elements": self.count}
+
+
+def _num(x: float):
+    return x if np.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+def dequantized_names(model: ir.Model) -> dict[str, str]:
+    """For each tensor the model quantizes (QuantizeLinear input), the DequantizeLinear output its consumers read."""
+    out = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type != "QuantizeLinear" or node.inputs[0] is None:
+            continue
+        for use in node.outputs[0].uses():
+            if use.node.op_type == "DequantizeLinear":
+                out[node.inputs[0].name] = use.node.outputs[0].name
+                break
+    return out
+
+
+@dataclass
+class Comparison:
+    outputs: dict[str, dict] = field(default_factory=dict)
+    layers: list[dict] = field(default_factory=list)
+    first_jump: dict | None = None
+    largest_drop: dict | None = None
+    accuracy: dict | None = None
+    unfused: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"outputs": self.outputs, "accuracy": self.accuracy, "layers": self.layers,
+                "first_jump": self.first_jump, "largest_drop": self.largest_drop, "unfused": self.unfused,
+                "settings": self.settings}
+
+
+def _predictions(outs: list[np.ndarray]) -> np.ndarray | None:
+    for o in outs:
+        if o.dtype.kind in "iu" and o.ndim == 1:
+            return o
+    for o in outs:
+        if o.dtype.kind == "f" and o.ndim == 2 and o.shape[1] > 1:
+            return o.argmax(axis=1)
+    return None
+
+
+def compare_models(ref: ir.Model, cand: ir.Model, data: Dataset, *, ref_providers: Sequence[str] = ("cpu",),
+                   cand_providers: Sequence[str] = ("cpu",), layers: bool = True, jump_db: float = 6.0,
+                   batch_size: int = 64) -> Comparison:
+    from qxc.calibrate.collect import TapRunner
+    from qxc.runtime import make_session
+
+    result = Comparison(settings={"jump_db": jump_db, "batch_size": batch_size, "rows": len(data),
+                                  "ref_providers": list(ref_providers), "cand_providers": list(cand_providers)})
+    out_names = [v.name for v in ref.graph.outputs]
+    cand_out = {v.name for v in cand.graph.outputs}
+    missing = [n for n in out_names if n not in cand_out]
+    if missing:
+        from qxc.errors import UsageError
+
+        raise UsageError(f"the candidate has no output '{missing[0]}'; compare models with the same outputs")
+    mapping: dict[str, str] = {}
+    order: list[tuple[str, ir.Node | None]] = []
+    if layers:
+        cand_names = {v.name for g in [cand.graph, *cand.graph.subgraphs()] for n in g for v in n.outputs}
+        cand_names |= {v.name for v in cand.graph.inputs}
+        deq = dequantized_names(cand)
+        for v in ref.graph.inputs:
+            order.append((v.name, None))
+        for node in ir.traversal.RecursiveGraphIterator(ref.graph):
+            for v in node.outputs:
+                order.append((v.name, node))
+        for name, _ in order:
+            target = deq.get(name, name)
+            if target in cand_names:
+                mapping[name] = target
+    ref_run = TapRunner(ref, list(mapping) or None, ref_providers) if layers else None
+    cand_run = TapRunner(cand, list(mapping.values()) or None, cand_providers) if layers else None
+    ref_sess = make_session(ref, providers=ref_providers, prepacking=False)
+    cand_sess = make_session(cand, providers=cand_providers, prepacking=False)
+    out_sums = {n: ErrorSums() for n in out_names}
+    layer_sums = {n: ErrorSums() for n in mapping}
+    preds_ref, preds_cand = [], []
+    for feed in data.batches(batch_size):
+        r_out = ref_sess.run(out_names, feed)
+        c_out = cand_sess.run(out_names, feed)
+        for n, a, b in zip(out_names, r_out, c_out):
+            a, b = np.asarray(a), np.asarray(b)
+            if a.dtype.kind == "f":
+                out_sums[n].update(a, b)
+            else:
+                out_sums[n].update(a.astype(np.float64), b.astype(np.float64))
+        pr, pc = _predictions([np.asarray(a) for a in r_out]), _predictions([np.asarray(b) for b in c_out])
+        if pr is not None and pc is not None:
+            preds_ref.append(pr)
+            preds_cand.append(pc)
+        if layers:
+            rt, ct = ref_run.run(feed), cand_run.run(feed)
+            for name, target in mapping.items():
+                if name in rt and target in ct:
+                    layer_sums[name].update(np.asarray(rt[name]), np.asarray(ct[target]))
+    result.outputs = {n: s.to_json() for n, s in out_sums.items()}
+    if preds_ref:
+        pr, pc = np.concatenate(preds_ref), np.concatenate(preds_cand)
+        result.accuracy = {"agreement": float(np.mean(pr == pc))}
+        if data.labels is not None and len(data.labels) == len(pr):
+            labels = np.asarray(data.labels).astype(pr.dtype)
+            result.accuracy.update({"reference": float(np.mean(pr == labels)), "candidate": float(np.mean(pc == labels))})
+    if layers:
+        _layer_report(result, order, mapping, layer_sums, jump_db)
+    result.unfused = unfused_nodes(cand, cand_providers)
+    return result
+
+
+def _layer_report(result: Comparison, order, mapping, sums, jump_db: float) -> None:
+    """Per tensor: SQNR, its inputs' worst SQNR and the drop between them (inputs not compared count as exact)."""
+    sqnr: dict[str, float] = {}
+    best_drop = -np.inf
+    for name, node in order:
+        if name not in mapping or sums[name].count == 0:
+            continue
+        stats = sums[name].to_json()
+        s = sums[name].ref2 / sums[name].err2 if sums[name].err2 else np.inf
+        s = 10 * np.log10(s) if np.isfinite(s) and s > 0 else (np.inf if sums[name].err2 == 0 else -np.inf)
+        sqnr[name] = s
+        inputs = [sqnr[v.name] for v in (node.inputs if node is not None else []) if v is not None and v.name in sqnr]
+        in_sqnr = min(inputs) if inputs else np.inf
+        drop = 0.0 if not np.isfinite(s) and s > 0 else (in_sqnr - s)
+        entry = {"tensor": name, "compared_with": mapping[name], "node": node.name if node is not None else None,
+                 "op": node.op_type if node is not None else "graph-input", **stats,
+                 "input_sqnr_db": _num(in_sqnr), "drop_db": _num(drop)}
+        result.layers.append(entry)
+        if result.first_jump is None and drop >= jump_db:
+            result.first_jump = entry
+        if drop > best_drop:
+            best_drop, result.largest_drop = drop, entry
+
+
+def unfused_nodes(model: ir.Model, providers: Sequence[str] = ("cpu",)) -> list[dict]:
+    """Compute nodes that onnxruntime's optimized candidate still runs in float between DequantizeLinear nodes."""
+    if not any(n.op_type == "DequantizeLinear" for n in ir.traversal.RecursiveGraphIterator(model.graph)):
+        return []
+    import onnxruntime as ort
+
+    from qxc.runtime.session import resolve_providers, session_options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(optimization="all")
+        path = Path(tmp) / "optimized.onnx"
+        so.optimized_model_filepath = str(path)
+        folders = {str(p.parent) for p in qir.external_files(model)}
+        if folders:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
+        try:
+            ort.InferenceSession(qir.model_bytes(model), so, providers=resolve_providers(providers))
+            optimized = qir.load(path)
+        except Exception:
+            return []
+    out = []
+    for node in ir.traversal.RecursiveGraphIterator(optimized.graph):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in COMPUTE_OPS:
+            continue
+        fed = [v.producer().op_type for v in node.inputs if v is not None and v.producer() is not None]
+        if "DequantizeLinear" in fed:
+            out.append({"node": node.name, "op": node.op_type,
+                        "reason": "runs in float between DequantizeLinear/QuantizeLinear (no integer kernel fused)"})
+    return out

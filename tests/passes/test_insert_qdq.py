@@ -1,0 +1,147 @@
+"""insert-qdq: fidelity against onnxruntime's quantize_static, the fusions onnxruntime achieves, subgraphs, options."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from helpers import MODELS, REFERENCE, feeds_for, run, sqnr_db
+
+from qxc import compile_model
+from qxc import ir as qir
+from qxc.errors import UsageError
+
+
+def _optimized_ops(model) -> collections.Counter:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so.optimized_model_filepath = f"{tmp}/o.onnx"
+        ort.InferenceSession(qir.to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(f"{tmp}/o.onnx").graph.node)
+
+
+def _accuracy(model, data, key="X"):
+    with np.load(data) as z:
+        outs = run(qir.to_proto(model) if not isinstance(model, str) else model, {key: z[key]})
+        return float((outs[0] == z["labels"]).mean()) if outs[0].ndim == 1 else \
+            float((outs[0].argmax(1) == z["labels"]).mean())
+
+
+def test_digits_accuracy_and_full_fusion():
+    result = compile_model(MODELS / "digits_mlp.onnx", "fold-constants,insert-qdq,cleanup",
+                           data=MODELS / "digits_train.npz", verify_runtime=True)
+    drop = _accuracy(str(MODELS / "digits_mlp.onnx"), MODELS / "digits_test.npz") - \
+        _accuracy(result.model, MODELS / "digits_test.npz")
+    assert drop <= 0.005
+    ops = _optimized_ops(result.model)
+    assert ops["QLinearMatMul"] == 3 and ops["QLinearAdd"] == 3 and "MatMul" not in ops
+
+
+def test_cnn_fuses_conv_relu_pool_gemm_and_matches_quantize_static(tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    path, test = REFERENCE["cnn_digits"]
+    train = MODELS / "cnn_digits_train.npz"
+    with np.load(train) as z:
+        images = z["image"][:128]
+    result = compile_model(path, "insert-qdq", data={"image": images})
+    ops = _optimized_ops(result.model)
+    assert ops["QLinearConv"] == 2 and ops["QGemm"] == 1 and "Relu" not in ops and "Conv" not in ops
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter({"image": images[i : i + 1]} for i in range(len(images)))
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(path), str(tmp_path / "ort.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    feeds = feeds_for(path, test)
+    ref = run(path, feeds)[0]
+    ours = sqnr_db(ref, run(qir.to_proto(result.model), feeds)[0])
+    theirs = sqnr_db(ref, run(tmp_path / "ort.onnx", feeds)[0])
+    assert ours > 28 and abs(ours - theirs) < 0.05
+
+
+def test_relu_is_folded_into_the_producer_range():
+    result = compile_model(MODELS / "cnn_digits.onnx", "insert-qdq", data=MODELS / "cnn_digits_train.npz")
+    quantized = {n.inputs[0].name for n in result.model.graph if n.op_type == "QuantizeLinear"}
+    assert "c1" not in quantized and "r1" in quantized  # no QDQ between Conv and Relu
+    r1_zp = next(n.inputs[2].const_value.numpy() for n in result.model.graph
+                 if n.op_type == "QuantizeLinear" and n.inputs[0].name == "r1")
+    assert r1_zp == 0  # uint8 zero point 0: the quantizer clips at 0 like Relu
+    # MaxPool shares its input's scale
+    scale = {n.inputs[0].name: float(n.inputs[1].const_value.numpy()) for n in result.model.graph
+             if n.op_type == "QuantizeLinear"}
+    assert scale["p1"] == scale["r1"]
+
+
+def test_int8_symmetric_activations_for_gpu_providers():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = compile_model(MODELS / "digits_mlp.onnx", "insert-qdq", data=MODELS / "digits_train.npz",
+                               providers=("cuda", "cpu"))
+    zps = [n.inputs[2].const_value for n in result.model.graph if n.op_type == "QuantizeLinear"]
+    assert zps and all(z.dtype.name == "INT8" and int(z.numpy()) == 0 for z in zps)
+    assert result.records[0].report["activation_type"] == "int8"
+
+
+def test_if_branches_with_constant_weights_are_quantized():
+    path, data = REFERENCE["if_constants"]
+    result = compile_model(path, "fold-constants,insert-qdq,cleanup", data=data, verify_runtime=True)
+    branches = list(result.model.graph.subgraphs())
+    for g in branches:
+        ops = collections.Counter(n.op_type for n in g)
+        assert ops["QuantizeLinear"] >= 2 and ops["DequantizeLinear"] >= 4, ops
+    feeds = feeds_for(path, data)
+    assert sqnr_db(run(path, feeds)[0], run(qir.to_proto(result.model), feeds)[0]) > 25
+
+
+def test_exclusions_int16_and_saved_ranges(tmp_path):
+    ranges = tmp_path / "ranges.json"
+    spec = f'insert-qdq{{exclude=[fc],exclude-ops=[MaxPool],int16=[conv2],save-ranges="{ranges}"}}'
+    result = compile_model(MODELS / "cnn_digits.onnx", spec, data=MODELS / "cnn_digits_train.npz")
+    report = result.records[0].report
+    assert {"node": "fc", "op": "Gemm", "reason": "excluded"} in report["skipped"]
+    assert result.model.opset_imports[""] == 21 and "r2" in report["int16_tensors"]
+    gemm = next(n for n in result.model.graph if n.op_type == "Gemm")
+    assert gemm.inputs[1].producer() is None  # fc weight left in float
+    doc = json.loads(ranges.read_text())
+    assert doc["schema"] == "qxc.ranges/1" and "r1" in doc["ranges"]
+    # the saved ranges reproduce the model without data
+    again = compile_model(MODELS / "cnn_digits.onnx", spec.replace("save-ranges", "ranges"))
+    assert qir.fingerprint(again.model) == qir.fingerprint(result.model)
+
+
+def test_methods_change_ranges_and_errors_are_named():
+    base = compile_model(MODELS / "cnn_digits.onnx", "insert-qdq", data=MODELS / "cnn_digits_train.npz")
+    ent = compile_model(MODELS / "cnn_digits.onnx", "insert-qdq{method=entropy}", data=MODELS / "cnn_digits_train.npz")
+    assert qir.fingerprint(base.model) != qir.fingerprint(ent.model)
+    with pytest.raises(UsageError, match="needs sample data"):
+        compile_model(MODELS / "cnn_digits.onnx", "insert-qdq")
+    with pytest.raises(UsageError, match="exclude pattern 'nope' matched no node"):
+        compile_model(MODELS / "cnn_digits.onnx", "insert-qdq{exclude=[nope]}", data=MODELS / "cnn_digits_train.npz")
+
+
+def test_max_error_budget_is_met_by_falling_back():
+    spec = "insert-qdq{max-error=0.01,fallback=float}"
+    result = compile_model(MODELS / "cnn_digits.onnx", spec, data=MODELS / "cnn_digits_train.npz")
+    budget = result.records[0].report["budget"]
+    assert budget["history"][0]["error"] > 0.01 >= budget["history"][-1]["error"]
+    assert budget["history"][-1]["float"]
+
+
+def test_already_quantized_model_is_left_alone():
+    first = compile_model(MODELS / "cnn_digits.onnx", "insert-qdq", data=MODELS / "cnn_digits_train.npz")
+    again = compile_model(first.model, "insert-qdq", data=MODELS / "cnn_digits_train.npz")
+    assert not again.modified and "already holds QuantizeLinear" in again.records[0].report["skipped_model"]

@@ -1,0 +1,68 @@
+"""qxc compare: output/per-layer error, first diverging node, unfused nodes, providers, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from helpers import MODELS
+
+from qxc import compile_model
+from qxc import ir as qir
+from qxc.cli import main
+from qxc.compare import compare_models
+from qxc.data import load_data
+
+
+def test_compare_quantized_cnn(tmp_path):
+    result = compile_model(MODELS / "cnn_digits.onnx", "insert-qdq", data=MODELS / "cnn_digits_train.npz")
+    ref = qir.load(MODELS / "cnn_digits.onnx")
+    data = load_data(MODELS / "cnn_digits_test.npz", ref)
+    cmp = compare_models(ref, result.model, data).to_json()
+    out = cmp["outputs"]["logits"]
+    assert 25 < out["sqnr_db"] < 60 and out["cosine"] > 0.99
+    assert cmp["accuracy"]["reference"] > 0.9 and abs(cmp["accuracy"]["candidate"] - cmp["accuracy"]["reference"]) < 0.02
+    layers = {e["tensor"]: e for e in cmp["layers"]}
+    # r1 is compared with its dequantized value; c1 (before the folded Relu) with itself
+    assert layers["r1"]["compared_with"] == "r1_dequantized" and layers["c1"]["compared_with"] == "c1"
+    assert cmp["first_jump"]["tensor"] == "image"  # the input quantization is where error starts
+    assert cmp["unfused"] == []
+
+
+def test_compare_cli_json_and_fail_below(tmp_path, capsys):
+    q = tmp_path / "q.onnx"
+    assert main(["compile", str(MODELS / "digits_mlp.onnx"), "-o", str(q), "-p", "insert-qdq", "-q",
+                 "--data", str(MODELS / "digits_train.npz")]) == 0
+    assert main(["compare", str(MODELS / "digits_mlp.onnx"), str(q), "--data", str(MODELS / "digits_test.npz"),
+                 "--json", str(tmp_path / "c.json")]) == 0
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert doc["outputs"]["probabilities"]["sqnr_db"] > 30
+    assert main(["compare", str(MODELS / "digits_mlp.onnx"), str(q), "--data", str(MODELS / "digits_test.npz"),
+                 "--fail-below", "80", "--no-layers"]) == 6
+    assert "fidelity below threshold" in capsys.readouterr().err
+
+
+def test_same_model_on_two_providers_is_exact():
+    import warnings
+
+    ref = qir.load(MODELS / "diabetes_mlp.onnx")
+    data = load_data(MODELS / "diabetes_test.npz", ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cuda falls back to cpu here
+        cmp = compare_models(ref, ref, data, ref_providers=["cpu"], cand_providers=["cuda"]).to_json()
+    assert cmp["outputs"]["variable"]["sqnr_db"] == "inf"
+
+
+def test_integer_tensors_are_compared_in_float64():
+    from qxc.compare import ErrorSums
+
+    s = ErrorSums()
+    s.update(np.array([250, 3], np.uint8), np.array([251, 2], np.uint8))  # uint8 subtraction would wrap to 255
+    assert s.max_abs == 1.0 and s.to_json()["sqnr_db"] > 40
+
+
+def test_bench_cli(capsys):
+    assert main(["bench", str(MODELS / "digits_mlp.onnx"), str(MODELS / "digits_mlp.onnx"), "--runs", "5",
+                 "--json", "-"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["models"]) == 2 and all(m["median_ms"] > 0 for m in doc["models"])
