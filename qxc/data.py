@@ -74,6 +74,12 @@ class Dataset:
         else:
             yield from self.samples
 
+    def slice(self, start: int, stop: int) -> Dataset:
+        labels = None if self.labels is None else self.labels[start:stop]
+        if self.stacked is not None:
+            return Dataset({k: v[start:stop] for k, v in self.stacked.items()}, None, labels, self.source)
+        return Dataset(None, self.samples[start:stop], labels, self.source)
+
     def head(self, n: int) -> Dataset:
         labels = None if self.labels is None else self.labels[:n]
         if self.stacked is not None:

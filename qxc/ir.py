@@ -213,6 +213,20 @@ def external_files(model: ir.Model) -> set[Path]:
     return files
 
 
+def release_weights(model: ir.Model, values=None) -> None:
+    """Unmap memory-mapped external weights (all, or those of ``values``); they are mapped again when next read.
+
+    Pages a finished session touched then stop counting against the process. A buffer still exported (a live
+    session, a numpy view) keeps its mapping: that tensor is skipped.
+    """
+    targets = values if values is not None else [v for g in model.graphs() for v in g.initializers.values()]
+    for value in targets:
+        t = value.const_value if isinstance(value, ir.Value) else value
+        if isinstance(t, ir.ExternalTensor):
+            with contextlib.suppress(BufferError):
+                t.release()
+
+
 def total_weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None)
 

@@ -44,6 +44,22 @@ class TapRunner:
         return out
 
 
+TAP_BYTES_PER_BATCH = 8 << 20
+
+
+def _schedule(runner: TapRunner, data: Dataset, batch_size: int):
+    """Row ranges of the batches: ``batch_size`` at most, fewer when the taps of one row are large, so that the
+    tensors onnxruntime hands back for one batch stay around TAP_BYTES_PER_BATCH (per-sample data: one row each)."""
+    n = len(data)
+    if data.stacked is None:
+        yield from ((i, i + 1) for i in range(n))
+        return
+    probe = max(1, min(batch_size, 4, n))
+    per_row = sum(np.asarray(a).nbytes for a in runner.run(next(data.slice(0, probe).batches(probe))).values()) / probe
+    size = int(max(1, min(batch_size, TAP_BYTES_PER_BATCH // max(1, per_row))))
+    yield from ((s, min(n, s + size)) for s in range(0, n, size))
+
+
 def _escape(name: str) -> str:
     import re
 
@@ -60,15 +76,16 @@ def collect_ranges(model: ir.Model, data: Dataset, *, tensors: Iterable[str] | N
     """
     runner = TapRunner(model, tensors, providers)
     mm: dict[str, MinMax] = {}
-    for feed in data.batches(batch_size):
-        for name, arr in runner.run(feed).items():
+    batches = list(_schedule(runner, data, batch_size))
+    for start, stop in batches:
+        for name, arr in runner.run(next(data.slice(start, stop).batches(stop - start))).items():
             mm.setdefault(name, MinMax()).update(np.asarray(arr))
     seen = {k: v for k, v in mm.items() if v.seen}
     ranges = {k: (v.lo, v.hi) for k, v in seen.items()}
     if method != "minmax":
         hists = {k: Histogram(v.lo, v.hi, bins) for k, v in seen.items()}
-        for feed in data.batches(batch_size):
-            for name, arr in runner.run(feed).items():
+        for start, stop in batches:
+            for name, arr in runner.run(next(data.slice(start, stop).batches(stop - start))).items():
                 if name in hists:
                     hists[name].update(np.asarray(arr))
         keep = set(keep_minmax)

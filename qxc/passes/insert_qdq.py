@@ -214,6 +214,7 @@ class InsertQdqPass(QxcPass):
         wide_nodes: set[str] = set()
         plan = self._plan(model, excluded, wide_nodes)
         ranges = self._ranges(model, plan)
+        qir.release_weights(model)  # calibration touched every weight page; read them again one at a time
         report_extra = {}
         if o.max_error:
             excluded, wide_nodes, report_extra = self._budget(model, ranges)
@@ -296,9 +297,11 @@ class InsertQdqPass(QxcPass):
             if v is None or not is_weight(v):
                 continue  # shared weight already rewired
             g = Granularity(axis=axis) if self.options.per_channel else Granularity()
-            qt = quantize_tensor(v.const_value.numpy().astype(np.float32), "int8", symmetric=True, granularity=g,
+            t = v.const_value
+            qt = quantize_tensor(t.numpy().astype(np.float32), "int8", symmetric=True, granularity=g,
                                  name=v.name, keep_dequantized=False)
             self._weight_dq(v, qt.q, qt.scale, qt.zero_point, g.axis, taken)
+            qir.release_weights(model, [t])  # unmap the float weight: its pages no longer count against us
             weights += 1
         biases = 0
         for node, i, act_name, wi in plan.biases:

@@ -228,8 +228,7 @@ class QuantizeWeightsPass(QxcPass):
                 entry["bytes_after"] = self._emit_nbits(value, value_uses, qt, bits, taken)
             else:
                 entry["bytes_after"] = self._emit_qdq(value, qt, g, taken)
-            if isinstance(t, ir.ExternalTensor):
-                t.release()  # unmap the float weight: its pages no longer count against us
+            qir.release_weights(model, [t])  # unmap the float weight: its pages no longer count against us
             quantized.append(entry)
         if quantized and any(e["format"] == "matmulnbits" for e in quantized):
             model.opset_imports.setdefault("com.microsoft", 1)

@@ -86,7 +86,11 @@ def session_options(*, threads: int | None = None, optimization: str = "all",
 def make_session(model: ir.Model | str | os.PathLike, *, providers: Sequence[str] | str = ("cpu",),
                  threads: int | None = None, optimization: str = "all", prepacking: bool = True,
                  strict_provider: bool = False, available: Iterable[str] | None = None) -> ort.InferenceSession:
-    """An onnxruntime session for an IR model or a model file; load failures become one-line ModelErrors."""
+    """An onnxruntime session for an IR model or a model file; load failures become one-line ModelErrors.
+
+    For an IR model whose weights are memory-mapped external data, the session is handed those very buffers
+    (``add_initializer``) instead of reading its own copy: the weights are resident once, in the pages qxc maps.
+    """
     so = session_options(threads=threads, optimization=optimization, prepacking=prepacking)
     chosen = resolve_providers(providers, available=available, strict=strict_provider)
     try:
@@ -94,14 +98,34 @@ def make_session(model: ir.Model | str | os.PathLike, *, providers: Sequence[str
             folders = {str(p.parent) for p in qir.external_files(model)}
             if len(folders) > 1:
                 raise ModelError(f"external data spread over several folders ({', '.join(sorted(folders))})")
+            keep = []
             if folders:
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
-            return ort.InferenceSession(qir.model_bytes(model), sess_options=so, providers=chosen)
+                if chosen == ["CPUExecutionProvider"]:
+                    keep = _share_external_weights(model, so)
+            session = ort.InferenceSession(qir.model_bytes(model), sess_options=so, providers=chosen)
+            session._qxc_shared_weights = keep  # the buffers must outlive the session
+            return session
         return ort.InferenceSession(str(model), sess_options=so, providers=chosen)
     except ModelError:
         raise
     except Exception as e:  # onnxruntime raises Fail/InvalidGraph/RuntimeException with multi-line text
         raise ModelError(f"onnxruntime cannot load the model: {qir._first_line(e)}") from e
+
+
+def _share_external_weights(model: ir.Model, so: ort.SessionOptions) -> list:
+    keep = []
+    inputs = {v.name for v in model.graph.inputs}
+    for value in model.graph.initializers.values():
+        t = value.const_value
+        if isinstance(t, ir.ExternalTensor) and value.name not in inputs:
+            arr = t.numpy()
+            if not arr.flags.c_contiguous or arr.dtype.kind not in "fiub":
+                continue
+            ov = ort.OrtValue.ortvalue_from_numpy(arr)
+            so.add_initializer(value.name, ov)
+            keep.append((arr, ov))
+    return keep
 
 
 def normalize_output(value) -> np.ndarray:
