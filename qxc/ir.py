@@ -341,31 +341,41 @@ def _value_infos(graph: onnx.GraphProto, out: dict[str, onnx.ValueInfoProto]) ->
                     _value_infos(g, out)
 
 
-def infer_shapes(model: ir.Model) -> ir.Model:
+def infer_shapes(model: ir.Model) -> list[tuple[ir.Value, object, object]]:
     """Run ONNX shape inference (data propagation on) and copy inferred types/shapes onto values that lack them.
 
-    Covers subgraph values too. Works on the skeleton, so weights are never copied.
+    Covers subgraph values too. Works on the skeleton, so weights are never copied. Returns what it filled in as
+    (value, old type, old shape), so a pass that ends up changing nothing can undo it (``undo_inference``).
     """
     with skeleton(model):
         proto = ir.to_proto(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # inference is best effort: a model it cannot follow keeps what it has
-        return model
+        return []
     info: dict[str, onnx.ValueInfoProto] = {}
     _value_infos(inferred.graph, info)
+    filled = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         for out in node.outputs:
             vi = info.get(out.name)
             if vi is None or not vi.type.HasField("tensor_type"):
                 continue
             tt = vi.type.tensor_type
+            old = (out, out.type, out.shape)
             if out.type is None and tt.elem_type:
                 out.type = ir.TensorType(ir.DataType(tt.elem_type))
             if out.shape is None and tt.HasField("shape"):
                 dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
                 out.shape = ir.Shape(dims)
-    return model
+            if (out.type, out.shape) != old[1:]:
+                filled.append(old)
+    return filled
+
+
+def undo_inference(filled: list[tuple[ir.Value, object, object]]) -> None:
+    for value, dtype, shape in filled:
+        value.type, value.shape = dtype, shape
 
 
 def upgrade_opset(model: ir.Model, version: int) -> ir.Model:

@@ -72,6 +72,8 @@ class QxcPass(ir.passes.InPlacePass):
     needs_data: ClassVar[bool] = False
     #: the pass keeps results bit-identical under onnxruntime (the conformance suite holds it to that)
     exact: ClassVar[bool] = False
+    #: a second run changes nothing (false for passes whose target is relative to what is left)
+    idempotent: ClassVar[bool] = True
 
     def __init__(self, options: Any = None, context: PassContext | None = None):
         self.options = options if options is not None else self.Options()

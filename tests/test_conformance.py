@@ -56,8 +56,9 @@ def test_pass_contract(pass_name, model_name):
     if type(p).exact:
         for a, b in zip(run(path, feeds), outs):
             np.testing.assert_array_equal(a, b)
-    _, again = _run_pass(pass_name, model, data)
-    assert not again.modified, "a second run finds nothing left to do"
+    if type(p).idempotent:
+        _, again = _run_pass(pass_name, model, data)
+        assert not again.modified, "a second run finds nothing left to do"
 
 
 @pytest.mark.parametrize("pass_name", PASSES)

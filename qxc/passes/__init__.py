@@ -1,3 +1,12 @@
 """Built-in passes; importing this package registers them. One pass per module."""
 
-from qxc.passes import cleanup, fold_constants, insert_qdq, instrument, quantize_weights  # noqa: F401
+from qxc.passes import (  # noqa: F401
+    cleanup,
+    fold_constants,
+    insert_qdq,
+    instrument,
+    prune_channels,
+    prune_magnitude,
+    prune_nm,
+    quantize_weights,
+)

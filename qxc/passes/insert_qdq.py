@@ -209,7 +209,7 @@ class InsertQdqPass(QxcPass):
         upgraded = model.opset_imports.get("", 1) < needed
         if upgraded:
             qir.upgrade_opset(model, needed)
-        qir.infer_shapes(model)
+        inferred = qir.infer_shapes(model)
         excluded: set[str] = set()
         wide_nodes: set[str] = set()
         plan = self._plan(model, excluded, wide_nodes)
@@ -220,6 +220,8 @@ class InsertQdqPass(QxcPass):
             excluded, wide_nodes, report_extra = self._budget(model, ranges)
             plan = self._plan(model, excluded, wide_nodes)
         inserted = self._apply(model, plan, ranges)
+        if not plan.nodes and not upgraded:
+            qir.undo_inference(inferred)
         self.report = {
             "activation_type": self._activation_type()[0], "method": ranges.method, "samples": ranges.samples,
             "quantized_nodes": len(plan.nodes), "activation_qdq": inserted["activations"],

@@ -1,0 +1,99 @@
+"""Which constant weights a node reads, along which axes, and selection by op type and node name."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from qxc.errors import UsageError
+from qxc.graphs import all_graphs, is_weight
+
+
+def weight_rule(node: ir.Node) -> tuple[int, int, int] | None:
+    """(input index, output-channel axis, reduction axis) of the weight ``node`` reads, or None."""
+    op = node.op_type
+    if op == "MatMul":
+        return 1, -1, -2
+    if op == "Gemm":
+        trans_b = node.attributes.get("transB")
+        return (1, 0, 1) if trans_b is not None and trans_b.value else (1, 1, 0)
+    if op == "Conv":
+        return 1, 0, 1
+    if op == "ConvTranspose":
+        return 1, 1, 0
+    if op == "Gather":
+        return 0, 0, 1
+    if op in ("LSTM", "GRU"):
+        return 1, 1, 2
+    return None
+
+
+@dataclass
+class WeightUse:
+    value: ir.Value
+    nodes: list[ir.Node]
+    channel_axis: int
+    reduction_axis: int
+
+
+@dataclass
+class Selection:
+    weights: list[WeightUse] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+
+def select_weights(model: ir.Model, pass_name: str, ops: tuple[str, ...], include: tuple[str, ...] = (),
+                   exclude: tuple[str, ...] = (), min_elements: int = 0) -> Selection:
+    """Constant float weights of the selected nodes; patterns that match no node are UsageErrors."""
+    matched = {p: False for p in include + exclude}
+    found: dict[ir.Value, WeightUse] = {}
+    sel = Selection()
+    for graph in all_graphs(model):
+        for node in graph:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in ops:
+                continue
+            rule = weight_rule(node)
+            if rule is None or rule[0] >= len(node.inputs):
+                continue
+            name = node.name or ""
+            hits = [p for p in include if re.search(p, name)]
+            for p in hits:
+                matched[p] = True
+            if include and not hits:
+                continue
+            excl = [p for p in exclude if re.search(p, name)]
+            for p in excl:
+                matched[p] = True
+            if excl:
+                sel.skipped.append({"node": name, "reason": f"excluded by '{excl[0]}'"})
+                continue
+            v = node.inputs[rule[0]]
+            if v is None:
+                continue
+            if not is_weight(v):
+                reason = "weight is a Constant node: run fold-constants first" if (
+                    v.producer() is not None and v.producer().op_type == "Constant") else "not a constant initializer"
+                sel.skipped.append({"node": name, "weight": v.name, "reason": reason})
+                continue
+            if v.const_value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
+                sel.skipped.append({"node": name, "weight": v.name, "reason": f"dtype {v.const_value.dtype.name}"})
+                continue
+            if v.const_value.size < max(1, min_elements):
+                sel.skipped.append({"node": name, "weight": v.name, "reason": f"fewer than {min_elements} elements"})
+                continue
+            rank = len(v.const_value.shape)
+            use = found.setdefault(v, WeightUse(v, [], rule[1] % rank, rule[2] % rank))
+            use.nodes.append(node)
+    unmatched = [p for p, hit in matched.items() if not hit]
+    if unmatched:
+        raise UsageError(f"pass '{pass_name}': pattern '{unmatched[0]}' matched no {'/'.join(ops)} node")
+    for use in found.values():
+        others = [u.node for u in use.value.uses() if u.node not in use.nodes]
+        if others:
+            sel.skipped.append({"weight": use.value.name, "reason": f"shared with unselected node "
+                                f"'{others[0].name or others[0].op_type}' ({others[0].op_type})"})
+            continue
+        sel.weights.append(use)
+    return sel
