@@ -190,6 +190,42 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from qxc.data import load_data
+    from qxc.explain.run import explain_model
+
+    model = qir.load(args.model)
+    data = load_data(args.data, model)
+    if args.labels and data.labels is None:
+        raise UsageError(f"{args.data}: --labels given but the data has no 'labels' array")
+    compare = qir.load(args.compare) if args.compare else None
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    doc = explain_model(model, data, methods=methods, use_labels=args.labels, compare=compare,
+                        providers=args.provider.split(","), seed=args.seed, repeats=args.repeats,
+                        instances=args.instances, background=args.background, max_depth=args.max_depth,
+                        source=str(args.model))
+    if args.embed:
+        from qxc.explain.embed import embed, linear_contributions, tree_to_onnx
+        from qxc.explain.predictor import Predictor
+        from qxc.explain.surrogates import fit_tree
+
+        pred = Predictor(model, providers=args.provider.split(","))
+        x = data.stacked[pred.input]
+        tree = fit_tree(pred, x, doc["features"], max_depth=args.max_depth, random_state=args.seed)
+        scores = pred.predict(x).scores
+        mean, coef, r2 = linear_contributions(x.astype("float64"), scores.astype("float64"))
+        added = embed(model, tree_to_onnx(tree.tree, x.shape[1], pred.is_classifier), mean, coef)
+        qir.check(model)
+        qir.save(model, args.embed, force=args.force)
+        doc["embedded"] = {"path": str(args.embed), "outputs": added, "linear_r2": round(r2, 6),
+                           "tree_fidelity": round(tree.fidelity, 6)}
+    if args.output:
+        _emit_json(doc, args.output)
+    else:
+        print(_dump_json(doc), end="")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from qxc.runtime.bench import bench_models
 
@@ -262,6 +298,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fail-below", type=float, help="exit 6 when an output's SQNR (dB) is below this")
     m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_compare)
+
+    e = sub.add_parser("explain", help="feature importance, Shapley values, surrogates, drift against --compare")
+    e.add_argument("model")
+    e.add_argument("--data", required=True, help="tabular data (.npz with the input, labels, feature_names; or .csv)")
+    e.add_argument("--labels", action="store_true", help="score permutation/ablation with the data's labels")
+    e.add_argument("--method", default="permutation,ablation,shapley,tree,local",
+                   help="comma list of permutation, ablation, shapley, tree, local, layers")
+    e.add_argument("--compare", help="another model (e.g. the compiled one): drift of predictions and explanations")
+    e.add_argument("--provider", default="cpu")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--repeats", type=int, default=5)
+    e.add_argument("--instances", type=int, default=10, help="instances explained by shapley/local")
+    e.add_argument("--background", type=int, default=100, help="background rows for Shapley values")
+    e.add_argument("--max-depth", type=int, default=4, help="surrogate tree depth")
+    e.add_argument("--embed", help="write the model with the surrogates merged in as extra outputs")
+    e.add_argument("--force", action="store_true")
+    e.add_argument("-o", "--output", help="write the JSON here (default: stdout)")
+    e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    e.set_defaults(func=cmd_explain)
 
     b = sub.add_parser("bench", help="interleaved onnxruntime latency/throughput medians of one or more models")
     b.add_argument("models", nargs="+")

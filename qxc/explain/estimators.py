@@ -1,0 +1,117 @@
+"""scikit-learn-style explainers: ``__init__`` stores options, ``fit`` returns self, learned attributes end in ``_``.
+
+    from qxc.explain import PermutationImportance
+    imp = PermutationImportance("models/digits_mlp.onnx", n_repeats=5, random_state=0).fit(X, y)
+    imp.importances_mean_, imp.importances_std_, imp.stability_
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from qxc import ir as qir
+from qxc.explain import importance as _imp
+from qxc.explain.predictor import Predictor
+
+
+class _Base:
+    def __init__(self, model: Any, *, providers=("cpu",), random_state: int = 0):
+        self.model = model
+        self.providers = providers
+        self.random_state = random_state
+
+    def _predictor(self) -> Predictor:
+        return Predictor(qir.coerce_model(self.model), providers=self.providers)
+
+    def get_params(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not k.endswith("_")}
+
+
+class PermutationImportance(_Base):
+    def __init__(self, model, *, n_repeats: int = 5, providers=("cpu",), random_state: int = 0):
+        super().__init__(model, providers=providers, random_state=random_state)
+        self.n_repeats = n_repeats
+
+    def fit(self, X, y=None):
+        res = _imp.permutation_importance(self._predictor(), np.asarray(X), y, n_repeats=self.n_repeats,
+                                          random_state=self.random_state)
+        self.importances_ = res.importances
+        self.importances_mean_ = res.mean
+        self.importances_std_ = res.std
+        self.stability_ = _imp.stability(res.importances.T)
+        self.baseline_score_ = res.baseline_score
+        return self
+
+
+class AblationImportance(_Base):
+    def __init__(self, model, *, baseline: str = "mean", n_repeats: int = 5, providers=("cpu",), random_state: int = 0):
+        super().__init__(model, providers=providers, random_state=random_state)
+        self.baseline = baseline
+        self.n_repeats = n_repeats
+
+    def fit(self, X, y=None):
+        res = _imp.ablation_importance(self._predictor(), np.asarray(X), y, baseline=self.baseline,
+                                       n_repeats=self.n_repeats, random_state=self.random_state)
+        self.importances_, self.importances_mean_, self.importances_std_ = res.importances, res.mean, res.std
+        self.stability_ = _imp.stability(res.importances.T)
+        return self
+
+
+class ShapleyExplainer(_Base):
+    """``fit(background)`` then ``explain(X)`` -> (instances, features) Shapley values (also ``shap_values_``)."""
+
+    def __init__(self, model, *, max_exact: int = 12, n_samples: int = 2048, providers=("cpu",), random_state: int = 0):
+        super().__init__(model, providers=providers, random_state=random_state)
+        self.max_exact = max_exact
+        self.n_samples = n_samples
+
+    def fit(self, X, y=None):
+        self.background_ = np.asarray(X)
+        self.predictor_ = self._predictor()
+        return self
+
+    def explain(self, X) -> np.ndarray:
+        from qxc.explain.shapley import shapley_values
+
+        res = shapley_values(self.predictor_, np.asarray(X), self.background_, max_exact=self.max_exact,
+                             n_samples=self.n_samples, random_state=self.random_state)
+        self.shap_values_, self.base_values_, self.method_ = res.values, res.base_value, res.method
+        return res.values
+
+
+class TreeSurrogateExplainer(_Base):
+    def __init__(self, model, *, max_depth: int = 4, perturbations: int = 0, providers=("cpu",), random_state: int = 0):
+        super().__init__(model, providers=providers, random_state=random_state)
+        self.max_depth = max_depth
+        self.perturbations = perturbations
+
+    def fit(self, X, y=None, feature_names=None):
+        from qxc.explain.surrogates import fit_tree
+
+        X = np.asarray(X)
+        names = feature_names or [f"x{i}" for i in range(X.shape[1])]
+        res = fit_tree(self._predictor(), X, names, max_depth=self.max_depth, perturbations=self.perturbations,
+                       random_state=self.random_state)
+        self.tree_, self.fidelity_, self.rules_ = res.tree, res.fidelity, res.rules
+        return self
+
+
+class LocalSurrogate(_Base):
+    def __init__(self, model, *, n_samples: int = 1000, providers=("cpu",), random_state: int = 0):
+        super().__init__(model, providers=providers, random_state=random_state)
+        self.n_samples = n_samples
+
+    def fit(self, X, y=None):
+        self.data_ = np.asarray(X)
+        self.predictor_ = self._predictor()
+        return self
+
+    def explain(self, X) -> np.ndarray:
+        from qxc.explain.surrogates import fit_local
+
+        res = fit_local(self.predictor_, np.asarray(X), self.data_, n_samples=self.n_samples,
+                        random_state=self.random_state)
+        self.coef_, self.intercept_, self.fidelity_ = res.coef, res.intercept, res.fidelity
+        return res.contributions(np.asarray(X), self.data_.mean(axis=0))

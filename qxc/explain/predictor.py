@@ -1,0 +1,94 @@
+"""Run a tabular ONNX model (original or compiled) as a vectorised function for the explainers.
+
+One onnxruntime session; rows go in chunks of at most ``batch_size`` (bounded host and device memory); identical
+rows are evaluated once; skl2onnx classifier outputs (label + probabilities, ZipMap) become arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from qxc.data import input_specs
+from qxc.errors import DataError, UsageError
+
+
+@dataclass
+class Prediction:
+    labels: np.ndarray | None  # (n,) class labels for classifiers
+    scores: np.ndarray  # (n, k) probabilities/scores for classifiers, (n,) for regressors
+
+
+class Predictor:
+    def __init__(self, model: ir.Model, *, providers: Sequence[str] = ("cpu",), batch_size: int = 65536,
+                 dedupe: bool = False, threads: int | None = None):
+        from qxc.runtime import make_session
+
+        specs = input_specs(model)
+        if len(specs) != 1:
+            raise UsageError(f"explanations need a single tabular input; this model has {len(specs)} "
+                             f"({', '.join(s.name for s in specs)})")
+        spec = specs[0]
+        if spec.shape is not None and len(spec.shape) != 2:
+            raise UsageError(f"input '{spec.name}' has rank {len(spec.shape)}; explanations take [rows, features]")
+        self.input = spec.name
+        self.dtype = spec.dtype or np.dtype(np.float32)
+        self.n_features = spec.shape[1] if spec.shape is not None else None
+        self.session = make_session(model, providers=providers, threads=threads)
+        self.batch_size = batch_size
+        self.dedupe = dedupe
+        outs = self.session.get_outputs()
+        self.output_names = [o.name for o in outs]
+        self.label_out = next((o.name for o in outs if "int" in o.type and len(o.shape or []) == 1), None)
+        floats = [o for o in outs if "float" in o.type or o.type == "seq(map(int64,tensor(float)))"
+                  or "map" in o.type]
+        if not floats:
+            raise UsageError("the model has no float output to explain")
+        self.score_out = floats[0].name
+        self.rows_evaluated = 0
+        self.calls = 0
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.label_out is not None
+
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        from qxc.runtime.session import normalize_output
+
+        names = [n for n in (self.label_out, self.score_out) if n is not None]
+        labels, scores = [], []
+        for s in range(0, len(x), self.batch_size):
+            out = self.session.run(names, {self.input: x[s : s + self.batch_size]})
+            self.calls += 1
+            if self.label_out is not None:
+                labels.append(np.asarray(out[0]))
+            scores.append(normalize_output(out[-1]))
+        self.rows_evaluated += len(x)
+        sc = np.concatenate(scores) if scores else np.zeros((0,), np.float32)
+        if sc.ndim == 2 and sc.shape[1] == 1 and self.label_out is None:
+            sc = sc[:, 0]
+        return (np.concatenate(labels) if labels else None), sc
+
+    def predict(self, x: np.ndarray) -> Prediction:
+        x = np.ascontiguousarray(x, dtype=self.dtype)
+        if x.ndim != 2 or (self.n_features is not None and x.shape[1] != self.n_features):
+            raise DataError(f"input '{self.input}' expects {self.n_features} features per row; got shape {x.shape}")
+        if self.dedupe and len(x) > 1:
+            uniq, inverse = np.unique(x, axis=0, return_inverse=True)
+            if len(uniq) < 0.9 * len(x):
+                labels, scores = self._run(uniq)
+                inverse = inverse.reshape(-1)
+                return Prediction(None if labels is None else labels[inverse], scores[inverse])
+        labels, scores = self._run(x)
+        return Prediction(labels, scores)
+
+    def value(self, x: np.ndarray, classes: np.ndarray | None = None) -> np.ndarray:
+        """The scalar explained per row: the regression output, or the probability of ``classes`` (per row)."""
+        p = self.predict(x)
+        if p.scores.ndim == 1:
+            return p.scores.astype(np.float64)
+        cls = classes if classes is not None else np.argmax(p.scores, axis=1)
+        return p.scores[np.arange(len(x)), cls].astype(np.float64)

@@ -1,0 +1,116 @@
+"""``qxc explain``: every method on one model (and its drift against another), as one JSON document.
+
+Schema ``qxc.explain/1``::
+
+    {"schema", "model", "features": [names], "task": "classification"|"regression", "rows",
+     "permutation" | "ablation": {"values": {feature: mean}, "std", "stability", "metric", "seconds", "settings"},
+     "shapley": {"values": [[instance x feature]], "mean_abs", "base_value", "method": "exact"|"kernel", ...},
+     "tree": {"fidelity", "metric", "rules", "nodes", "depth", "leaves", "seconds", "settings"},
+     "local": {"values": [[instance x feature contributions]], "fidelity" (held-out, per instance), ...},
+     "layers": {"values": [per-tensor activation statistics]},
+     "drift": {"prediction_agreement" | "prediction_r2", "importance_spearman", "importance_top_k_overlap",
+               "surrogate_agreement", "other": {the other model's permutation/tree blocks}},
+     "timing": {"seconds", "rows_evaluated", "onnxruntime_calls"}}
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from qxc import ir as qir
+from qxc.data import Dataset
+from qxc.errors import DataError, UsageError
+from qxc.explain.importance import ablation_importance, permutation_importance
+from qxc.explain.predictor import Predictor
+
+METHODS = ("permutation", "ablation", "shapley", "tree", "local", "layers")
+SCHEMA = "qxc.explain/1"
+
+
+def _matrix(data: Dataset, predictor: Predictor) -> np.ndarray:
+    if data.stacked is None:
+        raise DataError(f"{data.source}: explanations need a stacked [rows, features] table")
+    x = data.stacked[predictor.input]
+    if x.ndim != 2:
+        raise DataError(f"{data.source}: input '{predictor.input}' must be [rows, features]; got shape {x.shape}")
+    return x
+
+
+def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutation", "tree", "local"),
+                  use_labels: bool = True, compare=None, providers=("cpu",), seed: int = 0, repeats: int = 5,
+                  instances: int = 10, background: int = 100, max_depth: int = 4, local_samples: int = 1000,
+                  source: str = "") -> dict:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown explanation method '{unknown[0]}'; use {', '.join(METHODS)}")
+    t0 = time.perf_counter()
+    model = qir.coerce_model(model)
+    predictor = Predictor(model, providers=providers)
+    x = _matrix(data, predictor)
+    y = data.labels if use_labels else None
+    if use_labels and y is None and ("permutation" in methods or "ablation" in methods):
+        y = None  # no labels in the data: prediction change instead of a metric
+    features = data.meta.get("feature_names") or [f"x{i}" for i in range(x.shape[1])]
+    if len(features) != x.shape[1]:
+        features = [f"x{i}" for i in range(x.shape[1])]
+    doc: dict = {"schema": SCHEMA, "model": source, "features": list(features),
+                 "task": "classification" if predictor.is_classifier else "regression", "rows": int(len(x))}
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(x), size=min(instances, len(x)), replace=False))
+    bg = x[np.sort(rng.choice(len(x), size=min(background, len(x)), replace=False))]
+    perm = None
+    if "permutation" in methods:
+        perm = permutation_importance(predictor, x, y, n_repeats=repeats, random_state=seed)
+        doc["permutation"] = perm.to_json(features)
+    if "ablation" in methods:
+        doc["ablation"] = ablation_importance(predictor, x, y, n_repeats=repeats, random_state=seed).to_json(features)
+    if "shapley" in methods:
+        from qxc.explain.shapley import shapley_values
+
+        res = shapley_values(predictor, x[pick], bg, random_state=seed)
+        doc["shapley"] = {**res.to_json(features), "instances": pick.tolist()}
+    tree = None
+    if "tree" in methods:
+        from qxc.explain.embed import tree_to_onnx, verify_tree
+        from qxc.explain.surrogates import fit_tree
+
+        tree = fit_tree(predictor, x, features, max_depth=max_depth, random_state=seed)
+        doc["tree"] = tree.to_json(features)
+        exported = tree_to_onnx(tree.tree, x.shape[1], predictor.is_classifier)
+        doc["tree"]["onnx_max_diff"] = verify_tree(exported, tree.tree, x, predictor.is_classifier)
+    if "local" in methods:
+        from qxc.explain.surrogates import fit_local
+
+        loc = fit_local(predictor, x[pick], x, n_samples=local_samples, random_state=seed)
+        doc["local"] = {**loc.to_json(features, x[pick], x.mean(axis=0)), "instances": pick.tolist()}
+    if "layers" in methods:
+        from qxc.explain.layers import activation_stats
+
+        doc["layers"] = {"values": activation_stats(model, data, providers=providers)}
+    if compare is not None:
+        doc["drift"] = _drift(predictor, qir.coerce_model(compare), x, y, perm, tree, features, providers, seed,
+                              repeats, max_depth)
+    doc["timing"] = {"seconds": round(time.perf_counter() - t0, 4), "rows_evaluated": int(predictor.rows_evaluated),
+                     "onnxruntime_calls": int(predictor.calls)}
+    return doc
+
+
+def _drift(predictor, other, x, y, perm, tree, features, providers, seed, repeats, max_depth) -> dict:
+    from sklearn.model_selection import train_test_split
+
+    from qxc.explain.drift import drift
+    from qxc.explain.surrogates import fit_tree
+
+    cand = Predictor(other, providers=providers)
+    perm_c = permutation_importance(cand, x, y, n_repeats=repeats, random_state=seed)
+    perm_r = perm or permutation_importance(predictor, x, y, n_repeats=repeats, random_state=seed)
+    tree_r = tree or fit_tree(predictor, x, features, max_depth=max_depth, random_state=seed)
+    tree_c = fit_tree(cand, x, features, max_depth=max_depth, random_state=seed)
+    _, holdout = train_test_split(x, test_size=0.25, random_state=seed)
+    out = drift(predictor, cand, x, importance_ref=perm_r.mean, importance_cand=perm_c.mean, tree_ref=tree_r.tree,
+                tree_cand=tree_c.tree, holdout=holdout)
+    out["other"] = {"permutation": perm_c.to_json(features), "tree": tree_c.to_json(features)}
+    return out

@@ -1,0 +1,176 @@
+"""Explanation backend: sklearn-identical permutation importance, exact/kernel Shapley, surrogates, embed, drift."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import MODELS, run
+
+from qxc import compile_model
+from qxc import ir as qir
+from qxc.cli import main
+from qxc.data import load_data
+from qxc.errors import UsageError
+from qxc.explain import PermutationImportance, ShapleyExplainer
+from qxc.explain.importance import ablation_importance, permutation_importance
+from qxc.explain.predictor import Predictor
+from qxc.explain.shapley import shapley_values
+from qxc.explain.surrogates import fit_local, fit_tree, sample_neighbourhood
+
+
+def _xy(name, split="test"):
+    with np.load(MODELS / f"{name}_{split}.npz") as z:
+        return z["X"], z["labels"]
+
+
+class _OnnxEstimator:
+    """An sklearn-compatible wrapper so sklearn scores exactly the predictions qxc sees."""
+
+    def __init__(self, predictor, classifier):
+        self.p, self._estimator_type = predictor, "classifier" if classifier else "regressor"
+
+    def fit(self, x, y):
+        return self
+
+    def predict(self, x):
+        out = self.p.predict(np.asarray(x, np.float32))
+        return out.labels if self.p.is_classifier else out.scores
+
+    def score(self, x, y):
+        from sklearn.metrics import accuracy_score, r2_score
+
+        return (accuracy_score if self.p.is_classifier else r2_score)(y, self.predict(x))
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "diabetes_mlp", "breast_cancer_gb"])
+def test_permutation_equals_sklearn_with_the_same_seed(name):
+    from sklearn.inspection import permutation_importance as sk_perm
+
+    data = name.split("_")[0] if name != "breast_cancer_gb" else "breast_cancer"
+    x, y = _xy(data)
+    pred = Predictor(qir.load(MODELS / f"{name}.onnx"))
+    ours = permutation_importance(pred, x, y, n_repeats=4, random_state=3)
+    our_calls = pred.calls
+    theirs = sk_perm(_OnnxEstimator(pred, pred.is_classifier), x, y, n_repeats=4, random_state=3)
+    np.testing.assert_allclose(ours.importances, theirs.importances, atol=1e-6)
+    assert our_calls < x.shape[1] * 4 / 10  # batched: far fewer runs than sklearn's one per feature and repeat
+
+
+def test_sklearn_style_estimator_and_prediction_change_without_labels():
+    x, _ = _xy("digits")
+    est = PermutationImportance(str(MODELS / "digits_mlp.onnx"), n_repeats=3).fit(x)
+    assert est.importances_mean_.shape == (64,) and -1 <= est.stability_ <= 1
+    assert est.importances_mean_[0] == 0  # pixel 0 is always 0: shuffling it changes nothing
+    assert est.importances_mean_.max() > 0
+    assert "n_repeats" in est.get_params() and not any(k.endswith("_") for k in est.get_params())
+
+
+def test_ablation_of_an_unused_feature_is_zero():
+    x, y = _xy("digits")
+    res = ablation_importance(Predictor(qir.load(MODELS / "digits_mlp.onnx")), x, y, baseline="zero")
+    assert res.mean[0] == 0 and res.importances.shape == (64, 5)
+
+
+def _brute_force_shapley(pred, x, bg):
+    import itertools
+    import math
+
+    m = x.shape[0]
+    def v(s):
+        rows = bg.copy()
+        rows[:, list(s)] = x[list(s)]
+        return pred.value(rows).mean()
+    phi = np.zeros(m)
+    for i in range(m):
+        others = [j for j in range(m) if j != i]
+        for r in range(m):
+            for s in itertools.combinations(others, r):
+                w = math.factorial(r) * math.factorial(m - r - 1) / math.factorial(m)
+                phi[i] += w * (v(s + (i,)) - v(s))
+    return phi
+
+
+def test_exact_shapley_matches_brute_force_and_is_efficient():
+    x, _ = _xy("diabetes")
+    pred = Predictor(qir.load(MODELS / "diabetes_mlp.onnx"))
+    bg = x[:20]
+    res = shapley_values(pred, x[:3], bg)
+    assert res.method == "exact"
+    np.testing.assert_allclose(res.values.sum(axis=1) + res.base_value, res.outputs, rtol=1e-5, atol=1e-4)
+    brute = _brute_force_shapley(pred, x[0], bg)
+    np.testing.assert_allclose(res.values[0], brute, rtol=1e-4, atol=1e-3)
+
+
+def test_kernel_estimate_approaches_exact_and_is_seeded():
+    x, _ = _xy("diabetes")
+    pred = Predictor(qir.load(MODELS / "diabetes_mlp.onnx"))
+    exact = shapley_values(pred, x[:5], x[:50]).values
+    est = shapley_values(pred, x[:5], x[:50], max_exact=0, n_samples=2048, random_state=1)
+    again = shapley_values(pred, x[:5], x[:50], max_exact=0, n_samples=2048, random_state=1)
+    assert est.method == "kernel"
+    np.testing.assert_array_equal(est.values, again.values)
+    assert np.abs(est.values - exact).mean() < 0.05 * np.abs(exact).mean()
+
+
+def test_shapley_matches_shap_exact_explainer_when_shap_is_installed():
+    shap = pytest.importorskip("shap")
+    x, _ = _xy("diabetes")
+    pred = Predictor(qir.load(MODELS / "diabetes_mlp.onnx"))
+    bg = x[:50]
+    ref = shap.ExactExplainer(lambda a: pred.value(np.asarray(a, np.float32)), shap.maskers.Independent(bg, 100))(x[:4])
+    ours = ShapleyExplainer(str(MODELS / "diabetes_mlp.onnx")).fit(bg).explain(x[:4])
+    np.testing.assert_allclose(ours, ref.values, rtol=1e-4, atol=1e-3)
+
+
+def test_tree_surrogate_fidelity_is_held_out_and_export_is_exact():
+    from qxc.explain.embed import tree_to_onnx, verify_tree
+
+    x, _ = _xy("breast_cancer")
+    pred = Predictor(qir.load(MODELS / "breast_cancer_gb.onnx"))
+    tree = fit_tree(pred, x, [f"f{i}" for i in range(30)], max_depth=3)
+    assert tree.settings["test_rows"] == 36 and 0.8 < tree.fidelity <= 1.0
+    assert "f" in tree.rules and tree.tree.get_depth() <= 3
+    assert verify_tree(tree_to_onnx(tree.tree, 30, True), tree.tree, x, True) == 0.0
+
+
+def test_local_surrogate_samples_stay_in_range_and_respect_discrete_features():
+    rng = np.random.default_rng(0)
+    data = np.column_stack([rng.normal(size=500), rng.integers(0, 2, 500).astype(float)])
+    s = sample_neighbourhood(data[:5], data, 400, rng)
+    assert s[..., 0].min() >= data[:, 0].min() and s[..., 0].max() <= data[:, 0].max()
+    assert set(np.unique(s[..., 1])) <= {0.0, 1.0}
+    x, _ = _xy("diabetes")
+    res = fit_local(Predictor(qir.load(MODELS / "diabetes_mlp.onnx")), x[:4], x)
+    assert res.fidelity.shape == (4,) and np.all(res.fidelity > 0.9)  # a near-linear model: linear fits locally
+
+
+def test_cli_explain_json_embed_and_drift(tmp_path):
+    q = compile_model(MODELS / "digits_mlp.onnx", "insert-qdq", data=MODELS / "digits_train.npz")
+    qir.save(q.model, tmp_path / "q.onnx")
+    out = tmp_path / "e.json"
+    assert main(["explain", str(MODELS / "digits_mlp.onnx"), "--data", str(MODELS / "digits_test.npz"), "--labels",
+                 "--compare", str(tmp_path / "q.onnx"), "--instances", "3", "-o", str(out),
+                 "--embed", str(tmp_path / "emb.onnx")]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "qxc.explain/1" and len(doc["features"]) == 64
+    for key in ("permutation", "ablation", "shapley", "tree", "local", "drift"):
+        assert key in doc
+    assert np.array(doc["shapley"]["values"]).shape == (3, 64) and np.array(doc["local"]["values"]).shape == (3, 64)
+    assert doc["drift"]["prediction_agreement"] > 0.95 and -1 <= doc["drift"]["importance_spearman"] <= 1
+    x, _ = _xy("digits")
+    emb = run(tmp_path / "emb.onnx", {"X": x[:8]})
+    orig = run(MODELS / "digits_mlp.onnx", {"X": x[:8]})
+    np.testing.assert_array_equal(emb[0], orig[0])  # the model's own outputs are untouched
+    assert emb[-1].shape == (8, 10, 64)  # per-class, per-feature linear contributions
+
+
+def test_explain_refuses_non_tabular_models():
+    with pytest.raises(UsageError, match="rank 4"):
+        Predictor(qir.load(MODELS / "cnn_digits.onnx"))
+    model = qir.load(MODELS / "digits_mlp.onnx")
+    with pytest.raises(UsageError, match="unknown explanation method 'magic'"):
+        from qxc.explain.run import explain_model
+
+        explain_model(model, load_data(MODELS / "digits_test.npz", model), methods=["magic"])
