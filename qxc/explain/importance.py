@@ -71,22 +71,27 @@ class ImportanceResult:
 
 
 def _chunked_scores(predictor: Predictor, blocks, n: int, y, reference, classifier: bool, rows_per_run: int):
-    """Evaluate a stream of n-row perturbed copies, packing many into each onnxruntime run."""
-    out, pending = [], []
+    """Evaluate a stream of n-row perturbed copies, packed into one reused buffer per onnxruntime run."""
+    per_run = max(1, rows_per_run // n)
+    buf = None
+    out, filled = [], 0
     for block in blocks:
-        pending.append(block)
-        if len(pending) * n >= rows_per_run:
-            out.extend(_flush(predictor, pending, n, y, reference, classifier))
-            pending = []
-    if pending:
-        out.extend(_flush(predictor, pending, n, y, reference, classifier))
+        if buf is None:
+            buf = np.empty((per_run, n, block.shape[1]), dtype=predictor.dtype)
+        buf[filled] = block
+        filled += 1
+        if filled == per_run:
+            out.extend(_flush(predictor, buf, filled, n, y, reference, classifier))
+            filled = 0
+    if filled:
+        out.extend(_flush(predictor, buf, filled, n, y, reference, classifier))
     return out
 
 
-def _flush(predictor, pending, n, y, reference, classifier):
-    pred = predictor.predict(np.concatenate(pending))
+def _flush(predictor, buf, count, n, y, reference, classifier):
+    pred = predictor.predict(buf[:count].reshape(count * n, -1))
     res = []
-    for i in range(len(pending)):
+    for i in range(count):
         sl = slice(i * n, (i + 1) * n)
         part = Prediction(None if pred.labels is None else pred.labels[sl], pred.scores[sl])
         res.append(score(part, y, reference, classifier))
@@ -125,7 +130,7 @@ def permutation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | 
                     continue
                 xp = x.copy()
                 xp[:, col] = column
-                yield xp
+                yield xp  # copied into the run buffer by the consumer
 
     evaluated = iter(_chunked_scores(predictor, blocks(), n, y, base, predictor.is_classifier, rows_per_run))
     skip = set(unchanged)

@@ -59,13 +59,17 @@ def _values(predictor: Predictor, x: np.ndarray, background: np.ndarray, z: np.n
     b = len(background)
     out = np.empty((n, len(z)))
     per_inst = len(z) * b
-    step = max(1, rows_per_run // per_inst)
+    step = max(1, min(n, rows_per_run // per_inst))
+    buf = np.empty((step, len(z), b, m), dtype=x.dtype)  # reused: no fresh pages per chunk
+    where = np.broadcast_to(z[None, :, None, :], buf.shape)
     for s in range(0, n, step):
         xs = x[s : s + step]
-        rows = np.where(z[None, :, None, :], xs[:, None, None, :], background[None, None, :, :])
-        flat = rows.reshape(-1, m)
+        k = len(xs)
+        rows = buf[:k]
+        rows[...] = background[None, None, :, :]
+        np.copyto(rows, xs[:, None, None, :], where=where[:k])
         cls = None if classes is None else np.repeat(classes[s : s + step], per_inst)
-        vals = predictor.value(flat, cls).reshape(len(xs), len(z), b)
+        vals = predictor.value(rows.reshape(-1, m), cls).reshape(k, len(z), b)
         out[s : s + step] = vals.mean(axis=2)
     return out
 
@@ -100,24 +104,55 @@ def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, 
 
 
 def _kernel(predictor, x, background, classes, fx, base, n_samples, random_state, rows_per_run) -> np.ndarray:
+    """KernelSHAP: coalition sizes with the most kernel mass (1 and M-1, then 2 and M-2, ...) are enumerated while
+    the budget allows, with their exact kernel weights; the remaining mass is covered by sampled coalitions
+    (sizes drawn by kernel mass, each paired with its complement). One weighted least squares for all instances,
+    under the efficiency constraint sum(phi) = f(x) - E[f(background)]."""
     n, m = x.shape
     rng = np.random.default_rng(random_state)
-    sizes = np.arange(1, m)
-    kernel = (m - 1) / (sizes * (m - sizes))
-    p = kernel / kernel.sum()
-    half = max(1, n_samples // 2)
-    masks = np.zeros((half, m), bool)
-    for i, s in enumerate(rng.choice(sizes, size=half, p=p)):
-        masks[i, rng.choice(m, size=s, replace=False)] = True
-    z = np.concatenate([masks, ~masks])  # paired sampling: each mask and its complement
+    mass = {s: (m - 1) / (s * (m - s)) for s in range(1, m)}
+    masks, weights = [], []
+    budget = n_samples
+    enumerated = set()
+    for s in range(1, m // 2 + 1):
+        sizes = {s, m - s}
+        count = sum(math.comb(m, k) for k in sizes)
+        if count > budget:
+            break
+        for k in sorted(sizes):
+            for combo in _combinations(m, k):
+                masks.append(combo)
+                weights.append(mass[k] / math.comb(m, k))
+        budget -= count
+        enumerated |= sizes
+    rest = [k for k in range(1, m) if k not in enumerated]
+    if rest and budget >= 2:
+        p = np.array([mass[k] for k in rest])
+        total = p.sum()
+        half = budget // 2
+        for k in rng.choice(rest, size=half, p=p / total):
+            mk = np.zeros(m, bool)
+            mk[rng.choice(m, size=k, replace=False)] = True
+            masks += [mk, ~mk]
+            weights += [total / (2 * half)] * 2
+    z = np.array(masks)
+    w = np.array(weights)
     v = _values(predictor, x, background, z, classes, rows_per_run)  # (n, S)
-    # weighted least squares with sum(phi) = f(x) - base: eliminate the last feature
-    # (masks drawn from the kernel distribution: uniform weights)
     zf = z.astype(np.float64)
-    y = v - base[:, None] - zf[:, -1][None, :] * (fx - base)[:, None]
+    y = v - base[:, None] - zf[:, -1][None, :] * (fx - base)[:, None]  # eliminate the last feature
     a = zf[:, :-1] - zf[:, -1:]
-    sol, *_ = np.linalg.lstsq(a, y.T, rcond=None)  # (m-1, n)
+    sw = np.sqrt(w)[:, None]
+    sol, *_ = np.linalg.lstsq(a * sw, (y.T * sw), rcond=None)  # (m-1, n)
     phi = np.empty((n, m))
     phi[:, :-1] = sol.T
     phi[:, -1] = (fx - base) - sol.sum(axis=0)
     return phi
+
+
+def _combinations(m: int, k: int):
+    import itertools
+
+    for combo in itertools.combinations(range(m), k):
+        mk = np.zeros(m, bool)
+        mk[list(combo)] = True
+        yield mk
