@@ -69,6 +69,8 @@ def cmd_compile(args) -> int:
     summary["output"] = str(args.output)
     if args.json:
         _emit_json(summary, args.json)
+    if args.report:
+        _compile_report(args, summary)
     if not args.quiet:
         b, a = result.stats_before, result.stats_after
         print(f"qxc: {args.model} -> {args.output}: {result.pipeline}", file=sys.stderr)
@@ -78,6 +80,46 @@ def cmd_compile(args) -> int:
         print(f"  nodes {b['nodes']} -> {a['nodes']}, weight bytes {b['weight_bytes']} -> {a['weight_bytes']}",
               file=sys.stderr)
     return 0
+
+
+def _file_bytes(path) -> int:
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _compile_report(args, summary: dict) -> None:
+    """The report of a compile: statistics, and with --data fidelity, per-layer error, latency, explanations."""
+    from qxc.report import build_report, write_report
+
+    summary["file_bytes"] = [_file_bytes(args.model), _file_bytes(args.output)]
+    fidelity = latency = explain = None
+    if args.data:
+        from qxc.compare import compare_models
+        from qxc.data import load_data
+        from qxc.runtime.bench import bench_models
+
+        ref, cand = qir.load(args.model), qir.load(args.output)
+        data = load_data(args.eval_data or args.data, ref)
+        fidelity = compare_models(ref, cand, data.head(512)).to_json()
+        b = bench_models([args.model, args.output], runs=50, data=args.data)
+        latency = {"before_ms": b["models"][0]["median_ms"], "after_ms": b["models"][1]["median_ms"],
+                   "batch": b["batch"], "threads": b["threads"]}
+        explain = _maybe_explain(ref, cand, data, str(args.model))
+    doc = build_report(title=Path(args.model).name, compile=summary, fidelity=fidelity, latency=latency,
+                       explain=explain)
+    write_report(doc, args.report)
+
+
+def _maybe_explain(ref, cand, data, source: str):
+    """Explanations (with drift against the compiled model) for tabular single-input models; None otherwise."""
+    from qxc.explain.run import explain_model
+
+    try:
+        return explain_model(ref, data.head(1000), methods=("permutation", "tree", "local"),
+                             use_labels=data.labels is not None, compare=cand, instances=3, source=source)
+    except QxcError:
+        return None
 
 
 def zipped_size(path: Path) -> int:
@@ -219,10 +261,34 @@ def cmd_explain(args) -> int:
         qir.save(model, args.embed, force=args.force)
         doc["embedded"] = {"path": str(args.embed), "outputs": added, "linear_r2": round(r2, 6),
                            "tree_fidelity": round(tree.fidelity, 6)}
+    if args.report:
+        from qxc.report import build_report, write_report
+
+        write_report(build_report(title=Path(args.model).name, explain=doc), args.report)
     if args.output:
         _emit_json(doc, args.output)
-    else:
+    elif not args.report:
         print(_dump_json(doc), end="")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from qxc.report import write_report
+    from qxc.report.build import coerce_document
+
+    path = Path(args.result)
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not JSON: {e}") from None
+    doc = coerce_document(doc, str(path))
+    out = Path(args.output)
+    json_out = out.with_suffix(".json")
+    if json_out.resolve() == path.resolve():
+        json_out = out.with_name(out.stem + ".report.json")
+    write_report(doc, out, json_out)
     return 0
 
 
@@ -262,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", help="sample data: .npz by input name (+labels), .npy or .csv")
     c.add_argument("--ranges", help="activation ranges (JSON from insert-qdq{save-ranges=...}) instead of calibrating")
     c.add_argument("--json", help="write the compile statistics as JSON to this file ('-' for stdout)")
+    c.add_argument("--report", help="write an HTML report here (and its JSON beside it); with --data it adds "
+                                    "fidelity, per-layer error, latency and explanations")
+    c.add_argument("--eval-data", help="held-out data for the report's fidelity and explanations (default: --data)")
     c.add_argument("--force", action="store_true", help="allow overwriting the input model")
     c.add_argument("--no-verify", action="store_true", help="skip the checker after every pass")
     c.add_argument("--verify-runtime", action="store_true", help="also open an onnxruntime session after every pass")
@@ -315,8 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--embed", help="write the model with the surrogates merged in as extra outputs")
     e.add_argument("--force", action="store_true")
     e.add_argument("-o", "--output", help="write the JSON here (default: stdout)")
+    e.add_argument("--report", help="also write an HTML report here")
     e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     e.set_defaults(func=cmd_explain)
+
+    r = sub.add_parser("report", help="render a saved result (report, explain or compile JSON) as HTML")
+    r.add_argument("result")
+    r.add_argument("-o", "--output", required=True, help="the HTML page to write")
+    r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    r.set_defaults(func=cmd_report)
 
     b = sub.add_parser("bench", help="interleaved onnxruntime latency/throughput medians of one or more models")
     b.add_argument("models", nargs="+")

@@ -470,6 +470,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result gets ordinary permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
