@@ -281,8 +281,8 @@ def cmd_report(args) -> int:
         doc = json.loads(path.read_text())
     except OSError as e:
         raise UsageError(f"{path}: cannot read: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: not JSON ({type(e).__name__}); give a report, explain or compile --json file") from None
     doc = coerce_document(doc, str(path))
     out = Path(args.output)
     json_out = out.with_suffix(".json")

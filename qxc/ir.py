@@ -219,7 +219,9 @@ def release_weights(model: ir.Model, values=None) -> None:
     Pages a finished session touched then stop counting against the process. A buffer still exported (a live
     session, a numpy view) keeps its mapping: that tensor is skipped.
     """
-    targets = values if values is not None else [v for g in model.graphs() for v in g.initializers.values()]
+    if values is None:
+        values = [v for g in model.graphs() for v in g.initializers.values()]
+    targets = values
     for value in targets:
         t = value.const_value if isinstance(value, ir.Value) else value
         if isinstance(t, ir.ExternalTensor):

@@ -29,6 +29,7 @@ import onnx_ir as ir
 
 from qxc import ir as qir
 from qxc.errors import DataError, ModelError, PassError, QxcError, UsageError
+from qxc.quant.numerics import NonFiniteError
 from qxc.stats import model_stats, signature
 
 if sys.version_info >= (3, 11):
@@ -583,8 +584,10 @@ class PassManager:
                 record.report = pass_.report
                 for inst in self.instruments:
                     inst.after_pass(index, pass_, model, record)
-            except (KeyboardInterrupt, UsageError, DataError):
-                raise
+            except (KeyboardInterrupt, UsageError, DataError, ModelError):
+                raise  # bad arguments, data or input model: nothing worth keeping
+            except NonFiniteError as e:
+                raise ModelError(f"pass '{step.name}': {e}") from e
             except Exception as e:
                 saved = self._save_failure(model, index, step.name)
                 where = f"; the model as it stood is in {saved}" if saved else ""

@@ -130,6 +130,17 @@ def test_bad_input_corpus(tmp_path):
         ("unknown_option", ["compile", good, "-o", folder / "o7.onnx", "-p", "cleanup{fast=1}"], 2, "no option 'fast'"),
         ("overwrite_input", ["compile", good, "-o", good], 2, "refusing to overwrite"),
         ("no_file", ["inspect", folder / "absent.onnx"], 3, "no such file"),
+        ("inf_weights", ["compile", folder / "inf_weights.onnx", "-o", folder / "o8.onnx", "-p", "quantize-weights"], 3,
+         "tensor 'w0' holds 1 NaN/Inf"),
+        ("int4_old_opset", ["compile", good, "-o", folder / "o9.onnx", "-p", "quantize-weights{bits=4,max-opset=17}"],
+         2, "need opset 21 but max-opset=17"),
+        ("calib_name", ["compile", good, "-o", folder / "o10.onnx", "-p", "insert-qdq", "--data",
+                        folder / "wrong_name.npz"], 5, "matches no model input"),
+        ("bad_ranges", ["compile", good, "-o", folder / "o11.onnx", "-p", "insert-qdq", "--ranges",
+                        folder / "wrong_name.npz"], 2, "not JSON"),
+        ("explain_features", ["explain", good, "--data", folder / "wrong_shape.npz"], 5, "expects 8 features"),
+        ("explain_labels", ["explain", good, "--data", folder / "zero_rows.npz", "--labels"], 5, "zero rows"),
+        ("report_json", ["report", folder / "wrong_name.npz", "-o", folder / "r.html"], 2, "not JSON"),
     ]
     tracebacks = 0
     before = {p.name: p.read_bytes() for p in folder.iterdir()}

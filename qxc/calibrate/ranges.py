@@ -54,6 +54,6 @@ class Ranges:
             doc = json.loads(path.read_text())
         except OSError as e:
             raise UsageError(f"{path}: cannot read ranges: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}: not JSON: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{path}: not JSON ({type(e).__name__}); give a ranges file from save-ranges") from None
         return cls.from_json(doc, str(path))

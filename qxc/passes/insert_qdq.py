@@ -300,7 +300,7 @@ class InsertQdqPass(QxcPass):
                 continue  # shared weight already rewired
             g = Granularity(axis=axis) if self.options.per_channel else Granularity()
             t = v.const_value
-            qt = quantize_tensor(t.numpy().astype(np.float32), "int8", symmetric=True, granularity=g,
+            qt = quantize_tensor(np.asarray(t.numpy(), dtype=np.float32), "int8", symmetric=True, granularity=g,
                                  name=v.name, keep_dequantized=False)
             self._weight_dq(v, qt.q, qt.scale, qt.zero_point, g.axis, taken)
             qir.release_weights(model, [t])  # unmap the float weight: its pages no longer count against us

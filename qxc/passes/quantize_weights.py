@@ -267,17 +267,27 @@ class QuantizeWeightsPass(QxcPass):
         if self._format_for(value, value_uses) == "matmulnbits":
             g = Granularity(axis=0, block=o.block_size)
         qt_name = ("int4" if o.symmetric else "uint4") if bits == 4 else ("int8" if o.symmetric else "uint8")
-        qt = quantize_tensor(t.numpy().astype(np.float32), qt_name, symmetric=o.symmetric, granularity=g,
-                             method=o.method, name=value.name, keep_dequantized=keep)
+
+        def unmap():  # the float weight was copied: unmap it before the heavy part
+            qir.release_weights(None, [t])
+
+        qt = quantize_tensor(lambda: np.asarray(t.numpy(), dtype=np.float32), qt_name, symmetric=o.symmetric,
+                             granularity=g, method=o.method, name=value.name, keep_dequantized=keep,
+                             on_copied=None if keep else unmap)
+        if not keep:
+            unmap()
         return bits, g, qt
 
     def _quantize_all(self, todo, bits_for) -> Iterator[tuple[int, Granularity, QuantizedTensor]]:
-        """Quantize on two threads (numpy releases the GIL), yielding in order with at most a few in flight."""
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        """Quantize on two threads (numpy releases the GIL), yielding in order with at most two in flight; weights
+        above 64 MiB go one at a time, so that two float copies of huge matrices are never resident together."""
+        largest = max((v.const_value.nbytes for v, _ in todo), default=0)
+        workers = 1 if largest > 64 << 20 else 2
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             pending = []
             for item in todo:
                 pending.append(pool.submit(self._quantize_one, item[0], item[1], bits_for[item[0]]))
-                if len(pending) > 2:
+                if len(pending) >= workers:
                     yield pending.pop(0).result()
             for fut in pending:
                 yield fut.result()

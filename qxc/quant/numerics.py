@@ -306,42 +306,67 @@ class _ClipSearch:
         self._keep(q, s, self.z, _row_sq_err(self.m, q, s, self.z))
 
 
-def quantize_tensor(x: np.ndarray, qt: QType | str = "int8", *, symmetric: bool = True,
+def quantize_tensor(x, qt: QType | str = "int8", *, symmetric: bool = True,
                     granularity: Granularity = Granularity(), method: Method = "rtn",
-                    name: str = "tensor", keep_dequantized: bool = True) -> QuantizedTensor:
+                    name: str = "tensor", keep_dequantized: bool = True,
+                    on_copied=None) -> QuantizedTensor:
     """Quantize a float tensor; NaN/Inf raise :class:`NonFiniteError` naming ``name``.
 
     ``keep_dequantized=False`` drops the float reconstruction once its SQNR is known (passes on large models).
+    ``on_copied`` is called once the tensor has been copied into the group layout and ``x`` is no longer read
+    (a pass unmaps a memory-mapped weight there, so the copy and the mapping are never resident together).
     """
     qt = qtype(qt)
-    x = np.asarray(x, np.float32)
+    x = np.asarray(x() if callable(x) else x, np.float32)  # a loader lets the caller hold no reference
     check_finite(x, name)
-    m, pad = to_groups(x, granularity)
-    if method == "mse":
-        q, s, z = _group_mse(m, qt, symmetric)
-    elif method == "rtn":
-        q, s, z = _group_rtn(m, qt, symmetric)
-    else:
+    if method not in ("rtn", "mse"):
         raise ValueError(f"unknown method '{method}'; use rtn or mse")
-    deq = q - z[:, None]
-    deq *= s[:, None]
+    m, pad = to_groups(x, granularity)
+    signal = float(np.dot(x.reshape(-1).astype(np.float64), x.reshape(-1))) if x.size < 4096 else float(
+        np.dot(x.reshape(-1), x.reshape(-1)))
     shape = x.shape
-    full = from_groups(deq, shape, granularity, pad)  # a view unless blocks were padded
-    diff = (x - full).reshape(-1)
-    noise = float(np.dot(diff.astype(np.float64), diff)) if diff.size < 4096 else float(np.dot(diff, diff))
-    flat = x.reshape(-1)
-    signal = float(np.dot(flat.astype(np.float64), flat)) if flat.size < 4096 else float(np.dot(flat, flat))
-    del diff, m
+    if on_copied is not None and not np.shares_memory(m, x) and not pad:
+        del x
+        x = None
+        on_copied()
     native = qt.storage if qt.bits >= 8 else np.dtype(np.int8 if qt.signed else np.uint8)
+    rows, cols = m.shape
+    codes = np.empty(m.shape, native)
+    s_all = np.empty(rows, np.float32)
+    z_all = np.empty(rows, np.float32)
+    deq_all = np.empty(m.shape, np.float32) if (keep_dequantized or pad) else None
+    noise = 0.0
+    step = max(1, _CHUNK_ELEMS // max(1, cols))  # bounded temporaries, whatever the tensor's size
+    for a in range(0, rows, step):
+        sub = m[a : a + step]
+        q, sc, z = (_group_mse(sub, qt, symmetric) if method == "mse" else _group_rtn(sub, qt, symmetric))
+        codes[a : a + step] = q
+        s_all[a : a + step], z_all[a : a + step] = sc, z
+        q -= z[:, None]
+        q *= sc[:, None]  # q now holds the reconstruction
+        if deq_all is not None:
+            deq_all[a : a + step] = q
+        if not pad:
+            q -= sub
+            flat = q.reshape(-1)
+            noise += float(np.dot(flat, flat))
+    del m
+    full = from_groups(deq_all, shape, granularity, pad) if deq_all is not None else None
+    if pad:  # padded copies excluded: measure on the real elements
+        diff = (x - full).reshape(-1).astype(np.float64)
+        noise = float(np.dot(diff, diff))
     return QuantizedTensor(
-        codes=from_groups(q, shape, granularity, pad).astype(native),
-        scale=params_to_onnx(s, shape, granularity).astype(np.float32),
-        zero_points=params_to_onnx(z, shape, granularity).astype(native),
+        codes=from_groups(codes, shape, granularity, pad),
+        scale=params_to_onnx(s_all, shape, granularity).astype(np.float32),
+        zero_points=params_to_onnx(z_all, shape, granularity).astype(native),
         qtype=qt,
         granularity=granularity,
         sqnr=_db(signal, noise),
         dequantized=np.ascontiguousarray(full) if keep_dequantized else None,
     )
+
+
+_CHUNK_ELEMS = 1 << 21
 
 
 def pack_uint4(codes: np.ndarray) -> np.ndarray:

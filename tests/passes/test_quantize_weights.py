@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qxc import compile_model
 from qxc import ir as qir
-from qxc.errors import PassError, UsageError
+from qxc.errors import ModelError, UsageError
 from qxc.quant import Granularity, quantize_tensor
 
 
@@ -163,7 +163,7 @@ def test_nan_weights_fail_naming_the_tensor():
     arr = numpy_helper.to_array(m.graph.initializer[0]).copy()
     arr[0, 0] = np.nan
     m.graph.initializer[0].CopyFrom(numpy_helper.from_array(arr, "w0"))
-    with pytest.raises(PassError, match="tensor 'w0' holds 1 NaN/Inf"):
+    with pytest.raises(ModelError, match="tensor 'w0' holds 1 NaN/Inf"):
         compile_model(qir.from_proto(m), "quantize-weights")
 
 
