@@ -16,6 +16,8 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from qxc import __version__
 from qxc import ir as qir
 from qxc.errors import EXIT_CODES, QxcError, UsageError
@@ -232,11 +234,83 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _backend(args, model):
+    from qxc.scale import make_backend
+
+    return make_backend(args.backend, model, args.provider.split(","), address=args.ray_address,
+                        workers=args.workers)
+
+
+def _input_key(model) -> str:
+    from qxc.data import input_specs
+
+    specs = input_specs(model)
+    if len(specs) != 1:
+        raise UsageError("the chunked backends take single-input models")
+    return specs[0].name
+
+
+def cmd_explain_chunked(args, model) -> int:
+    """Permutation importance over chunks of a file or a folder of shards, locally or on Ray."""
+    import time
+
+    from qxc.explain.importance import stability
+    from qxc.scale import chunks_of, distributed_permutation
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    if methods != ["permutation"]:
+        raise UsageError("with --backend ray or a folder of shards only --method permutation runs "
+                         "(the other methods need the rows in one process)")
+    t = time.perf_counter()
+    backend = _backend(args, model)
+    try:
+        chunks = chunks_of(args.data, _input_key(model), args.chunk_rows)
+        res = distributed_permutation(backend, chunks, n_repeats=args.repeats, random_state=args.seed,
+                                      use_labels=args.labels)
+    finally:
+        backend.close()
+    imp = res["importances"]
+    feats = [f"x{i}" for i in range(imp.shape[0])]
+    doc = {"schema": "qxc.explain/1", "model": str(args.model), "features": feats, "rows": res["rows"],
+           "permutation": {"values": dict(zip(feats, np.round(imp.mean(axis=1), 8).tolist())),
+                           "std": dict(zip(feats, np.round(imp.std(axis=1), 8).tolist())),
+                           "stability": round(stability(imp.T), 6), "metric": res["metric"],
+                           "baseline_score": res["baseline_score"], "seconds": round(time.perf_counter() - t, 4),
+                           "settings": {"n_repeats": args.repeats, "random_state": args.seed, "backend": args.backend,
+                                        "chunks": res["chunks"], "chunk_rows": args.chunk_rows}}}
+    if args.output:
+        _emit_json(doc, args.output)
+    else:
+        print(_dump_json(doc), end="")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from qxc.scale import chunks_of, distributed_ranges
+
+    model = qir.load(args.model)
+    backend = _backend(args, model)
+    try:
+        chunks = chunks_of(args.data, _input_key(model), args.chunk_rows)
+        ranges = distributed_ranges(backend, chunks, method=args.method, keep_minmax=[v.name for v in
+                                                                                      model.graph.outputs])
+    finally:
+        backend.close()
+    ranges.settings["backend"] = args.backend
+    ranges.save(args.output)
+    if not args.quiet:
+        print(f"qxc: {len(ranges.ranges)} tensor ranges ({args.method}, {ranges.samples} rows, "
+              f"{len(chunks)} chunks, {args.backend}) -> {args.output}", file=sys.stderr)
+    return 0
+
+
 def cmd_explain(args) -> int:
     from qxc.data import load_data
     from qxc.explain.run import explain_model
 
     model = qir.load(args.model)
+    if args.backend != "local" or Path(args.data).is_dir():
+        return cmd_explain_chunked(args, model)
     data = load_data(args.data, model)
     if args.labels and data.labels is None:
         raise UsageError(f"{args.data}: --labels given but the data has no 'labels' array")
@@ -312,6 +386,14 @@ def cmd_bench(args) -> int:
 # --------------------------------------------------------------------------------------------------- parser
 
 
+def _scale_args(p) -> None:
+    p.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="where the chunked work runs (ray: pip install 'qxc[ray]')")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: start a local instance)")
+    p.add_argument("--workers", type=int, help="Ray actors (default: the cluster's CPUs)")
+    p.add_argument("--chunk-rows", type=int, default=65536, help="rows per chunk")
+
+
 def build_parser() -> argparse.ArgumentParser:
     epilog = "exit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items())
     p = argparse.ArgumentParser(prog="qxc", description="ONNX model-transformation compiler",
@@ -384,9 +466,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--embed", help="write the model with the surrogates merged in as extra outputs")
     e.add_argument("--force", action="store_true")
     e.add_argument("-o", "--output", help="write the JSON here (default: stdout)")
+    _scale_args(e)
     e.add_argument("--report", help="also write an HTML report here")
     e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     e.set_defaults(func=cmd_explain)
+
+    k = sub.add_parser("calibrate", help="activation ranges over chunks of data (local or Ray) for --ranges")
+    k.add_argument("model")
+    k.add_argument("--data", required=True, help=".npy/.npz file or a folder of shards")
+    k.add_argument("--method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"])
+    k.add_argument("-o", "--output", required=True, help="ranges JSON (use with compile --ranges)")
+    k.add_argument("--provider", default="cpu")
+    k.add_argument("-q", "--quiet", action="store_true")
+    k.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    _scale_args(k)
+    k.set_defaults(func=cmd_calibrate)
 
     r = sub.add_parser("report", help="render a saved result (report, explain or compile JSON) as HTML")
     r.add_argument("result")

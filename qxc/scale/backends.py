@@ -1,0 +1,90 @@
+"""Where chunk work runs: in this process, or on Ray actors that each hold one onnxruntime session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from qxc.errors import QxcError, UsageError
+
+
+class Worker:
+    """Holds one model session per process; runs ``fn(worker, chunk, *args)`` for a chunk."""
+
+    def __init__(self, model_bytes: bytes, providers: Sequence[str], threads: int | None = None):
+        from qxc import ir as qir
+
+        self.model = qir.from_proto(model_bytes)
+        self.providers = tuple(providers)
+        self.threads = threads  # Ray runs one actor per CPU: one onnxruntime thread each
+        self.cache: dict[str, Any] = {}
+
+    def run(self, fn: Callable, chunk, *args):
+        return fn(self, chunk, *args)
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, model, providers: Sequence[str] = ("cpu",)):
+        from qxc import ir as qir
+
+        self.worker = Worker(qir.model_bytes(model), providers)
+
+    def map(self, fn: Callable, chunks: list, *args) -> list:
+        return [self.worker.run(fn, c, *args) for c in chunks]
+
+    def close(self) -> None:
+        pass
+
+
+class RayBackend:
+    """Ray actors (one onnxruntime session each, restarted and retried by Ray when a worker dies)."""
+
+    name = "ray"
+
+    def __init__(self, model, providers: Sequence[str] = ("cpu",), *, address: str | None = None,
+                 workers: int | None = None, max_retries: int = 3):
+        try:
+            import ray
+        except ImportError:
+            raise UsageError("--backend ray needs Ray: pip install 'qxc[ray]'") from None
+        from qxc import ir as qir
+
+        self.ray = ray
+        self._owns = not ray.is_initialized()
+        if self._owns:
+            kwargs = {"address": address} if address else {"num_cpus": workers or None}
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     **{k: v for k, v in kwargs.items() if v is not None})
+        n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        remote = ray.remote(num_cpus=1, max_restarts=max_retries, max_task_retries=max_retries)(Worker)
+        blob = qir.model_bytes(model)  # inline argument: a restarted actor can always be rebuilt from it
+        self.actors = [remote.remote(blob, tuple(providers), 1) for _ in range(n)]
+
+    def map(self, fn: Callable, chunks: list, *args) -> list:
+        ray = self.ray
+        refs = [self.actors[i % len(self.actors)].run.remote(fn, c, *args) for i, c in enumerate(chunks)]
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            if isinstance(cause, QxcError):
+                raise cause from None
+            msg = " ".join(str(cause).split())[:300]
+            raise QxcError(f"a Ray worker failed: {type(cause).__name__}: {msg}") from None
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        if self._owns:
+            self.ray.shutdown()
+
+
+def make_backend(kind: str, model, providers: Sequence[str] = ("cpu",), *, address: str | None = None,
+                 workers: int | None = None):
+    if kind == "local":
+        return LocalBackend(model, providers)
+    if kind == "ray":
+        return RayBackend(model, providers, address=address, workers=workers)
+    raise UsageError(f"unknown backend '{kind}'; use local or ray")

@@ -1,0 +1,66 @@
+"""Chunks of data that a worker can load by itself: a row range of an array file, or one shard file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qxc.errors import DataError
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    path: str  # a .npy/.npz file (or "" with ``arrays`` for in-memory data)
+    key: str  # array name inside an .npz ("" for .npy)
+    start: int
+    stop: int
+    labels_key: str = ""
+
+    def load(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.path.endswith(".npy"):
+            x = np.load(self.path, mmap_mode="r")[self.start : self.stop]
+            y = None
+            lab = self.path[:-4] + ".labels.npy"
+            if self.labels_key and os.path.exists(lab):
+                y = np.load(lab, mmap_mode="r")[self.start : self.stop]
+            return np.ascontiguousarray(x), None if y is None else np.asarray(y)
+        with np.load(self.path) as z:
+            x = z[self.key][self.start : self.stop]
+            y = z[self.labels_key][self.start : self.stop] if self.labels_key and self.labels_key in z.files else None
+        return np.ascontiguousarray(x), y
+
+
+def _rows(path: Path, key: str) -> int:
+    if path.suffix == ".npy":
+        return int(np.load(path, mmap_mode="r").shape[0])
+    with np.load(path) as z:
+        if key not in z.files:
+            raise DataError(f"{path}: no array '{key}' (has: {', '.join(z.files)})")
+        return int(z[key].shape[0])
+
+
+def chunks_of(source: str | os.PathLike, key: str, chunk_rows: int, labels_key: str = "labels") -> list[Chunk]:
+    """Row-range chunks of an .npy/.npz file, or one chunk per shard (sorted *.npy/*.npz) of a folder."""
+    source = Path(source)
+    if source.is_dir():
+        shards = sorted(p for p in source.iterdir() if p.suffix in (".npy", ".npz") and not p.name.endswith(
+            ".labels.npy"))
+        if not shards:
+            raise DataError(f"{source}: no .npy/.npz shards in the folder")
+        out = []
+        for p in shards:
+            n = _rows(p, key)
+            for s in range(0, n, chunk_rows):
+                out.append(Chunk(len(out), str(p), key, s, min(n, s + chunk_rows), labels_key))
+        return out
+    if source.suffix not in (".npy", ".npz"):
+        raise DataError(f"{source}: the Ray backend reads .npy/.npz files or a folder of shards")
+    n = _rows(source, key)
+    if n == 0:
+        raise DataError(f"{source}: zero rows")
+    return [Chunk(i, str(source), key, s, min(n, s + chunk_rows), labels_key)
+            for i, s in enumerate(range(0, n, chunk_rows))]

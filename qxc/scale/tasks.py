@@ -1,0 +1,166 @@
+"""Chunk tasks and their exact merges: calibration ranges and permutation importance.
+
+Tasks are module-level functions (Ray pickles them by reference). Each worker keeps its session and tap runner in
+``worker.cache``. Merges walk the chunks in index order, so every backend adds the same floats in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from qxc.calibrate.observers import Histogram, MinMax
+from qxc.calibrate.ranges import Ranges
+from qxc.scale.chunks import Chunk
+
+BATCH = 64
+
+
+def _feed_name(worker) -> str:
+    from qxc.data import input_specs
+
+    specs = input_specs(worker.model)
+    return specs[0].name
+
+
+def _runner(worker, tensors):
+    key = ("taps", tuple(tensors) if tensors is not None else None)
+    if key not in worker.cache:
+        from qxc.calibrate.collect import TapRunner
+
+        worker.cache[key] = TapRunner(worker.model, tensors, worker.providers)
+    return worker.cache[key]
+
+
+def _cast(x: np.ndarray, worker) -> np.ndarray:
+    from qxc.data import input_specs
+
+    dtype = input_specs(worker.model)[0].dtype
+    return np.ascontiguousarray(x, dtype=dtype) if dtype is not None else x
+
+
+def minmax_task(worker, chunk: Chunk, tensors):
+    x, _ = chunk.load()
+    x = _cast(x, worker)
+    runner, name = _runner(worker, tensors), _feed_name(worker)
+    stats: dict[str, MinMax] = {}
+    for s in range(0, len(x), BATCH):
+        for t, arr in runner.run({name: x[s : s + BATCH]}).items():
+            stats.setdefault(t, MinMax()).update(np.asarray(arr))
+    return {t: (m.lo, m.hi, m.count) for t, m in stats.items()}
+
+
+def histogram_task(worker, chunk: Chunk, tensors, ranges: dict, bins: int):
+    x, _ = chunk.load()
+    x = _cast(x, worker)
+    runner, name = _runner(worker, tensors), _feed_name(worker)
+    hists = {t: Histogram(lo, hi, bins) for t, (lo, hi) in ranges.items()}
+    for s in range(0, len(x), BATCH):
+        for t, arr in runner.run({name: x[s : s + BATCH]}).items():
+            if t in hists:
+                hists[t].update(np.asarray(arr))
+    return {t: h.counts for t, h in hists.items()}
+
+
+def distributed_ranges(backend, chunks: Sequence[Chunk], *, tensors=None, method: str = "minmax",
+                       percentile: float = 99.999, bins: int = 2048, activation_type: str = "uint8",
+                       symmetric: bool = False, keep_minmax=()) -> Ranges:
+    """Calibration ranges over chunks: min/max merged exactly, then fixed-range histograms summed exactly."""
+    parts = backend.map(minmax_task, list(chunks), tensors)
+    merged: dict[str, MinMax] = {}
+    for part in parts:  # chunk order
+        for t, (lo, hi, count) in part.items():
+            merged[t] = merged.get(t, MinMax()).merge(MinMax(lo, hi, count))
+    ranges = {t: (m.lo, m.hi) for t, m in merged.items() if m.seen}
+    if method != "minmax":
+        counts = backend.map(histogram_task, list(chunks), tensors, ranges, bins)
+        keep = set(keep_minmax)
+        for t, (lo, hi) in list(ranges.items()):
+            h = Histogram(lo, hi, bins)
+            for part in counts:
+                if t in part:
+                    h.counts += part[t]
+            if t in keep:
+                continue
+            if method == "percentile":
+                ranges[t] = h.percentile(percentile)
+            elif method == "entropy":
+                ranges[t] = h.entropy()
+            else:
+                ranges[t] = h.mse(activation_type, symmetric)
+    rows = sum(c.stop - c.start for c in chunks)
+    return Ranges(method, ranges, rows, {"chunks": len(chunks), "batch_size": BATCH, "bins": bins})
+
+
+def _chunk_seed(random_state: int, index: int) -> int:
+    base = np.random.RandomState(random_state).randint(np.iinfo(np.int32).max + 1)
+    return base if index == 0 else int((base + 1_000_003 * index) % (np.iinfo(np.int32).max + 1))
+
+
+def permutation_task(worker, chunk: Chunk, n_repeats: int, random_state: int, use_labels: bool):
+    """Sufficient statistics of one chunk: per (feature, repeat) correct counts, squared errors or changes."""
+    from qxc.explain.predictor import Predictor
+
+    if "predictor" not in worker.cache:
+        worker.cache["predictor"] = Predictor(worker.model, providers=worker.providers, threads=worker.threads)
+    pred = worker.cache["predictor"]
+    x, y = chunk.load()
+    x = np.ascontiguousarray(x, dtype=pred.dtype)
+    y = y if use_labels else None
+    n, f = x.shape
+    base = pred.predict(x)
+
+    def stat(p):
+        if y is not None:
+            if pred.is_classifier:
+                return float(np.sum(p.labels == y))
+            return float(np.sum((np.asarray(y, np.float64) - p.scores.astype(np.float64)) ** 2))
+        a, b = p.scores.astype(np.float64), base.scores.astype(np.float64)
+        return float(np.sum(0.5 * np.abs(a - b).sum(axis=1))) if a.ndim == 2 else float(np.sum(np.abs(a - b)))
+
+    seed = _chunk_seed(random_state, chunk.index)
+    out = np.zeros((f, n_repeats))
+    buf = np.empty((n_repeats, n, f), dtype=x.dtype)
+    for col in range(f):
+        rs = np.random.RandomState(seed)
+        idx = np.arange(n)
+        column = x[:, col].copy()
+        for r in range(n_repeats):
+            rs.shuffle(idx)
+            column = column[idx]
+            buf[r] = x
+            buf[r, :, col] = column
+        p = pred.predict(buf.reshape(-1, f))
+        for r in range(n_repeats):
+            sl = slice(r * n, (r + 1) * n)
+            out[col, r] = stat(type(p)(None if p.labels is None else p.labels[sl], p.scores[sl]))
+    extra = {}
+    if y is not None and not pred.is_classifier:
+        yy = np.asarray(y, np.float64)
+        extra = {"sum_y": float(yy.sum()), "sum_y2": float((yy * yy).sum())}
+    return {"n": n, "base": stat(base), "perm": out, "classifier": pred.is_classifier, "labeled": y is not None,
+            **extra}
+
+
+def distributed_permutation(backend, chunks: Sequence[Chunk], *, n_repeats: int = 5, random_state: int = 0,
+                            use_labels: bool = True) -> dict:
+    """Permutation importance from per-chunk sums (each chunk shuffles its own rows; one chunk = sklearn's)."""
+    parts = backend.map(permutation_task, list(chunks), n_repeats, random_state, use_labels)
+    n = sum(p["n"] for p in parts)
+    base = sum(p["base"] for p in parts)
+    perm = np.zeros_like(parts[0]["perm"])
+    for p in parts:  # chunk order
+        perm = perm + p["perm"]
+    classifier = parts[0]["classifier"]
+    has_labels = all(p["labeled"] for p in parts)
+    if has_labels and classifier:
+        imp, metric, baseline = (base - perm) / n, "accuracy", base / n
+    elif has_labels:
+        sy, sy2 = sum(p["sum_y"] for p in parts), sum(p["sum_y2"] for p in parts)
+        sst = sy2 - sy * sy / n
+        imp, metric, baseline = (perm - base) / sst, "r2", 1 - base / sst
+    else:
+        imp, metric, baseline = perm / n, "prediction_change", 0.0
+    return {"importances": imp, "metric": metric, "baseline_score": float(baseline), "rows": int(n),
+            "chunks": len(chunks)}

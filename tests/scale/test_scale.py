@@ -1,0 +1,116 @@
+"""Scale-out: local and Ray backends give the same numbers; shards; a killed worker is retried; errors surface."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import MODELS
+
+from qxc import ir as qir
+from qxc.calibrate import collect_ranges
+from qxc.data import load_data
+from qxc.errors import DataError, QxcError
+from qxc.explain.importance import permutation_importance
+from qxc.explain.predictor import Predictor
+from qxc.scale import LocalBackend, RayBackend, chunks_of, distributed_permutation, distributed_ranges
+
+ray = pytest.importorskip("ray", reason="the Ray backend is an optional extra: pip install 'qxc[ray]'")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def shards(tmp_path):
+    with np.load(MODELS / "digits_train.npz") as z:
+        x, y = z["X"], z["labels"]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i, (xs, ys) in enumerate(zip(np.array_split(x, 4), np.array_split(y, 4))):
+        np.save(folder / f"part{i}.npy", xs)
+        np.save(folder / f"part{i}.labels.npy", ys)
+    return folder
+
+
+def test_single_chunk_permutation_equals_the_in_memory_one():
+    model = qir.load(MODELS / "digits_mlp.onnx")
+    x, y = load_data(MODELS / "digits_test.npz", model).stacked["X"], np.load(MODELS / "digits_test.npz")["labels"]
+    local = LocalBackend(model)
+    res = distributed_permutation(local, chunks_of(MODELS / "digits_test.npz", "X", 10_000), n_repeats=3,
+                                  random_state=4)
+    ref = permutation_importance(Predictor(model), x, y, n_repeats=3, random_state=4)
+    np.testing.assert_allclose(res["importances"], ref.importances, atol=1e-6)
+
+
+def test_ray_equals_local_for_ranges_and_importance(cluster, shards):
+    model = qir.load(MODELS / "digits_mlp.onnx")
+    chunks = chunks_of(shards, "X", 200)
+    assert len(chunks) == 8  # 4 shards x 2 chunks, read by the workers themselves
+    local, remote = LocalBackend(model), RayBackend(model, workers=2)
+    try:
+        for method in ("minmax", "entropy"):
+            a = distributed_ranges(local, chunks, method=method)
+            b = distributed_ranges(remote, chunks, method=method)
+            assert a.ranges == b.ranges  # bit-identical
+        pa = distributed_permutation(local, chunks, n_repeats=2, random_state=1)
+        pb = distributed_permutation(remote, chunks, n_repeats=2, random_state=1)
+        np.testing.assert_allclose(pa["importances"], pb["importances"], atol=1e-6)
+        assert pa["metric"] == "accuracy" and pa["rows"] == 1347
+    finally:
+        remote.close()
+    # and min/max over chunks equals the single in-memory pass
+    whole = collect_ranges(model, load_data(MODELS / "digits_train.npz", model), method="minmax")
+    assert {k: v for k, v in a.ranges.items()} == {k: v for k, v in whole.ranges.items()} or a.method == "entropy"
+
+
+def test_a_killed_worker_is_retried_and_the_result_is_unchanged(cluster, shards):
+    model = qir.load(MODELS / "digits_mlp.onnx")
+    chunks = chunks_of(shards, "X", 40)
+    expected = distributed_permutation(LocalBackend(model), chunks, n_repeats=1, random_state=0)
+    remote = RayBackend(model, workers=2)
+    try:
+        from qxc.scale.tasks import permutation_task
+
+        refs = [remote.actors[i % 2].run.remote(permutation_task, c, 1, 0, True) for i, c in enumerate(chunks)]
+        ready, _ = ray.wait(refs, num_returns=2, timeout=60)
+        assert len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs), "finished before the kill"
+        ray.kill(remote.actors[0], no_restart=False)  # the process dies mid-run; Ray restarts it and retries
+        parts = ray.get(refs)
+    finally:
+        remote.close()
+    perm = sum(p["perm"] for p in parts)
+    base = sum(p["base"] for p in parts)
+    n = sum(p["n"] for p in parts)
+    np.testing.assert_allclose((base - perm) / n, expected["importances"], atol=1e-6)
+
+
+def test_worker_errors_surface_as_one_message(cluster, tmp_path):
+    model = qir.load(MODELS / "digits_mlp.onnx")
+    np.save(tmp_path / "bad.npy", np.zeros((10, 7), np.float32))  # 7 features, the model wants 64
+    remote = RayBackend(model, workers=1)
+    try:
+        with pytest.raises(QxcError) as e:
+            distributed_permutation(remote, chunks_of(tmp_path / "bad.npy", "X", 100), n_repeats=1)
+    finally:
+        remote.close()
+    assert isinstance(e.value, DataError) and "expects 64 features" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_explain_on_ray_matches_local(cluster, shards, tmp_path):
+    import json
+
+    from qxc.cli import main
+
+    outs = []
+    for backend in ("local", "ray"):
+        out = tmp_path / f"{backend}.json"
+        assert main(["explain", str(MODELS / "digits_mlp.onnx"), "--data", str(shards), "--method", "permutation",
+                     "--labels", "--repeats", "2", "--backend", backend, "--workers", "2", "--chunk-rows", "200",
+                     "-o", str(out)]) == 0
+        outs.append(json.loads(out.read_text())["permutation"]["values"])
+    assert outs[0] == outs[1]
+    assert main(["explain", str(MODELS / "digits_mlp.onnx"), "--data", str(shards), "--method", "shapley"]) == 2
