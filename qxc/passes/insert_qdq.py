@@ -50,8 +50,9 @@ class InsertQdqOptions:
     ranges: str = opt("", "load activation ranges from this JSON file instead of calibrating")
     save_ranges: str = opt("", "write the calibrated ranges to this JSON file")
     samples: int = opt(0, "calibrate on at most this many samples (0: all)")
-    batch_size: int = opt(0, "calibration batch size (0: 64, or 1 when the model has If/Loop control flow, whose "
-                             "branches may depend on the whole batch)")
+    batch_size: int = opt(0, "calibration batch size (0: auto = 1 sample per run for models with If/Loop, whose "
+                             "branches may depend on the whole batch, and for up to 128 samples, where per-sample runs "
+                             "reproduce the activations of a batch-1 deployment bit for bit; 64 otherwise)")
     max_error: float = opt(0.0, "keep the most harmful nodes out of int8 until output relative RMS error <= this")
     fallback: Literal["float", "int16"] = opt("float", "what max-error does with a harmful node")
 
@@ -247,7 +248,8 @@ class InsertQdqPass(QxcPass):
                 data = data.head(o.samples)
             act, sym = self._activation_type()
             outputs = {v.name for g in all_graphs(model) for v in g.outputs}
-            batch = o.batch_size or (1 if any(n.op_type in ("If", "Loop") for n in model.graph) else 64)
+            control_flow = any(n.op_type in ("If", "Loop") for n in model.graph)
+            batch = o.batch_size or (1 if control_flow or len(data) <= 128 else 64)
             ranges = collect_ranges(model, data, tensors=needed, method=o.method, percentile=o.percentile,
                                     batch_size=batch, providers=self.context.providers, activation_type=act,
                                     symmetric=sym, keep_minmax=outputs)
