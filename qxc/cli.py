@@ -351,13 +351,7 @@ def cmd_report(args) -> int:
     from qxc.report.build import coerce_document
 
     path = Path(args.result)
-    try:
-        doc = json.loads(path.read_text())
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: not JSON ({type(e).__name__}); give a report, explain or compile --json file") from None
-    doc = coerce_document(doc, str(path))
+    doc = coerce_document(qir.read_json(path, "a report, explain or compile --json file"), str(path))
     out = Path(args.output)
     json_out = out.with_suffix(".json")
     if json_out.resolve() == path.resolve():

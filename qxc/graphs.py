@@ -64,7 +64,36 @@ def value_names(model: ir.Model) -> set[str]:
 
 def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register a new initializer holding ``array`` in ``graph``."""
+    array = np.asarray(array)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
     return value
+
+
+def dequantize_weight(value: ir.Value, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, taken: set[str], *,
+                      axis: int | None = None, block: int | None = None) -> ir.Value:
+    """Replace the initializer ``value`` by integer ``q`` + DequantizeLinear (at the top of its graph); returns the
+    DequantizeLinear output every former consumer now reads."""
+    graph = value.graph
+    base = value.name
+    qv = initializer(graph, unique_name(f"{base}_quantized", taken), q)
+    sv = initializer(graph, unique_name(f"{base}_scale", taken), np.asarray(scale, np.float32))
+    zv = initializer(graph, unique_name(f"{base}_zero_point", taken), zero_point)
+    attrs = []
+    if axis is not None and np.ndim(scale):
+        attrs.append(ir.AttrInt64("axis", axis))
+    if block is not None:
+        attrs.append(ir.AttrInt64("block_size", block))
+    dq = ir.Node("", "DequantizeLinear", [qv, sv, zv], attrs, name=unique_name(f"{base}_DequantizeLinear", taken))
+    out = dq.outputs[0]
+    out.name = unique_name(f"{base}_dequantized", taken)
+    out.type, out.shape = value.type, value.shape
+    value.replace_all_uses_with(out)
+    first = next(iter(graph), None)
+    if first is None:
+        graph.append(dq)
+    else:
+        graph.insert_before(first, dq)
+    del graph.initializers[value.name]
+    return out

@@ -463,6 +463,19 @@ def coerce_model(obj) -> ir.Model:
     raise UsageError(f"cannot make a model from a {type(obj).__name__}; pass a path, ModelProto, ir.Model or gs.Graph")
 
 
+def read_json(path: str | os.PathLike, hint: str):
+    """A JSON document, or a one-line UsageError naming the file and what was expected (``hint``)."""
+    import json
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: not JSON ({type(e).__name__}); give {hint}") from None
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write a text file through a temporary file in the same folder and a rename."""
     path = Path(path)

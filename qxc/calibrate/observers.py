@@ -142,6 +142,17 @@ class Histogram:
         np.add.at(mags, idx, self.counts)
         return mags, absmax, False
 
+    def range_for(self, method: str, *, percentile: float = 99.999, qt: QType | str = "uint8",
+                  symmetric: bool = False) -> tuple[float, float]:
+        """The range a calibration method picks from this histogram ('percentile', 'entropy' or 'mse')."""
+        if method == "percentile":
+            return self.percentile(percentile)
+        if method == "entropy":
+            return self.entropy()
+        if method == "mse":
+            return self.mse(qt, symmetric)
+        raise ValueError(f"unknown calibration method '{method}'")
+
     def mse(self, qt: QType | str = "uint8", symmetric: bool = False, steps: int = 200) -> tuple[float, float]:
         """The range [f*lo, f*hi] with the smallest expected quantization error over the histogram.
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from qxc.errors import UsageError
 
@@ -49,11 +48,6 @@ class Ranges:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Ranges:
-        path = Path(path)
-        try:
-            doc = json.loads(path.read_text())
-        except OSError as e:
-            raise UsageError(f"{path}: cannot read ranges: {e.strerror}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UsageError(f"{path}: not JSON ({type(e).__name__}); give a ranges file from save-ranges") from None
-        return cls.from_json(doc, str(path))
+        from qxc.ir import read_json
+
+        return cls.from_json(read_json(path, "a ranges file from save-ranges or qxc calibrate"), str(path))

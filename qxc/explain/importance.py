@@ -98,6 +98,18 @@ def _flush(predictor, buf, count, n, y, reference, classifier):
     return res
 
 
+def shuffled_columns(x: np.ndarray, col: int, n_repeats: int, seed: int):
+    """The column ``col`` after each of ``n_repeats`` cumulative shuffles, as sklearn's permutation_importance does
+    them: one RandomState(seed) per feature, shuffling an index vector in place every repeat."""
+    rs = np.random.RandomState(seed)
+    idx = np.arange(len(x))
+    column = x[:, col].copy()
+    for _ in range(n_repeats):
+        rs.shuffle(idx)
+        column = column[idx]
+        yield column
+
+
 def permutation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | None = None, *, n_repeats: int = 5,
                            random_state: int = 0, rows_per_run: int = 200_000) -> ImportanceResult:
     """Drop in score when one feature's column is shuffled.
@@ -119,12 +131,7 @@ def permutation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | 
 
     def blocks():
         for col in range(f):
-            rs = np.random.RandomState(seed)
-            idx = np.arange(n)
-            column = x[:, col].copy()
-            for r in range(n_repeats):
-                rs.shuffle(idx)
-                column = column[idx]
+            for r, column in enumerate(shuffled_columns(x, col, n_repeats, seed)):
                 if np.array_equal(column, x[:, col]):  # e.g. a constant feature: evaluated once, as the baseline
                     unchanged.append(col * n_repeats + r)
                     continue

@@ -23,7 +23,7 @@ import onnx_ir as ir
 from qxc import ir as qir
 from qxc.calibrate import Ranges, collect_ranges
 from qxc.errors import UsageError
-from qxc.graphs import all_graphs, is_weight, unique_name, value_names
+from qxc.graphs import all_graphs, dequantize_weight, initializer, is_weight, unique_name, value_names
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.quant import Granularity, compute_params, quantize_tensor
 
@@ -51,8 +51,7 @@ class InsertQdqOptions:
     save_ranges: str = opt("", "write the calibrated ranges to this JSON file")
     samples: int = opt(0, "calibrate on at most this many samples (0: all)")
     batch_size: int = opt(0, "calibration batch size (0: auto = 1 sample per run for models with If/Loop, whose "
-                             "branches may depend on the whole batch, and for up to 128 samples, where per-sample runs "
-                             "reproduce the activations of a batch-1 deployment bit for bit; 64 otherwise)")
+                             "branches may depend on the whole batch; 64 otherwise)")
     max_error: float = opt(0.0, "keep the most harmful nodes out of int8 until output relative RMS error <= this")
     fallback: Literal["float", "int16"] = opt("float", "what max-error does with a harmful node")
 
@@ -249,7 +248,7 @@ class InsertQdqPass(QxcPass):
             act, sym = self._activation_type()
             outputs = {v.name for g in all_graphs(model) for v in g.outputs}
             control_flow = any(n.op_type in ("If", "Loop") for n in model.graph)
-            batch = o.batch_size or (1 if control_flow or len(data) <= 128 else 64)
+            batch = o.batch_size or (1 if control_flow else 64)
             ranges = collect_ranges(model, data, tensors=needed, method=o.method, percentile=o.percentile,
                                     batch_size=batch, providers=self.context.providers, activation_type=act,
                                     symmetric=sym, keep_minmax=outputs)
@@ -304,7 +303,7 @@ class InsertQdqPass(QxcPass):
             t = v.const_value
             qt = quantize_tensor(np.asarray(t.numpy(), dtype=np.float32), "int8", symmetric=True, granularity=g,
                                  name=v.name, keep_dequantized=False)
-            self._weight_dq(v, qt.q, qt.scale, qt.zero_point, g.axis, taken)
+            dequantize_weight(v, qt.q, qt.scale, qt.zero_point, taken, axis=g.axis)
             qir.release_weights(model, [t])  # unmap the float weight: its pages no longer count against us
             weights += 1
         biases = 0
@@ -320,7 +319,7 @@ class InsertQdqPass(QxcPass):
             if scale.ndim == 0:
                 scale = np.full(b.const_value.shape, scale, np.float32)
             bq = np.clip(np.rint(b.const_value.numpy().astype(np.float64) / scale), -2**31, 2**31 - 1).astype(np.int32)
-            self._weight_dq(b, bq, scale, np.zeros(scale.shape, np.int32), 0 if scale.ndim else None, taken)
+            dequantize_weight(b, bq, scale, np.zeros(scale.shape, np.int32), taken, axis=0 if scale.ndim else None)
             biases += 1
         constants = 0
         for node, i in plan.consts:
@@ -332,7 +331,7 @@ class InsertQdqPass(QxcPass):
             from qxc.quant import quantize
 
             q = quantize(arr, s, z.astype(np.int64), qt).astype(z.dtype)
-            self._weight_dq(v, q, s, z, None, taken)
+            dequantize_weight(v, q, s, z, taken)
             constants += 1
         return {"activations": activations, "weights": weights, "biases": biases, "constants": constants,
                 "skipped": skipped}
@@ -340,8 +339,8 @@ class InsertQdqPass(QxcPass):
     def _insert_qdq(self, value: ir.Value, scale: np.ndarray, zp: np.ndarray, taken: set[str]) -> None:
         graph = value.graph if value.producer() is None else value.producer().graph
         base = value.name
-        s = _init(graph, unique_name(f"{base}_scale", taken), scale)
-        z = _init(graph, unique_name(f"{base}_zero_point", taken), zp)
+        s = initializer(graph, unique_name(f"{base}_scale", taken), scale)
+        z = initializer(graph, unique_name(f"{base}_zero_point", taken), zp)
         q = ir.Node("", "QuantizeLinear", [value, s, z], name=unique_name(f"{base}_QuantizeLinear", taken))
         q.outputs[0].name = unique_name(f"{base}_quantized", taken)
         q.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(zp.dtype))
@@ -371,25 +370,6 @@ class InsertQdqPass(QxcPass):
                 g.outputs[i] = out
         else:
             out.name = unique_name(f"{base}_dequantized", taken)
-
-    def _weight_dq(self, value: ir.Value, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int | None,
-                   taken: set[str]) -> None:
-        graph = value.graph
-        base = value.name
-        qv = _init(graph, unique_name(f"{base}_quantized", taken), q)
-        sv = _init(graph, unique_name(f"{base}_scale", taken), np.asarray(scale, np.float32))
-        zv = _init(graph, unique_name(f"{base}_zero_point", taken), np.asarray(zp))
-        attrs = [ir.AttrInt64("axis", axis)] if axis is not None and np.ndim(scale) else []
-        dq = ir.Node("", "DequantizeLinear", [qv, sv, zv], attrs, name=unique_name(f"{base}_DequantizeLinear", taken))
-        dq.outputs[0].name = unique_name(f"{base}_dequantized", taken)
-        dq.outputs[0].type, dq.outputs[0].shape = value.type, value.shape
-        value.replace_all_uses_with(dq.outputs[0])
-        first = next(iter(graph), None)
-        if first is None:
-            graph.append(dq)
-        else:
-            graph.insert_before(first, dq)
-        del graph.initializers[value.name]
 
     # ------------------------------------------------------------------ error budget
     def _budget(self, model: ir.Model, ranges: Ranges) -> tuple[set[str], set[str], dict]:
@@ -433,14 +413,6 @@ class InsertQdqPass(QxcPass):
                 excluded.add(worst)
         return excluded, wide, {"budget": {"max_error": o.max_error, "history": history,
                                            "node_errors": {k: round(v, 6) for k, v in sorted((scores or {}).items())}}}
-
-
-def _init(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    array = np.asarray(array)
-    v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                 const_value=ir.tensor(array, name=name))
-    graph.register_initializer(v)
-    return v
 
 
 def model_is_quantized(model: ir.Model) -> bool:

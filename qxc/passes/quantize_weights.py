@@ -24,7 +24,8 @@ import onnx_ir as ir
 
 from qxc import ir as qir
 from qxc.errors import UsageError
-from qxc.graphs import all_graphs, unique_name, value_names
+from qxc.graphs import all_graphs, dequantize_weight, unique_name, value_names
+from qxc.passes._weights import weight_rule
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.quant import Granularity, QuantizedTensor, quantize_tensor
 
@@ -77,25 +78,6 @@ class _Use:
     reduction_axis: int
 
 
-def _weight_rule(node: ir.Node) -> tuple[int, int, int] | None:
-    """(input index, channel axis, reduction axis) of the weight this node reads, or None."""
-    op = node.op_type
-    if op == "MatMul":
-        return 1, -1, -2
-    if op == "Gemm":
-        trans_b = node.attributes.get("transB")
-        return (1, 0, 1) if trans_b is not None and trans_b.value else (1, 1, 0)
-    if op == "Conv":
-        return 1, 0, 1
-    if op == "ConvTranspose":
-        return 1, 1, 0
-    if op == "Gather":
-        return 0, 0, 1
-    if op in ("LSTM", "GRU"):
-        return 1, 1, 2  # W; R handled as index 2 by the caller
-    return None
-
-
 def _required_opset(bits: int, g: Granularity, fmt: str) -> int:
     if fmt == "matmulnbits":
         return 0
@@ -131,7 +113,7 @@ class QuantizeWeightsPass(QxcPass):
             for node in graph:
                 if node.domain not in ("", "ai.onnx") or node.op_type not in o.ops:
                     continue
-                rule = _weight_rule(node)
+                rule = weight_rule(node)
                 if rule is None:
                     continue
                 name = node.name or ""
@@ -294,34 +276,7 @@ class QuantizeWeightsPass(QxcPass):
 
     # ------------------------------------------------------------------ emitters
     def _emit_qdq(self, value: ir.Value, qt: QuantizedTensor, g: Granularity, taken: set[str]) -> int:
-        graph = value.graph
-        base = value.name
-        q, zp = qt.q, qt.zero_point
-        q_val = ir.Value(name=unique_name(f"{base}_quantized", taken), shape=ir.Shape(q.shape),
-                         type=ir.TensorType(ir.DataType.from_numpy(q.dtype)), const_value=ir.tensor(q))
-        s_val = ir.Value(name=unique_name(f"{base}_scale", taken), shape=ir.Shape(qt.scale.shape),
-                         type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(qt.scale))
-        z_val = ir.Value(name=unique_name(f"{base}_zero_point", taken), shape=ir.Shape(zp.shape),
-                         type=ir.TensorType(ir.DataType.from_numpy(zp.dtype)), const_value=ir.tensor(zp))
-        for v in (q_val, s_val, z_val):
-            v.const_value.name = v.name
-            graph.register_initializer(v)
-        attrs = []
-        if g.axis is not None:
-            attrs.append(ir.AttrInt64("axis", g.axis))
-        if g.block is not None:
-            attrs.append(ir.AttrInt64("block_size", g.block))
-        dq = ir.Node("", "DequantizeLinear", [q_val, s_val, z_val], attrs, name=unique_name(f"{base}_dq", taken))
-        out = dq.outputs[0]
-        out.name = unique_name(f"{base}_dequantized", taken)
-        out.type, out.shape = value.type, value.shape
-        value.replace_all_uses_with(out)
-        first = next(iter(graph), None)
-        if first is None:
-            graph.append(dq)
-        else:
-            graph.insert_before(first, dq)
-        del graph.initializers[value.name]
+        dequantize_weight(value, qt.q, qt.scale, qt.zero_point, taken, axis=g.axis, block=g.block)
         return _stored_bytes(qt.codes.size, qt.qtype.bits) + qt.scale.nbytes + _stored_bytes(qt.zero_points.size,
                                                                                               qt.qtype.bits)
 

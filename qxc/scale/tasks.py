@@ -81,14 +81,8 @@ def distributed_ranges(backend, chunks: Sequence[Chunk], *, tensors=None, method
             for part in counts:
                 if t in part:
                     h.counts += part[t]
-            if t in keep:
-                continue
-            if method == "percentile":
-                ranges[t] = h.percentile(percentile)
-            elif method == "entropy":
-                ranges[t] = h.entropy()
-            else:
-                ranges[t] = h.mse(activation_type, symmetric)
+            if t not in keep:
+                ranges[t] = h.range_for(method, percentile=percentile, qt=activation_type, symmetric=symmetric)
     rows = sum(c.stop - c.start for c in chunks)
     return Ranges(method, ranges, rows, {"chunks": len(chunks), "batch_size": BATCH, "bins": bins})
 
@@ -100,6 +94,7 @@ def _chunk_seed(random_state: int, index: int) -> int:
 
 def permutation_task(worker, chunk: Chunk, n_repeats: int, random_state: int, use_labels: bool):
     """Sufficient statistics of one chunk: per (feature, repeat) correct counts, squared errors or changes."""
+    from qxc.explain.importance import shuffled_columns
     from qxc.explain.predictor import Predictor
 
     if "predictor" not in worker.cache:
@@ -123,12 +118,7 @@ def permutation_task(worker, chunk: Chunk, n_repeats: int, random_state: int, us
     out = np.zeros((f, n_repeats))
     buf = np.empty((n_repeats, n, f), dtype=x.dtype)
     for col in range(f):
-        rs = np.random.RandomState(seed)
-        idx = np.arange(n)
-        column = x[:, col].copy()
-        for r in range(n_repeats):
-            rs.shuffle(idx)
-            column = column[idx]
+        for r, column in enumerate(shuffled_columns(x, col, n_repeats, seed)):
             buf[r] = x
             buf[r, :, col] = column
         p = pred.predict(buf.reshape(-1, f))
