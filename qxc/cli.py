@@ -200,6 +200,8 @@ def cmd_compare(args) -> int:
 
     providers = args.provider.split(",")
     ref = qir.load(args.reference)
+    if args.backend != "local" or Path(args.data).is_dir():
+        return cmd_compare_chunked(args, ref)
     if args.candidate is None:
         if len(providers) != 2:
             raise UsageError("give a candidate model, or two providers (--provider a,b) to compare one model on both")
@@ -251,33 +253,74 @@ def _input_key(model) -> str:
 
 
 def cmd_explain_chunked(args, model) -> int:
-    """Permutation importance over chunks of a file or a folder of shards, locally or on Ray."""
+    """Permutation importance, Shapley values and the surrogate tree over chunks or shards, locally or on Ray."""
     import time
 
     from qxc.explain.importance import stability
-    from qxc.scale import chunks_of, distributed_permutation
+    from qxc.scale import chunks_of, distributed_labels, distributed_permutation, distributed_shapley
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    if methods != ["permutation"]:
-        raise UsageError("with --backend ray or a folder of shards only --method permutation runs "
-                         "(the other methods need the rows in one process)")
-    t = time.perf_counter()
+    unsupported = [m for m in methods if m not in ("permutation", "shapley", "tree")]
+    if unsupported:
+        raise UsageError(f"method '{unsupported[0]}' needs the rows in one process; with --backend ray or a folder "
+                         "of shards use permutation, shapley, tree")
+    t0 = time.perf_counter()
     backend = _backend(args, model)
+    doc: dict = {"schema": "qxc.explain/1", "model": str(args.model)}
     try:
         chunks = chunks_of(args.data, _input_key(model), args.chunk_rows)
-        res = distributed_permutation(backend, chunks, n_repeats=args.repeats, random_state=args.seed,
-                                      use_labels=args.labels)
+        first, _ = chunks[0].load()
+        feats = [f"x{i}" for i in range(first.shape[1])]
+        doc["features"] = feats
+        doc["rows"] = sum(c.stop - c.start for c in chunks)
+        settings = {"backend": args.backend, "chunks": len(chunks), "chunk_rows": args.chunk_rows,
+                    "random_state": args.seed}
+        if "permutation" in methods:
+            t = time.perf_counter()
+            res = distributed_permutation(backend, chunks, n_repeats=args.repeats, random_state=args.seed,
+                                          use_labels=args.labels)
+            imp = res["importances"]
+            doc["permutation"] = {"values": dict(zip(feats, np.round(imp.mean(axis=1), 8).tolist())),
+                                  "std": dict(zip(feats, np.round(imp.std(axis=1), 8).tolist())),
+                                  "stability": round(stability(imp.T), 6), "metric": res["metric"],
+                                  "baseline_score": res["baseline_score"], "seconds": round(time.perf_counter() - t, 4),
+                                  "settings": {**settings, "n_repeats": args.repeats}}
+        if "shapley" in methods:
+            t = time.perf_counter()
+            rng = np.random.default_rng(args.seed)
+            bg = first[np.sort(rng.choice(len(first), size=min(args.background, len(first)), replace=False))]
+            inst = first[: args.instances]
+            values, base, outs, how = distributed_shapley(backend, inst, bg, seed=args.seed)
+            doc["shapley"] = {"values": np.round(values, 8).tolist(), "features": feats,
+                              "mean_abs": dict(zip(feats, np.round(np.abs(values).mean(axis=0), 8).tolist())),
+                              "base_value": np.round(base, 8).tolist(), "outputs": np.round(outs, 8).tolist(),
+                              "method": how, "seconds": round(time.perf_counter() - t, 4),
+                              "settings": {**settings, "instances": len(inst), "background": len(bg)}}
+        if "tree" in methods:
+            from sklearn.model_selection import train_test_split
+            from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, export_text
+
+            t = time.perf_counter()
+            sample, rows = [], 0
+            for c in chunks:  # the tree is fit on at most --tree-rows rows; the labelling is distributed
+                if rows >= args.tree_rows:
+                    break
+                sample.append(c)
+                rows += c.stop - c.start
+            x = np.concatenate([c.load()[0] for c in sample])
+            y = distributed_labels(backend, sample)
+            classifier = y.dtype.kind in "iu"
+            xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=args.seed)
+            tree = (DecisionTreeClassifier if classifier else DecisionTreeRegressor)(
+                max_depth=args.max_depth, random_state=args.seed).fit(xtr, ytr)
+            fid = float(np.mean(tree.predict(xte) == yte)) if classifier else float(tree.score(xte, yte))
+            doc["tree"] = {"fidelity": round(fid, 6), "metric": "agreement" if classifier else "r2",
+                           "rules": export_text(tree, feature_names=feats, decimals=4), "depth": int(tree.get_depth()),
+                           "leaves": int(tree.get_n_leaves()), "seconds": round(time.perf_counter() - t, 4),
+                           "settings": {**settings, "rows": len(x), "max_depth": args.max_depth}}
     finally:
         backend.close()
-    imp = res["importances"]
-    feats = [f"x{i}" for i in range(imp.shape[0])]
-    doc = {"schema": "qxc.explain/1", "model": str(args.model), "features": feats, "rows": res["rows"],
-           "permutation": {"values": dict(zip(feats, np.round(imp.mean(axis=1), 8).tolist())),
-                           "std": dict(zip(feats, np.round(imp.std(axis=1), 8).tolist())),
-                           "stability": round(stability(imp.T), 6), "metric": res["metric"],
-                           "baseline_score": res["baseline_score"], "seconds": round(time.perf_counter() - t, 4),
-                           "settings": {"n_repeats": args.repeats, "random_state": args.seed, "backend": args.backend,
-                                        "chunks": res["chunks"], "chunk_rows": args.chunk_rows}}}
+    doc["timing"] = {"seconds": round(time.perf_counter() - t0, 4)}
     if args.output:
         _emit_json(doc, args.output)
     else:
@@ -360,6 +403,31 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare_chunked(args, ref) -> int:
+    from qxc.compare import unfused_nodes
+    from qxc.scale import chunks_of, distributed_compare, make_backend
+
+    if args.candidate is None:
+        raise UsageError("with --backend ray or a folder of shards give a candidate model")
+    cand = qir.load(args.candidate)
+    backend = make_backend(args.backend, [ref, cand], args.provider.split(",")[:1], address=args.ray_address,
+                           workers=args.workers)
+    try:
+        result = distributed_compare(backend, chunks_of(args.data, _input_key(ref), args.chunk_rows), ref, cand,
+                                     layers=not args.no_layers, jump_db=args.jump_db)
+    finally:
+        backend.close()
+    result.unfused = unfused_nodes(cand)
+    doc = result.to_json()
+    _emit_json(doc, args.json if args.json else "-")
+    if args.fail_below is not None:
+        worst = min(float(o["sqnr_db"]) for o in doc["outputs"].values())
+        if worst < args.fail_below:
+            print(f"qxc: fidelity below threshold: output SQNR {worst:.2f} dB < {args.fail_below} dB", file=sys.stderr)
+            return 6
+    return 0
+
+
 def cmd_bench(args) -> int:
     from qxc.runtime.bench import bench_models
 
@@ -386,6 +454,7 @@ def _scale_args(p) -> None:
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local instance)")
     p.add_argument("--workers", type=int, help="Ray actors (default: the cluster's CPUs)")
     p.add_argument("--chunk-rows", type=int, default=65536, help="rows per chunk")
+    p.add_argument("--tree-rows", type=int, default=200_000, help="rows the surrogate tree is fit on (chunked runs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -442,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch", type=int, default=64)
     m.add_argument("--fail-below", type=float, help="exit 6 when an output's SQNR (dB) is below this")
     m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    _scale_args(m)
     m.set_defaults(func=cmd_compare)
 
     e = sub.add_parser("explain", help="feature importance, Shapley values, surrogates, drift against --compare")

@@ -50,6 +50,10 @@ class ErrorSums:
         self.max_abs = max(self.max_abs, float(np.max(np.abs(d))))
         self.count += r.size
 
+    def merge(self, other: ErrorSums) -> ErrorSums:
+        return ErrorSums(self.ref2 + other.ref2, self.err2 + other.err2, self.dot + other.dot,
+                         self.cand2 + other.cand2, max(self.max_abs, other.max_abs), self.count + other.count)
+
     def to_json(self) -> dict:
         if self.err2 == 0:
             sqnr = float("inf")
@@ -106,14 +110,8 @@ def _predictions(outs: list[np.ndarray]) -> np.ndarray | None:
     return None
 
 
-def compare_models(ref: ir.Model, cand: ir.Model, data: Dataset, *, ref_providers: Sequence[str] = ("cpu",),
-                   cand_providers: Sequence[str] = ("cpu",), layers: bool = True, jump_db: float = 6.0,
-                   batch_size: int = 64) -> Comparison:
-    from qxc.calibrate.collect import TapRunner
-    from qxc.runtime import make_session
-
-    result = Comparison(settings={"jump_db": jump_db, "batch_size": batch_size, "rows": len(data),
-                                  "ref_providers": list(ref_providers), "cand_providers": list(cand_providers)})
+def plan(ref: ir.Model, cand: ir.Model, layers: bool) -> tuple[list[str], dict[str, str], list]:
+    """Outputs to compare, the per-layer tensor mapping (reference name -> candidate name) and the topo order."""
     out_names = [v.name for v in ref.graph.outputs]
     cand_out = {v.name for v in cand.graph.outputs}
     missing = [n for n in out_names if n not in cand_out]
@@ -136,40 +134,89 @@ def compare_models(ref: ir.Model, cand: ir.Model, data: Dataset, *, ref_provider
             target = deq.get(name, name)
             if target in cand_names:
                 mapping[name] = target
-    ref_run = TapRunner(ref, list(mapping) or None, ref_providers) if layers else None
-    cand_run = TapRunner(cand, list(mapping.values()) or None, cand_providers) if layers else None
-    ref_sess = make_session(ref, providers=ref_providers, prepacking=False)
-    cand_sess = make_session(cand, providers=cand_providers, prepacking=False)
-    out_sums = {n: ErrorSums() for n in out_names}
-    layer_sums = {n: ErrorSums() for n in mapping}
-    preds_ref, preds_cand = [], []
-    for feed in data.batches(batch_size):
-        r_out = ref_sess.run(out_names, feed)
-        c_out = cand_sess.run(out_names, feed)
-        for n, a, b in zip(out_names, r_out, c_out):
-            a, b = np.asarray(a), np.asarray(b)
-            if a.dtype.kind == "f":
-                out_sums[n].update(a, b)
-            else:
-                out_sums[n].update(a.astype(np.float64), b.astype(np.float64))
+    return out_names, mapping, order
+
+
+class Accumulator:
+    """Sessions of both models and the running sums over the batches it is fed; states merge exactly."""
+
+    def __init__(self, ref: ir.Model, cand: ir.Model, *, ref_providers=("cpu",), cand_providers=("cpu",),
+                 layers: bool = True, threads: int | None = None):
+        from qxc.calibrate.collect import TapRunner
+        from qxc.runtime import make_session
+
+        self.out_names, self.mapping, self.order = plan(ref, cand, layers)
+        self.layers = layers
+        self.ref_run = TapRunner(ref, list(self.mapping) or None, ref_providers) if layers else None
+        self.cand_run = TapRunner(cand, list(self.mapping.values()) or None, cand_providers) if layers else None
+        self.ref_sess = make_session(ref, providers=ref_providers, prepacking=False, threads=threads)
+        self.cand_sess = make_session(cand, providers=cand_providers, prepacking=False, threads=threads)
+
+    def empty(self) -> dict:
+        return {"outputs": {n: ErrorSums() for n in self.out_names},
+                "layers": {n: ErrorSums() for n in self.mapping}, "rows": 0, "agree": 0, "correct_ref": 0,
+                "correct_cand": 0, "predicted": 0, "labeled": 0}
+
+    def update(self, state: dict, feed: dict, labels: np.ndarray | None) -> None:
+        r_out = self.ref_sess.run(self.out_names, feed)
+        c_out = self.cand_sess.run(self.out_names, feed)
+        for n, a, b in zip(self.out_names, r_out, c_out):
+            state["outputs"][n].update(np.asarray(a).astype(np.float64), np.asarray(b).astype(np.float64))
         pr, pc = _predictions([np.asarray(a) for a in r_out]), _predictions([np.asarray(b) for b in c_out])
         if pr is not None and pc is not None:
-            preds_ref.append(pr)
-            preds_cand.append(pc)
-        if layers:
-            rt, ct = ref_run.run(feed), cand_run.run(feed)
-            for name, target in mapping.items():
+            state["predicted"] += len(pr)
+            state["agree"] += int(np.sum(pr == pc))
+            if labels is not None and len(labels) == len(pr):
+                lab = np.asarray(labels).astype(pr.dtype)
+                state["labeled"] += len(pr)
+                state["correct_ref"] += int(np.sum(pr == lab))
+                state["correct_cand"] += int(np.sum(pc == lab))
+        if self.layers:
+            rt, ct = self.ref_run.run(feed), self.cand_run.run(feed)
+            for name, target in self.mapping.items():
                 if name in rt and target in ct:
-                    layer_sums[name].update(np.asarray(rt[name]), np.asarray(ct[target]))
-    result.outputs = {n: s.to_json() for n, s in out_sums.items()}
-    if preds_ref:
-        pr, pc = np.concatenate(preds_ref), np.concatenate(preds_cand)
-        result.accuracy = {"agreement": float(np.mean(pr == pc))}
-        if data.labels is not None and len(data.labels) == len(pr):
-            labels = np.asarray(data.labels).astype(pr.dtype)
-            result.accuracy.update({"reference": float(np.mean(pr == labels)), "candidate": float(np.mean(pc == labels))})
+                    state["layers"][name].update(np.asarray(rt[name]), np.asarray(ct[target]))
+
+
+def merge_states(states: list[dict]) -> dict:
+    out = states[0]
+    for st in states[1:]:  # in chunk order
+        for key in ("outputs", "layers"):
+            for n, s in st[key].items():
+                out[key][n] = out[key][n].merge(s)
+        for key in ("rows", "agree", "correct_ref", "correct_cand", "predicted", "labeled"):
+            out[key] += st[key]
+    return out
+
+
+def finish(state: dict, order, mapping, *, layers: bool, jump_db: float, settings: dict) -> Comparison:
+    result = Comparison(settings=settings)
+    result.outputs = {n: s.to_json() for n, s in state["outputs"].items()}
+    if state["predicted"]:
+        result.accuracy = {"agreement": state["agree"] / state["predicted"]}
+        if state["labeled"] == state["predicted"]:
+            result.accuracy.update({"reference": state["correct_ref"] / state["labeled"],
+                                    "candidate": state["correct_cand"] / state["labeled"]})
     if layers:
-        _layer_report(result, order, mapping, layer_sums, jump_db)
+        _layer_report(result, order, mapping, state["layers"], jump_db)
+    return result
+
+
+def compare_models(ref: ir.Model, cand: ir.Model, data: Dataset, *, ref_providers: Sequence[str] = ("cpu",),
+                   cand_providers: Sequence[str] = ("cpu",), layers: bool = True, jump_db: float = 6.0,
+                   batch_size: int = 64) -> Comparison:
+    acc = Accumulator(ref, cand, ref_providers=ref_providers, cand_providers=cand_providers, layers=layers)
+    state = acc.empty()
+    labels = data.labels
+    start = 0
+    for feed in data.batches(batch_size):
+        n = len(next(iter(feed.values()))) if data.stacked is not None else 1
+        state["rows"] += n
+        acc.update(state, feed, None if labels is None else np.asarray(labels)[start : start + n])
+        start += n
+    settings = {"jump_db": jump_db, "batch_size": batch_size, "rows": len(data),
+                "ref_providers": list(ref_providers), "cand_providers": list(cand_providers)}
+    result = finish(state, acc.order, acc.mapping, layers=layers, jump_db=jump_db, settings=settings)
     result.unfused = unfused_nodes(cand, cand_providers)
     return result
 

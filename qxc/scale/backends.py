@@ -9,12 +9,14 @@ from qxc.errors import QxcError, UsageError
 
 
 class Worker:
-    """Holds one model session per process; runs ``fn(worker, chunk, *args)`` for a chunk."""
+    """Holds the model(s) and their sessions per process; runs ``fn(worker, chunk, *args)`` for a chunk."""
 
-    def __init__(self, model_bytes: bytes, providers: Sequence[str], threads: int | None = None):
+    def __init__(self, model_bytes: bytes | list[bytes], providers: Sequence[str], threads: int | None = None):
         from qxc import ir as qir
 
-        self.model = qir.from_proto(model_bytes)
+        blobs = model_bytes if isinstance(model_bytes, list) else [model_bytes]
+        self.models = [qir.from_proto(b) for b in blobs]
+        self.model = self.models[0]
         self.providers = tuple(providers)
         self.threads = threads  # Ray runs one actor per CPU: one onnxruntime thread each
         self.cache: dict[str, Any] = {}
@@ -27,9 +29,7 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, model, providers: Sequence[str] = ("cpu",)):
-        from qxc import ir as qir
-
-        self.worker = Worker(qir.model_bytes(model), providers)
+        self.worker = Worker(_blobs(model), providers)
 
     def map(self, fn: Callable, chunks: list, *args) -> list:
         return [self.worker.run(fn, c, *args) for c in chunks]
@@ -49,8 +49,6 @@ class RayBackend:
             import ray
         except ImportError:
             raise UsageError("--backend ray needs Ray: pip install 'qxc[ray]'") from None
-        from qxc import ir as qir
-
         self.ray = ray
         self._owns = not ray.is_initialized()
         if self._owns:
@@ -59,7 +57,7 @@ class RayBackend:
                      **{k: v for k, v in kwargs.items() if v is not None})
         n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         remote = ray.remote(num_cpus=1, max_restarts=max_retries, max_task_retries=max_retries)(Worker)
-        blob = qir.model_bytes(model)  # inline argument: a restarted actor can always be rebuilt from it
+        blob = _blobs(model)  # inline argument: a restarted actor can always be rebuilt from it
         self.actors = [remote.remote(blob, tuple(providers), 1) for _ in range(n)]
 
     def map(self, fn: Callable, chunks: list, *args) -> list:
@@ -79,6 +77,14 @@ class RayBackend:
             self.ray.kill(a)
         if self._owns:
             self.ray.shutdown()
+
+
+def _blobs(model) -> bytes | list[bytes]:
+    from qxc import ir as qir
+
+    if isinstance(model, list | tuple):
+        return [qir.model_bytes(m) for m in model]
+    return qir.model_bytes(model)
 
 
 def make_backend(kind: str, model, providers: Sequence[str] = ("cpu",), *, address: str | None = None,

@@ -154,3 +154,67 @@ def distributed_permutation(backend, chunks: Sequence[Chunk], *, n_repeats: int 
         imp, metric, baseline = perm / n, "prediction_change", 0.0
     return {"importances": imp, "metric": metric, "baseline_score": float(baseline), "rows": int(n),
             "chunks": len(chunks)}
+
+
+def compare_task(worker, chunk: Chunk, layers: bool, use_labels: bool):
+    """Error sums of reference (model 0) vs candidate (model 1) over one chunk."""
+    from qxc.compare import Accumulator
+
+    if "compare" not in worker.cache:
+        worker.cache["compare"] = Accumulator(worker.models[0], worker.models[1], ref_providers=worker.providers,
+                                              cand_providers=worker.providers, layers=layers, threads=worker.threads)
+    acc = worker.cache["compare"]
+    x, y = chunk.load()
+    x = _cast(x, worker)
+    name = _feed_name(worker)
+    state = acc.empty()
+    for s in range(0, len(x), BATCH):
+        feed = {name: x[s : s + BATCH]}
+        state["rows"] += len(feed[name])
+        acc.update(state, feed, None if (y is None or not use_labels) else y[s : s + BATCH])
+    return state
+
+
+def distributed_compare(backend, chunks: Sequence[Chunk], ref, cand, *, layers: bool = True, jump_db: float = 6.0,
+                        use_labels: bool = True):
+    """``qxc compare`` over chunks: float64 error sums and counts merged in chunk order."""
+    from qxc.compare import finish, merge_states, plan
+
+    _, mapping, order = plan(ref, cand, layers)
+    state = merge_states(backend.map(compare_task, list(chunks), layers, use_labels))
+    settings = {"jump_db": jump_db, "batch_size": BATCH, "rows": state["rows"], "chunks": len(chunks),
+                "backend": backend.name}
+    return finish(state, order, mapping, layers=layers, jump_db=jump_db, settings=settings)
+
+
+def predict_task(worker, chunk: Chunk):
+    """The model's class (classifiers) or output (regressors) for every row of a chunk: surrogate labels."""
+    from qxc.explain.predictor import Predictor
+
+    if "predictor" not in worker.cache:
+        worker.cache["predictor"] = Predictor(worker.model, providers=worker.providers, threads=worker.threads)
+    pred = worker.cache["predictor"]
+    x, _ = chunk.load()
+    p = pred.predict(np.ascontiguousarray(x, dtype=pred.dtype))
+    return np.argmax(p.scores, axis=1) if pred.is_classifier else p.scores.astype(np.float64)
+
+
+def distributed_labels(backend, chunks: Sequence[Chunk]) -> np.ndarray:
+    return np.concatenate(backend.map(predict_task, list(chunks)))
+
+
+def shapley_task(worker, rows: np.ndarray, background: np.ndarray, seed: int):
+    from qxc.explain.predictor import Predictor
+    from qxc.explain.shapley import shapley_values
+
+    if "predictor" not in worker.cache:
+        worker.cache["predictor"] = Predictor(worker.model, providers=worker.providers, threads=worker.threads)
+    res = shapley_values(worker.cache["predictor"], rows, background, random_state=seed)
+    return res.values, res.base_value, res.outputs, res.method
+
+
+def distributed_shapley(backend, x: np.ndarray, background: np.ndarray, *, seed: int = 0, per_task: int = 4):
+    """Shapley values of the rows of ``x``, a few instances per task (instances are independent)."""
+    parts = backend.map(shapley_task, [x[s : s + per_task] for s in range(0, len(x), per_task)], background, seed)
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts]), parts[0][3])

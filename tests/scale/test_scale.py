@@ -113,4 +113,43 @@ def test_cli_explain_on_ray_matches_local(cluster, shards, tmp_path):
                      "-o", str(out)]) == 0
         outs.append(json.loads(out.read_text())["permutation"]["values"])
     assert outs[0] == outs[1]
-    assert main(["explain", str(MODELS / "digits_mlp.onnx"), "--data", str(shards), "--method", "shapley"]) == 2
+    assert main(["explain", str(MODELS / "digits_mlp.onnx"), "--data", str(shards), "--method", "local"]) == 2
+
+
+def test_compare_shapley_and_tree_on_ray_match_local(cluster, shards, tmp_path):
+    import json
+
+    from qxc import compile_model
+    from qxc.cli import main
+
+    q = compile_model(MODELS / "digits_mlp.onnx", "insert-qdq", data=MODELS / "digits_train.npz")
+    qir.save(q.model, tmp_path / "q.onnx")
+    docs = {}
+    for backend in ("local", "ray"):
+        out = tmp_path / f"c_{backend}.json"
+        assert main(["compare", str(MODELS / "digits_mlp.onnx"), str(tmp_path / "q.onnx"), "--data", str(shards),
+                     "--backend", backend, "--workers", "2", "--chunk-rows", "200", "--json", str(out)]) == 0
+        exp = tmp_path / f"e_{backend}.json"
+        assert main(["explain", str(MODELS / "digits_mlp.onnx"), "--data", str(shards), "--method",
+                     "shapley,tree", "--instances", "6", "--backend", backend, "--workers", "2", "--chunk-rows",
+                     "200", "-o", str(exp)]) == 0
+        docs[backend] = (json.loads(out.read_text()), json.loads(exp.read_text()))
+    (cl, el), (cr, er) = docs["local"], docs["ray"]
+    def close(a, b):
+        return a == b or abs(a - b) < 1e-6
+
+    for name in cl["outputs"]:
+        assert close(cl["outputs"][name]["sqnr_db"], cr["outputs"][name]["sqnr_db"])
+    assert cl["accuracy"] == cr["accuracy"] and cl["first_jump"]["tensor"] == cr["first_jump"]["tensor"]
+    np.testing.assert_allclose(el["shapley"]["values"], er["shapley"]["values"], atol=1e-6)
+    assert el["tree"]["rules"] == er["tree"]["rules"] and el["tree"]["fidelity"] == er["tree"]["fidelity"]
+    # the chunked compare agrees with the in-memory one
+    whole = compare_models_whole(tmp_path / "q.onnx")
+    assert close(whole["outputs"]["probabilities"]["sqnr_db"], cl["outputs"]["probabilities"]["sqnr_db"])
+
+
+def compare_models_whole(candidate):
+    from qxc.compare import compare_models
+
+    ref = qir.load(MODELS / "digits_mlp.onnx")
+    return compare_models(ref, qir.load(candidate), load_data(MODELS / "digits_train.npz", ref)).to_json()
