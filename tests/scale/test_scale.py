@@ -69,13 +69,13 @@ def test_ray_equals_local_for_ranges_and_importance(cluster, shards):
 
 def test_a_killed_worker_is_retried_and_the_result_is_unchanged(cluster, shards):
     model = qir.load(MODELS / "digits_mlp.onnx")
-    chunks = chunks_of(shards, "X", 40)
-    expected = distributed_permutation(LocalBackend(model), chunks, n_repeats=1, random_state=0)
+    chunks = chunks_of(shards, "X", 20)  # 68 chunks: the run lasts long enough to be interrupted
+    expected = distributed_permutation(LocalBackend(model), chunks, n_repeats=3, random_state=0)
     remote = RayBackend(model, workers=2)
     try:
         from qxc.scale.tasks import permutation_task
 
-        refs = [remote.actors[i % 2].run.remote(permutation_task, c, 1, 0, True) for i, c in enumerate(chunks)]
+        refs = [remote.actors[i % 2].run.remote(permutation_task, c, 3, 0, True) for i, c in enumerate(chunks)]
         ready, _ = ray.wait(refs, num_returns=2, timeout=60)
         assert len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs), "finished before the kill"
         ray.kill(remote.actors[0], no_restart=False)  # the process dies mid-run; Ray restarts it and retries
