@@ -101,7 +101,7 @@ def _bad_models(tmp: os.PathLike):
     return cases
 
 
-def test_bad_input_corpus(tmp_path):
+def test_bad_input_corpus(tmp_path, figure):
     folder = tmp_path / "corpus"
     folder.mkdir()
     cases = _bad_models(folder)
@@ -154,7 +154,7 @@ def test_bad_input_corpus(tmp_path):
     after = {p.name: p.read_bytes() for p in folder.iterdir()}
     leftovers = sorted(set(after) - set(before))
     assert after == {k: before[k] for k in after if k in before} and not leftovers, leftovers
-    print(f"\nbad inputs tried: {len(runs)}; tracebacks: {tracebacks}; leftover files: {len(leftovers)}")
+    figure(f"bad inputs tried: {len(runs)}; tracebacks: {tracebacks}; leftover files: {len(leftovers)}")
 
 
 def test_debug_prints_the_traceback(tmp_path):

@@ -67,7 +67,7 @@ def _feeds(name):
     return {"X": np.load(MODELS / "digits_test.npz")["X"][:16]}
 
 
-def test_already_quantized_models_survive_every_pass_and_recipe(tmp_path):
+def test_already_quantized_models_survive_every_pass_and_recipe(tmp_path, figure):
     models = _quantized_inputs(tmp_path)
     specs = [n for n, c in registered_passes().items() if c().in_place] + [str(ROOT / f"passes/{r}.toml")
                                                                            for r in RECIPES]
@@ -85,7 +85,7 @@ def test_already_quantized_models_survive_every_pass_and_recipe(tmp_path):
                     if node.op_type == "QuantizeLinear":
                         assert node.inputs[0].dtype == qir.ir.DataType.FLOAT
             checked += 1
-    print(f"\nalready-quantized inputs: {len(models)} models x {len(specs)} passes/recipes = {checked} compiles ran")
+    figure(f"already-quantized inputs: {len(models)} models x {len(specs)} passes/recipes = {checked} compiles ran")
 
 
 def test_same_input_pipeline_and_data_give_identical_bytes_and_json(tmp_path):
@@ -137,7 +137,7 @@ def test_sigint_mid_compile_leaves_no_output_and_exits_130(tmp_path):
 
 
 @pytest.mark.slow
-def test_beyond_2gib_quantize_weights_end_to_end(tmp_path):
+def test_beyond_2gib_quantize_weights_end_to_end(tmp_path, figure):
     """A > 2 GiB model (external data, written in chunks) through quantize-weights in a subprocess."""
     d, ff, layers = 4096, 8192, 9  # 9 x 2 x 32 Mi floats = 2.25 GiB
     rng = np.random.default_rng(0)
@@ -177,7 +177,7 @@ def test_beyond_2gib_quantize_weights_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     peak = int(next(ln for ln in r.stdout.splitlines() if ln.startswith("PEAK")).split()[1])
     out_size = (tmp_path / "q.onnx.data").stat().st_size
-    print(f"\n> 2 GiB model: {size / 2**30:.2f} GiB in, {out_size / 2**30:.2f} GiB out, peak RSS "
+    figure(f"> 2 GiB model: {size / 2**30:.2f} GiB in, {out_size / 2**30:.2f} GiB out, peak RSS "
           f"{peak / 2**30:.2f} GiB ({peak / size:.2f}x the model)")
     assert out_size < 0.3 * size
     assert peak < 0.5 * size

@@ -21,6 +21,8 @@ class Chunk:
     labels_key: str = ""
 
     def load(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.path.endswith(".csv"):
+            return _csv_rows(Path(self.path), self.start, self.stop, self.labels_key)
         if self.path.endswith(".npy"):
             x = np.load(self.path, mmap_mode="r")[self.start : self.stop]
             y = None
@@ -34,7 +36,38 @@ class Chunk:
         return np.ascontiguousarray(x), y
 
 
+def _csv_header(path: Path) -> list[str] | None:
+    with open(path) as f:
+        first = f.readline().strip().split(",")
+    try:
+        [float(c) for c in first]
+        return None
+    except ValueError:
+        return [c.strip() for c in first]
+
+
+def _csv_rows(path: Path, start: int, stop: int, labels_key: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows [start, stop) of a numeric CSV (the worker reads them itself); a header column named
+    label/labels/target/y holds the labels, as for local CSV data."""
+    from qxc.data import LABEL_KEYS
+
+    header = _csv_header(path)
+    table = np.loadtxt(path, delimiter=",", skiprows=start + (1 if header else 0), max_rows=stop - start,
+                       dtype=np.float64, ndmin=2)
+    labels = None
+    if header:
+        cols = [i for i, h in enumerate(header) if h.lower() in LABEL_KEYS]
+        if cols:
+            labels = table[:, cols[0]] if labels_key else None
+            table = np.delete(table, cols[0], axis=1)
+    return table, labels
+
+
 def _rows(path: Path, key: str) -> int:
+    if path.suffix == ".csv":
+        with open(path) as f:
+            n = sum(1 for line in f if line.strip())
+        return n - (1 if _csv_header(path) else 0)
     if path.suffix == ".npy":
         return int(np.load(path, mmap_mode="r").shape[0])
     with np.load(path) as z:
@@ -44,21 +77,21 @@ def _rows(path: Path, key: str) -> int:
 
 
 def chunks_of(source: str | os.PathLike, key: str, chunk_rows: int, labels_key: str = "labels") -> list[Chunk]:
-    """Row-range chunks of an .npy/.npz file, or one chunk per shard (sorted *.npy/*.npz) of a folder."""
+    """Row-range chunks of an .npy/.npz/.csv file, or of every shard (sorted *.npy/*.npz/*.csv) of a folder."""
     source = Path(source)
     if source.is_dir():
-        shards = sorted(p for p in source.iterdir() if p.suffix in (".npy", ".npz") and not p.name.endswith(
-            ".labels.npy"))
+        shards = sorted(p for p in source.iterdir() if p.suffix in (".npy", ".npz", ".csv")
+                        and not p.name.endswith(".labels.npy"))
         if not shards:
-            raise DataError(f"{source}: no .npy/.npz shards in the folder")
+            raise DataError(f"{source}: no .npy/.npz/.csv shards in the folder")
         out = []
         for p in shards:
             n = _rows(p, key)
             for s in range(0, n, chunk_rows):
                 out.append(Chunk(len(out), str(p), key, s, min(n, s + chunk_rows), labels_key))
         return out
-    if source.suffix not in (".npy", ".npz"):
-        raise DataError(f"{source}: the Ray backend reads .npy/.npz files or a folder of shards")
+    if source.suffix not in (".npy", ".npz", ".csv"):
+        raise DataError(f"{source}: chunked runs read .npy/.npz/.csv files or a folder of shards")
     n = _rows(source, key)
     if n == 0:
         raise DataError(f"{source}: zero rows")

@@ -153,3 +153,34 @@ def compare_models_whole(candidate):
 
     ref = qir.load(MODELS / "digits_mlp.onnx")
     return compare_models(ref, qir.load(candidate), load_data(MODELS / "digits_train.npz", ref)).to_json()
+
+
+def test_csv_chunks_match_the_npz(tmp_path):
+    with np.load(MODELS / "diabetes_test.npz") as z:
+        x, y = z["X"], z["labels"]
+    header = ",".join([f"f{i}" for i in range(10)] + ["target"])
+    rows = "\n".join(",".join(repr(float(v)) for v in [*r, t]) for r, t in zip(x, y))
+    (tmp_path / "d.csv").write_text(header + "\n" + rows + "\n")
+    model = qir.load(MODELS / "diabetes_mlp.onnx")
+    local = LocalBackend(model)
+    a = distributed_permutation(local, chunks_of(tmp_path / "d.csv", "X", 40), n_repeats=2)
+    b = distributed_permutation(local, chunks_of(MODELS / "diabetes_test.npz", "X", 40), n_repeats=2)
+    np.testing.assert_allclose(a["importances"], b["importances"], atol=1e-6)
+    assert a["metric"] == "r2"
+
+
+def test_ray_backend_without_ray_is_a_clear_error(monkeypatch):
+    import builtins
+
+    from qxc.errors import UsageError
+
+    real = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(UsageError, match=r"needs Ray: pip install 'qxc\[ray\]'"):
+        RayBackend(qir.load(MODELS / "digits_mlp.onnx"))
