@@ -114,4 +114,5 @@ class LocalSurrogate(_Base):
         res = fit_local(self.predictor_, np.asarray(X), self.data_, n_samples=self.n_samples,
                         random_state=self.random_state)
         self.coef_, self.intercept_, self.fidelity_ = res.coef, res.intercept, res.fidelity
-        return res.contributions(np.asarray(X), self.data_.mean(axis=0))
+        self.representation_ = res.representation
+        return res.values

@@ -85,7 +85,7 @@ def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutatio
         from qxc.explain.surrogates import fit_local
 
         loc = fit_local(predictor, x[pick], x, n_samples=local_samples, random_state=seed)
-        doc["local"] = {**loc.to_json(features, x[pick], x.mean(axis=0)), "instances": pick.tolist()}
+        doc["local"] = {**loc.to_json(features), "instances": pick.tolist()}
     if "layers" in methods:
         from qxc.explain.layers import activation_stats
 

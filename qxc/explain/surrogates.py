@@ -84,20 +84,20 @@ def fit_tree(predictor: Predictor, x: np.ndarray, features: list[str], *, max_de
 
 @dataclass
 class LocalResult:
-    coef: np.ndarray  # (instances, features) in the model's output units per feature unit
+    values: np.ndarray  # (instances, features): each feature's local contribution to the explained output
+    coef: np.ndarray  # (instances, features): slope per feature unit (continuous) or the in-bin effect (binned)
     intercept: np.ndarray
     fidelity: np.ndarray  # (instances,) weighted R^2 on held-out neighbourhood samples
     fidelity_in_sample: np.ndarray
     outputs: np.ndarray
+    representation: list[str]  # per instance: "continuous" or "binned"
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
 
-    def contributions(self, x: np.ndarray, center: np.ndarray) -> np.ndarray:
-        return self.coef * (x - center)
-
-    def to_json(self, features: list[str], x: np.ndarray, center: np.ndarray) -> dict:
-        return {"values": np.round(self.contributions(x, center), 8).tolist(), "coef": np.round(self.coef, 8).tolist(),
+    def to_json(self, features: list[str]) -> dict:
+        return {"values": np.round(self.values, 8).tolist(), "coef": np.round(self.coef, 8).tolist(),
                 "intercept": np.round(self.intercept, 8).tolist(), "features": features,
+                "representation": self.representation,
                 "fidelity": np.round(self.fidelity, 6).tolist(), "fidelity_mean": round(float(np.mean(self.fidelity)), 6),
                 "fidelity_in_sample_mean": round(float(np.mean(self.fidelity_in_sample)), 6),
                 "outputs": np.round(self.outputs, 8).tolist(), "seconds": round(self.seconds, 4),
@@ -134,47 +134,122 @@ def sample_neighbourhood(x0: np.ndarray, data: np.ndarray, n: int, rng: np.rando
     return s
 
 
+def _bins(data: np.ndarray) -> list[np.ndarray]:
+    return [np.unique(np.quantile(data[:, j], [0.25, 0.5, 0.75])) for j in range(data.shape[1])]
+
+
+def _bin_of(values: np.ndarray, edges: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(values.shape, np.int64)
+    for j, e in enumerate(edges):
+        out[..., j] = np.searchsorted(e, values[..., j], side="left")
+    return out
+
+
+class _Rep:
+    """One neighbourhood: how samples are drawn, the design matrix a linear model sees, and the sample weights."""
+
+    def __init__(self, kind: str, x0: np.ndarray, data: np.ndarray, width: float, discrete, levels):
+        self.kind, self.x0, self.data, self.width = kind, x0, data, width
+        self.discrete, self.levels = discrete, levels
+        self.sd = np.where(data.std(axis=0) > 0, data.std(axis=0), 1.0)
+        if kind == "binned":
+            self.edges = _bins(data)
+            self.bin0 = _bin_of(x0, self.edges)
+
+    def draw(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        k, f = self.x0.shape
+        if self.kind == "continuous":
+            s = sample_neighbourhood(self.x0, self.data, n, rng, discrete=self.discrete, levels=self.levels)
+        else:  # LIME's tabular sampling: every feature drawn from its observed marginal
+            s = self.data[rng.integers(0, len(self.data), (k, n, f)), np.arange(f)[None, None, :]]
+        s[:, 0, :] = self.x0
+        return s
+
+    def design(self, s: np.ndarray) -> np.ndarray:
+        if self.kind == "continuous":
+            return (s - self.x0[:, None, :]) / self.sd
+        return (_bin_of(s, self.edges) == self.bin0[:, None, :]).astype(np.float64)
+
+    def weights(self, z: np.ndarray) -> np.ndarray:
+        d2 = (z**2).sum(axis=2) if self.kind == "continuous" else ((1 - z) ** 2).sum(axis=2)
+        return np.exp(-d2 / self.width**2)
+
+
+def _fit(z, y, w, alpha):
+    k, n, f = z.shape
+    a = np.concatenate([np.ones((k, n, 1)), z], axis=2)
+    aw = a * w[:, :, None]
+    gram = np.einsum("kni,knj->kij", aw, a) + alpha * np.eye(f + 1)[None] * np.r_[0, np.ones(f)][None, :, None]
+    return np.linalg.solve(gram, np.einsum("kni,kn->ki", aw, y)[..., None])[..., 0]  # (k, f+1)
+
+
+def _r2(beta, z, y, w):
+    pred = beta[:, :1] + np.einsum("knf,kf->kn", z, beta[:, 1:])
+    mean = (w * y).sum(1, keepdims=True) / w.sum(1, keepdims=True)
+    ss_res = (w * (y - pred) ** 2).sum(1)
+    ss_tot = (w * (y - mean) ** 2).sum(1)
+    return np.where(ss_tot > 0, 1 - ss_res / np.where(ss_tot > 0, ss_tot, 1), 1.0)
+
+
 def fit_local(predictor: Predictor, x0: np.ndarray, data: np.ndarray, *, n_samples: int = 1000,
-              kernel_width: float | None = None, alpha: float = 1e-3, random_state: int = 0) -> LocalResult:
+              kernel_width: float | None = None, alpha: float = 1e-3, representation: str = "auto",
+              random_state: int = 0) -> LocalResult:
+    """Local linear surrogates for every row of ``x0`` at once.
+
+    ``representation``: ``continuous`` (slopes in a small in-range neighbourhood), ``binned`` (LIME's quartile
+    indicators over the data's marginals, which suit step-function models such as tree ensembles) or ``auto``: both
+    are fit and, per instance, the one with the better fidelity on a validation draw is kept. The reported fidelity
+    always comes from a further held-out draw that neither the fit nor the choice saw.
+    """
     t = time.perf_counter()
     rng = np.random.default_rng(random_state)
     data = np.asarray(data, np.float64)
     x0 = np.asarray(x0, np.float64)
     k, f = x0.shape
     discrete, levels = _feature_kinds(data)
-    sd = np.where(data.std(axis=0) > 0, data.std(axis=0), 1.0)
     width = kernel_width or 0.75 * np.sqrt(f)
     classes = np.argmax(predictor.predict(x0.astype(predictor.dtype)).scores, axis=1) \
         if predictor.is_classifier else None
+    kinds = ["continuous", "binned"] if representation == "auto" else [representation]
+    if any(kind not in ("continuous", "binned") for kind in kinds):
+        raise ValueError(f"unknown representation '{representation}'; use auto, continuous or binned")
 
-    def draw():
-        s = sample_neighbourhood(x0, data, n_samples, rng, discrete=discrete, levels=levels)
-        s[:, 0, :] = x0  # the instance itself
-        cls = None if classes is None else np.repeat(classes, n_samples)
-        y = predictor.value(s.reshape(-1, f).astype(predictor.dtype), cls).reshape(k, n_samples)
-        d = np.sqrt((((s - x0[:, None, :]) / sd) ** 2).sum(axis=2))
-        w = np.exp(-(d**2) / width**2)
-        return s, y, w
+    def evaluate(rep: _Rep, n: int):
+        s = rep.draw(n, rng)
+        cls = None if classes is None else np.repeat(classes, n)
+        y = predictor.value(s.reshape(-1, f).astype(predictor.dtype), cls).reshape(k, n)
+        z = rep.design(s)
+        return z, y, rep.weights(z)
 
-    s, y, w = draw()
-    z = (s - x0[:, None, :]) / sd  # centred, standardised design
-    a = np.concatenate([np.ones((k, n_samples, 1)), z], axis=2)
-    aw = a * w[:, :, None]
-    gram = np.einsum("kni,knj->kij", aw, a) + alpha * np.eye(f + 1)[None] * np.r_[0, np.ones(f)][None, :, None]
-    rhs = np.einsum("kni,kn->ki", aw, y)
-    beta = np.linalg.solve(gram, rhs[..., None])[..., 0]  # (k, f+1)
-
-    def r2(s_, y_, w_):
-        pred = beta[:, :1] + np.einsum("knf,kf->kn", (s_ - x0[:, None, :]) / sd, beta[:, 1:])
-        mean = (w_ * y_).sum(1, keepdims=True) / w_.sum(1, keepdims=True)
-        ss_res = (w_ * (y_ - pred) ** 2).sum(1)
-        ss_tot = (w_ * (y_ - mean) ** 2).sum(1)
-        return np.where(ss_tot > 0, 1 - ss_res / np.where(ss_tot > 0, ss_tot, 1), 1.0)
-
-    in_sample = r2(s, y, w)
-    s2, y2, w2 = draw()  # held-out neighbourhood
-    held = r2(s2, y2, w2)
-    coef = beta[:, 1:] / sd
-    return LocalResult(coef, beta[:, 0], held, in_sample, y[:, 0], time.perf_counter() - t,
+    # the row budget stays ~2 x n_samples per instance: in auto mode each representation is fit on half of it
+    n_fit = n_samples if len(kinds) == 1 else max(100, n_samples // 2)
+    fits = {}
+    for kind in kinds:
+        rep = _Rep(kind, x0, data, width, discrete, levels)
+        z, y, w = evaluate(rep, n_fit)
+        beta = _fit(z, y, w, alpha)
+        val = _r2(beta, *evaluate(rep, max(50, n_samples // 4))) if len(kinds) > 1 else np.zeros(k)
+        fits[kind] = (rep, beta, _r2(beta, z, y, w), val, y[:, 0])
+    pick = np.array([max(kinds, key=lambda kd: fits[kd][3][i]) for i in range(k)])
+    beta = np.stack([fits[pick[i]][1][i] for i in range(k)])
+    in_sample = np.array([fits[pick[i]][2][i] for i in range(k)])
+    held = np.zeros(k)
+    for kind in kinds:  # the held-out draw, in the neighbourhood each instance's chosen surrogate lives in
+        rows = pick == kind
+        if rows.any():
+            held[rows] = _r2(fits[kind][1], *evaluate(fits[kind][0], max(100, n_samples // 2)))[rows]
+    values = np.empty((k, f))
+    coef = np.empty((k, f))
+    center = data.mean(axis=0)
+    sd = fits[kinds[0]][0].sd
+    for i in range(k):
+        if pick[i] == "continuous":
+            coef[i] = beta[i, 1:] / sd
+            values[i] = coef[i] * (x0[i] - center)
+        else:
+            coef[i] = beta[i, 1:]
+            values[i] = beta[i, 1:]  # the effect of being in the instance's quartile bin
+    return LocalResult(values, coef, beta[:, 0], held, in_sample, fits[kinds[0]][4], pick.tolist(),
+                       time.perf_counter() - t,
                        {"n_samples": n_samples, "kernel_width": width, "alpha": alpha, "random_state": random_state,
-                        "discrete_features": int(discrete.sum())})
+                        "representation": representation, "discrete_features": int(discrete.sum())})
