@@ -1,7 +1,7 @@
 """Build qxc's reference models and their data from data that ships with scikit-learn (nothing is downloaded).
 
     python models/build.py            # the small committed models and fixtures (< 1 MB each)
-    python models/build.py --ffn      # also the 37.8M-parameter FFN into models/large/ (ignored by git)
+    python models/build.py --ffn      # also the 37.8M-parameter FFN into models/large/ffn_18x512x2048/ (ignored)
     python models/build.py --ffn --layers 4 --out /tmp/ffn   # a smaller FFN elsewhere
 
 Every model is built deterministically (fixed seeds), so a rebuild gives the same numbers.
@@ -252,7 +252,7 @@ def main():
     ap.add_argument("--layers", type=int, default=18)
     ap.add_argument("--d-model", type=int, default=512)
     ap.add_argument("--d-ff", type=int, default=2048)
-    ap.add_argument("--out", type=Path, default=HERE / "large", help="folder for the large FFN")
+    ap.add_argument("--out", type=Path, help="folder for the large FFN (default models/large/ffn_LxDxF)")
     args = ap.parse_args()
     if not args.ffn_only:
         build_digits_mlp(HERE)
@@ -261,7 +261,8 @@ def main():
         build_cnn(HERE)
         build_fixtures(HERE / "fixtures")
     if args.ffn or args.ffn_only:
-        build_ffn(args.out, args.d_model, args.d_ff, args.layers)
+        out = args.out or HERE / "large" / f"ffn_{args.layers}x{args.d_model}x{args.d_ff}"
+        build_ffn(out, args.d_model, args.d_ff, args.layers)
 
 
 if __name__ == "__main__":
