@@ -224,7 +224,7 @@ def compare_models(ref: ir.Model, cand: ir.Model, data: Dataset, *, ref_provider
 def _layer_report(result: Comparison, order, mapping, sums, jump_db: float) -> None:
     """Per tensor: SQNR, its inputs' worst SQNR and the drop between them (inputs not compared count as exact)."""
     sqnr: dict[str, float] = {}
-    best_drop = -np.inf
+    best_drop = -np.inf  # ranks finite drops; infinite ones rank lowest
     for name, node in order:
         if name not in mapping or sums[name].count == 0:
             continue
@@ -239,10 +239,14 @@ def _layer_report(result: Comparison, order, mapping, sums, jump_db: float) -> N
                  "op": node.op_type if node is not None else "graph-input", **stats,
                  "input_sqnr_db": _num(in_sqnr), "drop_db": _num(drop)}
         result.layers.append(entry)
+        if node is None:
+            continue  # a graph input is where error can start, not a node where it jumps
         if result.first_jump is None and drop >= jump_db:
             result.first_jump = entry
-        if drop > best_drop:
-            best_drop, result.largest_drop = drop, entry
+        # the largest finite drop (an infinite one only marks error appearing after exact inputs)
+        rank = drop if np.isfinite(drop) else -1.0
+        if rank > best_drop or result.largest_drop is None:
+            best_drop, result.largest_drop = rank, entry
 
 
 def unfused_nodes(model: ir.Model, providers: Sequence[str] = ("cpu",)) -> list[dict]:

@@ -25,7 +25,8 @@ def test_compare_quantized_cnn(tmp_path):
     layers = {e["tensor"]: e for e in cmp["layers"]}
     # r1 is compared with its dequantized value; c1 (before the folded Relu) with itself
     assert layers["r1"]["compared_with"] == "r1_dequantized" and layers["c1"]["compared_with"] == "c1"
-    assert cmp["first_jump"]["tensor"] == "image"  # the input quantization is where error starts
+    assert cmp["first_jump"]["tensor"] == "c1"  # the first conv loses > 6 dB against its quantized input
+    assert cmp["largest_drop"]["tensor"] in layers and cmp["largest_drop"]["drop_db"] != "inf"
     assert cmp["unfused"] == []
 
 
