@@ -227,12 +227,17 @@ def cmd_compare(args) -> int:
                       f"drop {e['drop_db']} dB")
         for u in doc["unfused"]:
             print(f"not fused: {u['node']} ({u['op']}): {u['reason']}")
-    if args.fail_below is not None:
-        worst = min((o["sqnr_db"] if not isinstance(o["sqnr_db"], str) else float(o["sqnr_db"]))
-                    for o in doc["outputs"].values())
-        if worst < args.fail_below:
-            print(f"qxc: fidelity below threshold: output SQNR {worst:.2f} dB < {args.fail_below} dB", file=sys.stderr)
-            return 6
+    return _fail_below(doc, args.fail_below)
+
+
+def _fail_below(doc: dict, threshold: float | None) -> int:
+    """Exit code 6 when an output's SQNR is below ``threshold`` dB ("inf"/"-inf" read as floats)."""
+    if threshold is None:
+        return 0
+    worst = min(float(o["sqnr_db"]) for o in doc["outputs"].values())
+    if worst < threshold:
+        print(f"qxc: fidelity below threshold: output SQNR {worst:.2f} dB < {threshold} dB", file=sys.stderr)
+        return 6
     return 0
 
 
@@ -420,12 +425,7 @@ def cmd_compare_chunked(args, ref) -> int:
     result.unfused = unfused_nodes(cand)
     doc = result.to_json()
     _emit_json(doc, args.json if args.json else "-")
-    if args.fail_below is not None:
-        worst = min(float(o["sqnr_db"]) for o in doc["outputs"].values())
-        if worst < args.fail_below:
-            print(f"qxc: fidelity below threshold: output SQNR {worst:.2f} dB < {args.fail_below} dB", file=sys.stderr)
-            return 6
-    return 0
+    return _fail_below(doc, args.fail_below)
 
 
 def cmd_bench(args) -> int:

@@ -86,13 +86,6 @@ class Dataset:
             return Dataset({k: v[:n] for k, v in self.stacked.items()}, None, labels, self.source)
         return Dataset(None, self.samples[:n], labels, self.source)
 
-    def tail(self, n: int) -> Dataset:
-        total = len(self)
-        labels = None if self.labels is None else self.labels[total - n :]
-        if self.stacked is not None:
-            return Dataset({k: v[total - n :] for k, v in self.stacked.items()}, None, labels, self.source)
-        return Dataset(None, self.samples[total - n :], labels, self.source)
-
 
 def _read(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict]:
     if not path.is_file():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import onnx_ir as ir
 
@@ -13,32 +11,8 @@ def all_graphs(model: ir.Model) -> list[ir.Graph]:
     return [model.graph, *model.graph.subgraphs()]
 
 
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant array when it is an initializer (not overridable by a graph input), else None."""
-    if value is None or value.const_value is None:
-        return None
-    if value.is_graph_input():
-        return None
-    return value.const_value.numpy()
-
-
 def is_weight(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None and value.is_initializer() and not value.is_graph_input()
-
-
-def owning_graph(value: ir.Value) -> ir.Graph | None:
-    if value.producer() is not None:
-        return value.producer().graph
-    return value.graph
-
-
-def nodes_using(value: ir.Value) -> Iterator[ir.Node]:
-    seen = set()
-    for use in value.uses():
-        node = use.node
-        if id(node) not in seen:
-            seen.add(id(node))
-            yield node
 
 
 def unique_name(base: str, taken: set[str]) -> str:

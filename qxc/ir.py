@@ -221,8 +221,7 @@ def release_weights(model: ir.Model, values=None) -> None:
     """
     if values is None:
         values = [v for g in model.graphs() for v in g.initializers.values()]
-    targets = values
-    for value in targets:
+    for value in values:
         t = value.const_value if isinstance(value, ir.Value) else value
         if isinstance(t, ir.ExternalTensor):
             with contextlib.suppress(BufferError):

@@ -75,6 +75,8 @@ class QxcPass(ir.passes.InPlacePass):
     exact: ClassVar[bool] = False
     #: a second run changes nothing (false for passes whose target is relative to what is left)
     idempotent: ClassVar[bool] = True
+    #: the result has more outputs than the input (instrument); the original outputs come first
+    changes_signature: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, context: PassContext | None = None):
         self.options = options if options is not None else self.Options()
@@ -491,7 +493,7 @@ class VerifierInstrument(Instrument):
         record.verified.append("checker")
         sig = signature(model)
         expected = self._signature
-        if getattr(pass_, "changes_signature", False):  # instrument: more outputs, the original ones first
+        if pass_.changes_signature:
             sig = (sig[0], sig[1][: len(expected[1])])
         if sig != expected:
             raise PassError(f"pass '{pass_.name}' changed the model's inputs/outputs: {self._signature} -> {sig}")

@@ -50,9 +50,7 @@ def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutatio
     model = qir.coerce_model(model)
     predictor = Predictor(model, providers=providers)
     x = _matrix(data, predictor)
-    y = data.labels if use_labels else None
-    if use_labels and y is None and ("permutation" in methods or "ablation" in methods):
-        y = None  # no labels in the data: prediction change instead of a metric
+    y = data.labels if use_labels else None  # without labels: prediction change instead of a metric
     features = data.meta.get("feature_names") or [f"x{i}" for i in range(x.shape[1])]
     if len(features) != x.shape[1]:
         features = [f"x{i}" for i in range(x.shape[1])]

@@ -14,7 +14,7 @@ until the outputs' relative RMS error is within the budget.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -397,7 +397,7 @@ class InsertQdqPass(QxcPass):
                 for name in candidates:
                     single = model.clone()
                     others = {c for c in candidates if c != name}
-                    p = replace(self._plan(single, others, set()))
+                    p = self._plan(single, others, set())
                     self._apply(single, p, ranges)
                     scores[name] = meter.error(single)
             remaining = [c for c in candidates if c not in excluded and c not in wide]
