@@ -25,7 +25,7 @@ from qxc.calibrate import Ranges, collect_ranges
 from qxc.errors import UsageError
 from qxc.graphs import all_graphs, dequantize_weight, initializer, is_weight, unique_name, value_names
 from qxc.pipeline import QxcPass, opt, register_pass
-from qxc.quant import Granularity, compute_params, quantize_tensor
+from qxc.quant import Granularity, compute_params, qtype, quantize, quantize_tensor
 
 COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 ELEMENTWISE = ("Add", "Mul")
@@ -261,8 +261,6 @@ class InsertQdqPass(QxcPass):
         act, sym = self._activation_type()
         qt = {"int16": "int16" if sym else "uint16"}.get(kind, act)
         s, z = compute_params(np.array([lo]), np.array([hi]), qt, sym)
-        from qxc.quant import qtype
-
         return s[0:1].reshape(()).astype(np.float32), z[0:1].reshape(()).astype(qtype(qt).storage), qt
 
     def _apply(self, model: ir.Model, plan: _Plan, ranges: Ranges) -> dict:
@@ -328,8 +326,6 @@ class InsertQdqPass(QxcPass):
                 continue
             arr = v.const_value.numpy().astype(np.float32)
             s, z, qt = self._params(float(arr.min()), float(arr.max()), "8")
-            from qxc.quant import quantize
-
             q = quantize(arr, s, z.astype(np.int64), qt).astype(z.dtype)
             dequantize_weight(v, q, s, z, taken)
             constants += 1

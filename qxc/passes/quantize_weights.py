@@ -28,6 +28,7 @@ from qxc.graphs import all_graphs, dequantize_weight, unique_name, value_names
 from qxc.passes._weights import weight_rule
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.quant import Granularity, QuantizedTensor, quantize_tensor
+from qxc.quant.numerics import pack_uint4
 
 # op type -> (weight input index, channel axis, reduction axis) for a weight of rank r; axes may depend on attrs
 DEFAULT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
@@ -282,8 +283,6 @@ class QuantizeWeightsPass(QxcPass):
 
     def _emit_nbits(self, value: ir.Value, value_uses: list[_Use], qt: QuantizedTensor, bits: int,
                     taken: set[str]) -> int:
-        from qxc.quant.numerics import pack_uint4
-
         o = self.options
         k, n = value.const_value.shape
         bs = o.block_size
