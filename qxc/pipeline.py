@@ -466,12 +466,15 @@ class StatisticsInstrument(Instrument):
 
     def __init__(self):
         self.before: dict[str, Any] = {}
+        self.current: dict[str, Any] = {}
 
     def before_pipeline(self, model):
-        self.before = model_stats(model)
+        self.before = self.current = model_stats(model)
 
     def after_pass(self, index, pass_, model, record):
-        record.stats = model_stats(model)
+        if record.modified or pass_.changes_signature:  # an unmodified model has the statistics it had
+            self.current = model_stats(model)
+        record.stats = self.current
 
 
 class VerifierInstrument(Instrument):
@@ -486,6 +489,9 @@ class VerifierInstrument(Instrument):
         self._signature = signature(model)
 
     def after_pass(self, index, pass_, model, record):
+        if not record.modified and not pass_.changes_signature:
+            record.verified.append("unchanged")  # the model is the one already verified
+            return
         try:
             qir.check(model)
         except ModelError as e:
@@ -599,7 +605,7 @@ class PassManager:
             records.append(record)
         for inst in self.instruments:
             inst.after_pipeline(model)
-        return CompileResult(model, records, stats.before, model_stats(model), format_pipeline(self.steps))
+        return CompileResult(model, records, stats.before, stats.current, format_pipeline(self.steps))
 
     def _save_failure(self, model: ir.Model, index: int, name: str) -> Path | None:
         if self.failure_path is None:
