@@ -2,9 +2,11 @@
 
     python benchmarks/bench_quantize_weights.py [--models ffn,cnn,digits] [--rounds 3]
 
-For each model: compile time (median of interleaved rounds, each side in a fresh subprocess) and its ratio to a plain
-onnx.load+save, peak RSS of each compile, file size / fp32, output error vs fp32 on the reference data (SQNR dB,
-cosine; accuracy for digits), onnxruntime latency / fp32 (batch 1, 1 thread, interleaved calls).
+Sides: qxc's int4 round-to-nearest with float32 scales is onnxruntime's setting exactly; "f16" stores the scales
+as float16 (the int4-weights recipe does, with method=mse). For each model: compile time (median of interleaved
+rounds, each side in a fresh subprocess) and its ratio to a plain onnx.load+save, peak RSS of each compile, file
+size / fp32, output error vs fp32 on the reference data (SQNR dB, cosine; accuracy for digits), onnxruntime latency
+/ fp32 (batch 1, 1 thread, interleaved calls).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def sides_for(model: Path, tmp: Path, ext: bool) -> dict[str, tuple[str, str, Pa
     p = tmp / "qxc_rtn4.onnx"
     out["qxc int4 rtn b32"] = (*qxc_side(model, p, "quantize-weights{bits=4,symmetric=false,method=rtn,"
                                                    "format=matmulnbits},cleanup"), p)
+    p = tmp / "qxc_rtn4h.onnx"
+    out["qxc int4 rtn b32 f16"] = (*qxc_side(model, p, "quantize-weights{bits=4,symmetric=false,method=rtn,"
+                                                       "format=matmulnbits,scale-dtype=float16},cleanup"), p)
     p = tmp / "qxc_int4.onnx"
     out["qxc int4-weights"] = (*qxc_side(model, p, str(ROOT / "passes/int4-weights.toml")), p)
     return out

@@ -45,6 +45,24 @@ def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def float_scale(graph: ir.Graph, name: str, scale: np.ndarray, taken: set[str]) -> ir.Value:
+    """A float32 scale input: the initializer itself, or for float16 scales (half the bytes on disk) the initializer
+    behind a Cast to float32 at the top of the graph, which onnxruntime folds into a constant when it loads."""
+    scale = np.asarray(scale)
+    if scale.dtype != np.float16:
+        return initializer(graph, name, scale.astype(np.float32))
+    half = initializer(graph, unique_name(f"{name}_f16", taken), scale)
+    cast = ir.Node("", "Cast", [half], [ir.AttrInt64("to", ir.DataType.FLOAT)], name=unique_name(f"{name}_Cast", taken))
+    out = cast.outputs[0]
+    out.name, out.type, out.shape = name, ir.TensorType(ir.DataType.FLOAT), ir.Shape(scale.shape)
+    first = next(iter(graph), None)
+    if first is None:
+        graph.append(cast)
+    else:
+        graph.insert_before(first, cast)
+    return out
+
+
 def dequantize_weight(value: ir.Value, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, taken: set[str], *,
                       axis: int | None = None, block: int | None = None) -> ir.Value:
     """Replace the initializer ``value`` by integer ``q`` + DequantizeLinear (at the top of its graph); returns the
@@ -52,7 +70,7 @@ def dequantize_weight(value: ir.Value, q: np.ndarray, scale: np.ndarray, zero_po
     graph = value.graph
     base = value.name
     qv = initializer(graph, unique_name(f"{base}_quantized", taken), q)
-    sv = initializer(graph, unique_name(f"{base}_scale", taken), np.asarray(scale, np.float32))
+    sv = float_scale(graph, unique_name(f"{base}_scale", taken), scale, taken)
     zv = initializer(graph, unique_name(f"{base}_zero_point", taken), zero_point)
     attrs = []
     if axis is not None and np.ndim(scale):
@@ -65,7 +83,9 @@ def dequantize_weight(value: ir.Value, q: np.ndarray, scale: np.ndarray, zero_po
     out.type, out.shape = value.type, value.shape
     value.replace_all_uses_with(out)
     first = next(iter(graph), None)
-    if first is None:
+    if sv.producer() is not None:  # after the Cast of a float16 scale
+        graph.insert_after(sv.producer(), dq)
+    elif first is None:
         graph.append(dq)
     else:
         graph.insert_before(first, dq)

@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from qxc import ir as qir
 from qxc.errors import UsageError
-from qxc.graphs import all_graphs, dequantize_weight, unique_name, value_names
+from qxc.graphs import all_graphs, dequantize_weight, float_scale, initializer, unique_name, value_names
 from qxc.passes._weights import weight_rule
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.quant import Granularity, QuantizedTensor, quantize_tensor
@@ -45,6 +45,9 @@ class QuantizeWeightsOptions:
     block_size: int = opt(32, "block length along the reduction axis for granularity=block (power of two >= 16)")
     method: Literal["rtn", "mse"] = opt("mse", "round-to-nearest on min/max, or a clipping search minimising MSE")
     format: Literal["qdq", "matmulnbits"] = opt("qdq", "DequantizeLinear nodes, or MatMulNBits for 2-D MatMul weights")
+    scale_dtype: Literal["float32", "float16"] = opt(
+        "float32", "storage of the scales: float16 halves their bytes (int4 block 32: 0.145x instead of 0.16x of fp32); "
+                   "a weight whose scales leave float16's range keeps float32")
     accuracy_level: int = opt(0, "MatMulNBits accuracy_level (0: fp32 compute, 4: int8 compute, faster)")
     ops: tuple[str, ...] = opt(DEFAULT_OPS, f"op types whose weights are quantized (also: {', '.join(OPTIONAL_OPS)})")
     include: tuple[str, ...] = opt((), "only nodes whose name matches one of these regexes")
@@ -199,16 +202,17 @@ class QuantizeWeightsPass(QxcPass):
         bits_for = self._bits_per_weight(model, todo)
         taken = value_names(model)
         quantized = []
-        for (value, value_uses), (bits, g, qt) in zip(todo, self._quantize_all(todo, bits_for)):
+        for (value, value_uses), (bits, g, qt, layout) in zip(todo, self._quantize_all(todo, bits_for)):
             fmt = self._format_for(value, value_uses)
             t = value.const_value
             entry = {"weight": value.name, "nodes": [u.node.name for u in value_uses],
                      "op": value_uses[0].node.op_type, "shape": list(t.shape), "bits": bits,
                      "granularity": "tensor" if g.axis is None else ("channel" if g.block is None else
                                                                     f"block{g.block}"),
-                     "format": fmt, "sqnr_db": round(qt.sqnr, 3), "bytes_before": t.nbytes}
+                     "format": fmt, "scale_dtype": qt.scale_dtype, "sqnr_db": round(qt.sqnr, 3),
+                     "bytes_before": t.nbytes}
             if fmt == "matmulnbits":
-                entry["bytes_after"] = self._emit_nbits(value, value_uses, qt, bits, taken)
+                entry["bytes_after"] = self._emit_nbits(value, value_uses, layout, bits, taken)
             else:
                 entry["bytes_after"] = self._emit_qdq(value, qt, g, taken)
             qir.release_weights(model, [t])  # unmap the float weight: its pages no longer count against us
@@ -256,10 +260,13 @@ class QuantizeWeightsPass(QxcPass):
 
         qt = quantize_tensor(lambda: np.asarray(t.numpy(), dtype=np.float32), qt_name, symmetric=o.symmetric,
                              granularity=g, method=o.method, name=value.name, keep_dequantized=keep,
-                             on_copied=None if keep else unmap)
+                             on_copied=None if keep else unmap, scale_dtype=o.scale_dtype)
         if not keep:
             unmap()
-        return bits, g, qt
+        layout = None
+        if not keep and self._format_for(value, value_uses) == "matmulnbits":
+            layout = self._nbits_layout(qt, bits)  # here, on the worker thread, not on the graph-editing one
+        return bits, g, qt, layout
 
     def _quantize_all(self, todo, bits_for) -> Iterator[tuple[int, Granularity, QuantizedTensor]]:
         """Quantize on two threads (numpy releases the GIL), yielding in order with at most two in flight; weights
@@ -277,44 +284,45 @@ class QuantizeWeightsPass(QxcPass):
 
     # ------------------------------------------------------------------ emitters
     def _emit_qdq(self, value: ir.Value, qt: QuantizedTensor, g: Granularity, taken: set[str]) -> int:
-        dequantize_weight(value, qt.q, qt.scale, qt.zero_point, taken, axis=g.axis, block=g.block)
-        return _stored_bytes(qt.codes.size, qt.qtype.bits) + qt.scale.nbytes + _stored_bytes(qt.zero_points.size,
-                                                                                              qt.qtype.bits)
+        scale = qt.scale.astype(qt.scale_dtype)
+        dequantize_weight(value, qt.q, scale, qt.zero_point, taken, axis=g.axis, block=g.block)
+        return _stored_bytes(qt.codes.size, qt.qtype.bits) + scale.nbytes + _stored_bytes(qt.zero_points.size,
+                                                                                          qt.qtype.bits)
 
-    def _emit_nbits(self, value: ir.Value, value_uses: list[_Use], qt: QuantizedTensor, bits: int,
+    def _nbits_layout(self, qt: QuantizedTensor, bits: int) -> list[tuple[str, np.ndarray]]:
+        """MatMulNBits' initializers: B (N, blocks, packed block), scales (N*blocks) and zero points when asymmetric."""
+        o = self.options
+        k, n = qt.codes.shape
+        bs = o.block_size
+        nb = -(-k // bs)
+        offset = (8 if bits == 4 else 128) if o.symmetric else 0  # MatMulNBits stores unsigned codes
+        codes = qt.codes.T  # (n, k): contiguous, since the codes were computed in this block layout
+        zp = qt.zero_points.T  # (n, nb)
+        if offset:
+            codes = (codes.astype(np.int16) + offset).astype(np.uint8)
+            zp = (zp.astype(np.int16) + offset).astype(np.uint8)
+        pad = nb * bs - k
+        if pad:  # the partial last block is padded with its zero point (dequantizes to 0)
+            codes = np.concatenate([codes, np.repeat(zp[:, -1:], pad, axis=1).astype(codes.dtype)], axis=1)
+        blocks = np.ascontiguousarray(codes, dtype=np.uint8).reshape(n, nb, bs)
+        packed = pack_uint4(blocks) if bits == 4 else blocks
+        out = [("B", packed), ("scales", np.ascontiguousarray(qt.scale.T).reshape(-1).astype(qt.scale_dtype))]
+        if not o.symmetric:
+            zpt = np.ascontiguousarray(zp, dtype=np.uint8)  # (n, nb)
+            out.append(("zero_points", (pack_uint4(zpt) if bits == 4 else zpt).reshape(-1)))
+        return out
+
+    def _emit_nbits(self, value: ir.Value, value_uses: list[_Use], layout: list[tuple[str, np.ndarray]], bits: int,
                     taken: set[str]) -> int:
         o = self.options
         k, n = value.const_value.shape
-        bs = o.block_size
-        nb = -(-k // bs)
-        offset = (8 if bits == 4 else 128) if o.symmetric else 0
-        codes = qt.codes.astype(np.int16)
-        zp = qt.zero_points.astype(np.int16)  # (nb, n)
-        if offset:
-            codes += offset
-            zp += offset
-        pad = nb * bs - k
-        if pad:
-            codes = np.concatenate([codes, np.broadcast_to(np.repeat(zp, bs, axis=0)[k:], (pad, n))], axis=0)
-        blocks = codes.T.reshape(n, nb, bs).astype(np.uint8)
-        packed = pack_uint4(blocks) if bits == 4 else blocks
-        scales = np.ascontiguousarray(qt.scale.T).reshape(-1).astype(np.float32)
-        inits = [("B", packed), ("scales", scales)]
-        if not o.symmetric:
-            zpt = np.ascontiguousarray(zp.T).astype(np.uint8)  # (n, nb)
-            inits.append(("zero_points", (pack_uint4(zpt) if bits == 4 else zpt).reshape(-1)))
         graph = value.graph
-        vals = []
-        for suffix, arr in inits:
-            name = unique_name(f"{value.name}_{suffix}", taken)
-            v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
-                         const_value=ir.tensor(arr, name=name))
-            graph.register_initializer(v)
-            vals.append(v)
+        vals = [float_scale(graph, unique_name(f"{value.name}_{suffix}", taken), arr, taken) if suffix == "scales"
+                else initializer(graph, unique_name(f"{value.name}_{suffix}", taken), arr) for suffix, arr in layout]
         for use in value_uses:
             node = use.node
             attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),
-                     ir.AttrInt64("block_size", bs)]
+                     ir.AttrInt64("block_size", o.block_size)]
             if o.accuracy_level:
                 attrs.append(ir.AttrInt64("accuracy_level", o.accuracy_level))
             new = ir.Node("com.microsoft", "MatMulNBits", [node.inputs[0], *vals], attrs,
@@ -327,7 +335,7 @@ class QuantizeWeightsPass(QxcPass):
             node.graph.remove(node, safe=True)
             new.outputs[0].name = name
         del graph.initializers[value.name]
-        return sum(arr.nbytes for _, arr in inits)
+        return sum(arr.nbytes for _, arr in layout)
 
     # ------------------------------------------------------------------ sensitivity
     def _bits_per_weight(self, model: ir.Model, todo) -> dict[ir.Value, int]:

@@ -217,3 +217,35 @@ def test_ir_model_is_changed_in_place():
     model = qir.load(MODELS / "digits_mlp.onnx")
     result = compile_model(model, "quantize-weights")
     assert result.model is model and isinstance(model, ir.Model)
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
+def test_float16_scales_shrink_the_file_and_onnxruntime_computes_the_same(tmp_path, fmt):
+    proto = mlp_model(sizes=(256, 128, 8), seed=2)
+    onnx.save(proto, tmp_path / "m.onnx")
+    x = np.random.default_rng(1).normal(size=(16, 256)).astype(np.float32)
+    base = f"quantize-weights{{bits=4,symmetric=false,method=rtn,format={fmt}"
+    full = compile_model(tmp_path / "m.onnx", base + "}", verify_runtime=True)
+    half = compile_model(tmp_path / "m.onnx", base + ",scale-dtype=float16}", verify_runtime=True)
+    rep = half.records[0].report
+    assert {e["scale_dtype"] for e in rep["quantized"]} == {"float16"}
+    assert rep["bytes_after"] < full.records[0].report["bytes_after"]
+    assert half.stats_after["weight_bytes"] < full.stats_after["weight_bytes"]
+    dtypes = {v.const_value.dtype for v in half.model.graph.initializers.values() if "scale" in v.name}
+    assert dtypes == {ir.DataType.FLOAT16}
+    # the float16 scales reach the kernel as float32 through a Cast that onnxruntime folds at load
+    ref = run(proto, {"x": x})[0]
+    got_full = run(qir.to_proto(full.model), {"x": x}, optimization=False)[0]
+    got_half = run(qir.to_proto(half.model), {"x": x}, optimization=False)[0]
+    assert sqnr_db(ref, got_half) > sqnr_db(ref, got_full) - 0.1
+    assert sqnr_db(ref, got_half) > 15
+    if fmt == "matmulnbits":  # at load, onnxruntime folds the Casts: the kernels get constant float32 scales
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(qir.to_proto(half.model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        opt = onnx.load(tmp_path / "opt.onnx")
+        assert [n.op_type for n in opt.graph.node].count("Cast") == 0
+        inits = {t.name for t in opt.graph.initializer}
+        assert all(n.input[2] in inits for n in opt.graph.node if n.op_type == "MatMulNBits")

@@ -128,3 +128,27 @@ def test_unknown_type_is_named():
 
 def test_onnx_proto_is_not_needed_for_numerics():
     assert onnx  # the numerics module itself imports no onnx (ruff banned-api), tests may
+
+
+@pytest.mark.parametrize("method", ["rtn", "mse"])
+def test_float16_scales_are_stored_exactly_and_cost_almost_nothing(method):
+    rng = np.random.default_rng(4)
+    w = rng.normal(0, 0.05, size=(128, 96)).astype(np.float32)
+    g = Granularity(axis=0, block=32)
+    full = quantize_tensor(w, "uint4", symmetric=False, granularity=g, method=method)
+    half = quantize_tensor(w, "uint4", symmetric=False, granularity=g, method=method, scale_dtype="float16")
+    assert half.scale_dtype == "float16" and full.scale_dtype == "float32"
+    np.testing.assert_array_equal(half.scale.astype(np.float16).astype(np.float32), half.scale)
+    assert abs(half.sqnr - full.sqnr) < 0.05
+    # the codes are the ones onnxruntime's QuantizeLinear gives for the stored (float16-exact) scale
+    q_ort, y_ort = _ort_qdq(w, "uint4", half.scale, half.zero_point, g)
+    np.testing.assert_array_equal(np.asarray(q_ort).astype(np.int64), half.q.astype(np.int64))
+    np.testing.assert_array_equal(y_ort, half.dequantized)
+
+
+@pytest.mark.parametrize("magnitude", [1e-7, 1e7])
+def test_float16_scales_fall_back_to_float32_outside_half_range(magnitude):
+    w = (np.random.default_rng(5).normal(size=(64, 8)) * magnitude).astype(np.float32)
+    res = quantize_tensor(w, "int4", symmetric=True, granularity=Granularity(axis=0, block=32), scale_dtype="float16")
+    assert res.scale_dtype == "float32" and np.all(np.isfinite(res.scale)) and np.all(res.scale > 0)
+    assert res.sqnr > 15
