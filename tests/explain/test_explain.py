@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 from helpers import MODELS, run
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qxc import compile_model
 from qxc import ir as qir
@@ -174,3 +176,19 @@ def test_explain_refuses_non_tabular_models():
         from qxc.explain.run import explain_model
 
         explain_model(model, load_data(MODELS / "digits_test.npz", model), methods=["magic"])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=3, max_size=12), st.randoms(use_true_random=False))
+def test_spearman_equals_scipy_with_ties(values, rnd):
+    from scipy.stats import spearmanr
+
+    from qxc.explain.importance import spearman
+
+    a = np.array(values, float)
+    b = a.copy()
+    rnd.shuffle(b)
+    b = b + np.array([rnd.choice([0.0, 0.5, 1.0]) for _ in b])
+    if np.all(a == a[0]) or np.all(b == b[0]):
+        return
+    assert spearman(a, b) == pytest.approx(float(spearmanr(a, b).statistic), abs=1e-12)
