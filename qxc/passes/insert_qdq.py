@@ -34,6 +34,10 @@ SHARE = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "
 FOLDED = ("Relu", "Clip")
 DEFAULT_OPS = COMPUTE + ELEMENTWISE + OWN_RANGE + SHARE + FOLDED
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+# ops whose graph-output results stay float (quantize-outputs=false): onnxruntime still runs MatMul/Gemm on int8
+# inputs (MatMulIntegerToFloat, QGemm with float output), and the others are cheap in float; Conv and the pools
+# keep their output QDQ, without which their QLinear kernels would not be used
+FLOAT_OUT = ("MatMul", "Gemm", "Add", "Mul", "Softmax", "Sigmoid", "Concat")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,9 @@ class InsertQdqOptions:
     samples: int = opt(0, "calibrate on at most this many samples (0: all)")
     batch_size: int = opt(0, "calibration batch size (0: auto = 1 sample per run for models with If/Loop, whose "
                              "branches may depend on the whole batch; 64 otherwise)")
+    quantize_outputs: bool = opt(False, "also round graph outputs made by MatMul/Gemm/Add/Mul/Softmax/Sigmoid/"
+                                        "Concat/shape ops to 8 bits (onnxruntime's quantizer does; by default they "
+                                        "stay float, which costs no fusion)")
     max_error: float = opt(0.0, "keep the most harmful nodes out of int8 until output relative RMS error <= this")
     fallback: Literal["float", "int16"] = opt("float", "what max-error does with a harmful node")
 
@@ -163,7 +170,7 @@ class InsertQdqPass(QxcPass):
                     else:
                         add(data, node)
                     out = node.outputs[0]
-                    if _float(out):
+                    if _float(out) and (o.quantize_outputs or not _is_result(out)):
                         add(out, node)
                         plan.share[out.name] = data.name
                     plan.nodes.append(node.name or op)
@@ -186,6 +193,8 @@ class InsertQdqPass(QxcPass):
                 for out in node.outputs:
                     if not _float(out):
                         continue
+                    if not o.quantize_outputs and op in FLOAT_OUT and _is_result(out):
+                        continue  # the model's result is not rounded to 8 bits (see FLOAT_OUT)
                     users = [u.node for u in out.uses()]
                     if (len(users) == 1 and users[0].op_type in FOLDED and self._selected(users[0], excluded)
                             and not out.is_graph_output()):
@@ -409,6 +418,14 @@ class InsertQdqPass(QxcPass):
                 excluded.add(worst)
         return excluded, wide, {"budget": {"max_error": o.max_error, "history": history,
                                            "node_errors": {k: round(v, 6) for k, v in sorted((scores or {}).items())}}}
+
+
+def _is_result(value: ir.Value) -> bool:
+    """A graph output, or a value that only Identity nodes pass on to graph outputs (as skl2onnx exports do)."""
+    if value.is_graph_output():
+        return True
+    uses = list(value.uses())
+    return bool(uses) and all(u.node.op_type == "Identity" and _is_result(u.node.outputs[0]) for u in uses)
 
 
 def model_is_quantized(model: ir.Model) -> bool:
