@@ -1,6 +1,6 @@
 """Issue 3 figures: qxc quantize-weights vs onnxruntime's quantize_dynamic and MatMulNBitsQuantizer.
 
-    python benchmarks/bench_quantize_weights.py [--models ffn,cnn,digits] [--rounds 3]
+    python benchmarks/bench_quantize_weights.py [--models ffn,cnn,digits] [--rounds 3] [--ceiling]
 
 Sides: qxc's int4 round-to-nearest with float32 scales is onnxruntime's setting exactly; "f16" stores the scales
 as float16 (the int4-weights recipe does, with method=mse). For each model: compile time (median of interleaved
@@ -99,12 +99,50 @@ def bench(label: str, model: Path, data: Path, rounds: int, ext: bool, label_key
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def ceiling(model: Path, blocks: int = 20000):
+    """How much any choice of per-block (scale, zero point) can gain over min/max round-to-nearest (uint4, blocks of
+    32): a dense 31 x 31 grid of independent shrink factors for each block's min and max, each followed by the
+    least-squares scale refit, on the FFN's first fc1 and fc2 weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    from qxc.quant import Granularity, quantize_tensor
+
+    m = onnx.load(str(model))
+    weights = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.name in ("layer0.w1", "layer0.w2")}
+    print("\n== int4 block-32 weight SQNR (dB): round-to-nearest, qxc mse, and the best any per-block scale and zero "
+          "point reach (dense 2-D grid + least squares)")
+    print(f"{'weight':<12}{'rtn':>8}{'mse':>8}{'grid':>8}{'mse-rtn':>9}{'grid-rtn':>9}")
+    for name, w in weights.items():
+        g = Granularity(axis=0, block=32)
+        sub = np.ascontiguousarray(w.T.reshape(-1, 32)[:blocks].T)  # (32, blocks): each column one block
+        rtn = quantize_tensor(sub, "uint4", symmetric=False, granularity=g).sqnr
+        mse = quantize_tensor(sub, "uint4", symmetric=False, granularity=g, method="mse").sqnr
+        x = sub.T.astype(np.float64)
+        lo, hi = np.minimum(x.min(1), 0), np.maximum(x.max(1), 0)
+        best = np.full(len(x), np.inf)
+        for a in np.linspace(0.4, 1.0, 31):
+            for b in np.linspace(0.4, 1.0, 31):
+                s = np.maximum((hi * b - lo * a) / 15, 1e-12)
+                z = np.clip(np.rint(-lo * a / s), 0, 15)
+                q = np.clip(np.rint(x / s[:, None]) + z[:, None], 0, 15)
+                c = q - z[:, None]
+                for scale in (s, (x * c).sum(1) / np.maximum((c * c).sum(1), 1e-30)):
+                    qq = np.clip(np.rint(x / scale[:, None]) + z[:, None], 0, 15)
+                    best = np.minimum(best, ((x - scale[:, None] * (qq - z[:, None])) ** 2).sum(1))
+        grid = float(10 * np.log10((x**2).sum() / best.sum()))
+        print(f"{name:<12}{rtn:8.3f}{mse:8.3f}{grid:8.3f}{mse - rtn:9.3f}{grid - rtn:9.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="ffn,cnn,digits")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ceiling", action="store_true", help="also measure the data-free int4 scale-search ceiling")
     args = ap.parse_args()
     models = args.models.split(",")
+    if args.ceiling:
+        ceiling(ensure_ffn())
     if "ffn" in models:
         ffn = ensure_ffn()
         bench("ffn", ffn, ffn.parent / "ffn_data.npz", args.rounds, ext=True)
