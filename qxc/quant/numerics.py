@@ -290,7 +290,7 @@ def _group_mse(m: np.ndarray, qt: QType, symmetric: bool, lo: np.ndarray, hi: np
     """Per-row clipping search minimising reconstruction MSE, then a closed-form least-squares scale.
 
     Each row's range is shrunk by coarse factors, then refined around each row's best (``_SHORT_ROWS`` or
-    ``_LONG_ROWS``); finally, with the codes fixed, the scale minimising ||w - s (q - z)||^2
+    ``_DENSE``); finally, with the codes fixed, the scale minimising ||w - s (q - z)||^2
     (s = <w, q-z> / <q-z, q-z>) is tried. The RTN choice is always a candidate, so the result is never worse than
     round-to-nearest, row by row. Rows are processed in chunks of ``chunk_elems`` elements (cache-sized).
     """
