@@ -20,7 +20,7 @@ import numpy as np
 
 from qxc import __version__
 from qxc import ir as qir
-from qxc.errors import EXIT_CODES, QxcError, UsageError
+from qxc.errors import EXIT_CODES, ModelError, QxcError, UsageError
 
 
 def _dump_json(obj) -> str:
@@ -302,8 +302,9 @@ def cmd_explain_chunked(args, model) -> int:
                               "method": how, "seconds": round(time.perf_counter() - t, 4),
                               "settings": {**settings, "instances": len(inst), "background": len(bg)}}
         if "tree" in methods:
-            from sklearn.model_selection import train_test_split
             from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, export_text
+
+            from qxc.explain.surrogates import holdout_split
 
             t = time.perf_counter()
             sample, rows = [], 0
@@ -315,7 +316,8 @@ def cmd_explain_chunked(args, model) -> int:
             x = np.concatenate([c.load()[0] for c in sample])
             y = distributed_labels(backend, sample)
             classifier = y.dtype.kind in "iu"
-            xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=args.seed)
+            train_rows, test_rows = holdout_split(len(x), 0.25, args.seed)
+            xtr, xte, ytr, yte = x[train_rows], x[test_rows], y[train_rows], y[test_rows]
             tree = (DecisionTreeClassifier if classifier else DecisionTreeRegressor)(
                 max_depth=args.max_depth, random_state=args.seed).fit(xtr, ytr)
             fid = float(np.mean(tree.predict(xte) == yte)) if classifier else float(tree.score(xte, yte))
@@ -369,7 +371,7 @@ def cmd_explain(args) -> int:
                         instances=args.instances, background=args.background, max_depth=args.max_depth,
                         source=str(args.model))
     if args.embed:
-        from qxc.explain.embed import embed, linear_contributions, tree_to_onnx
+        from qxc.explain.embed import embed, linear_contributions, tree_to_onnx, verify_tree
         from qxc.explain.predictor import Predictor
         from qxc.explain.surrogates import fit_tree
 
@@ -378,11 +380,16 @@ def cmd_explain(args) -> int:
         tree = fit_tree(pred, x, doc["features"], max_depth=args.max_depth, random_state=args.seed)
         scores = pred.predict(x).scores
         mean, coef, r2 = linear_contributions(x.astype("float64"), scores.astype("float64"))
-        added = embed(model, tree_to_onnx(tree.tree, x.shape[1], pred.is_classifier), mean, coef)
+        exported = tree_to_onnx(tree.tree, x.shape[1], pred.is_classifier)
+        mismatch = verify_tree(exported, tree.tree, x, pred.is_classifier)  # skl2onnx's export vs scikit-learn
+        if mismatch:
+            raise ModelError(f"the tree surrogate exported to ONNX differs from scikit-learn's by {mismatch:g} on "
+                             f"{args.data}; nothing written to {args.embed}")
+        added = embed(model, exported, mean, coef)
         qir.check(model)
         qir.save(model, args.embed, force=args.force)
         doc["embedded"] = {"path": str(args.embed), "outputs": added, "linear_r2": round(r2, 6),
-                           "tree_fidelity": round(tree.fidelity, 6)}
+                           "tree_fidelity": round(tree.fidelity, 6), "tree_onnx_max_diff": mismatch}
     if args.report:
         from qxc.report import build_report, write_report
 

@@ -72,13 +72,10 @@ def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutatio
         doc["shapley"] = {**res.to_json(features), "instances": pick.tolist()}
     tree = None
     if "tree" in methods:
-        from qxc.explain.embed import tree_to_onnx, verify_tree
         from qxc.explain.surrogates import fit_tree
 
         tree = fit_tree(predictor, x, features, max_depth=max_depth, random_state=seed)
-        doc["tree"] = tree.to_json(features)
-        exported = tree_to_onnx(tree.tree, x.shape[1], predictor.is_classifier)
-        doc["tree"]["onnx_max_diff"] = verify_tree(exported, tree.tree, x, predictor.is_classifier)
+        doc["tree"] = tree.to_json(features)  # exported to ONNX (and verified) by --embed, not on every run
     if "local" in methods:
         from qxc.explain.surrogates import fit_local
 
@@ -97,17 +94,15 @@ def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutatio
 
 
 def _drift(predictor, other, x, y, perm, tree, features, providers, seed, repeats, max_depth) -> dict:
-    from sklearn.model_selection import train_test_split
-
     from qxc.explain.drift import drift
-    from qxc.explain.surrogates import fit_tree
+    from qxc.explain.surrogates import fit_tree, holdout_split
 
     cand = Predictor(other, providers=providers)
     perm_c = permutation_importance(cand, x, y, n_repeats=repeats, random_state=seed)
     perm_r = perm or permutation_importance(predictor, x, y, n_repeats=repeats, random_state=seed)
     tree_r = tree or fit_tree(predictor, x, features, max_depth=max_depth, random_state=seed)
     tree_c = fit_tree(cand, x, features, max_depth=max_depth, random_state=seed)
-    _, holdout = train_test_split(x, test_size=0.25, random_state=seed)
+    holdout = x[holdout_split(len(x), 0.25, seed)[1]]
     out = drift(predictor, cand, x, importance_ref=perm_r.mean, importance_cand=perm_c.mean, tree_ref=tree_r.tree,
                 tree_cand=tree_c.tree, holdout=holdout)
     out["other"] = {"permutation": perm_c.to_json(features), "tree": tree_c.to_json(features)}

@@ -161,6 +161,7 @@ def test_cli_explain_json_embed_and_drift(tmp_path):
         assert key in doc
     assert np.array(doc["shapley"]["values"]).shape == (3, 64) and np.array(doc["local"]["values"]).shape == (3, 64)
     assert doc["drift"]["prediction_agreement"] > 0.95 and -1 <= doc["drift"]["importance_spearman"] <= 1
+    assert doc["embedded"]["tree_onnx_max_diff"] == 0.0  # the exported tree was checked against scikit-learn
     x, _ = _xy("digits")
     emb = run(tmp_path / "emb.onnx", {"X": x[:8]})
     orig = run(MODELS / "digits_mlp.onnx", {"X": x[:8]})
@@ -192,3 +193,27 @@ def test_spearman_equals_scipy_with_ties(values, rnd):
     if np.all(a == a[0]) or np.all(b == b[0]):
         return
     assert spearman(a, b) == pytest.approx(float(spearmanr(a, b).statistic), abs=1e-12)
+
+
+def test_embed_refuses_a_tree_export_that_disagrees_with_scikit_learn(tmp_path, monkeypatch):
+    import qxc.explain.embed as emb
+
+    monkeypatch.setattr(emb, "verify_tree", lambda *a, **k: 1.0)  # as if skl2onnx had mistranslated a threshold
+    out = tmp_path / "emb.onnx"
+    code = main(["explain", str(MODELS / "diabetes_mlp.onnx"), "--data", str(MODELS / "diabetes_test.npz"),
+                 "--method", "tree", "--embed", str(out), "-o", str(tmp_path / "e.json")])
+    assert code == 3 and not out.exists()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 300), st.sampled_from([0.1, 0.25, 0.33, 0.5]), st.integers(0, 2**31 - 1))
+def test_holdout_split_is_sklearns_train_test_split(n, fraction, seed):
+    from sklearn.model_selection import train_test_split
+
+    from qxc.explain.surrogates import holdout_split
+
+    rows = np.arange(n)
+    want_train, want_test = train_test_split(rows, test_size=fraction, random_state=seed)
+    train, test = holdout_split(n, fraction, seed)
+    np.testing.assert_array_equal(train, want_train)
+    np.testing.assert_array_equal(test, want_test)
