@@ -118,6 +118,22 @@ def sweep(rounds: int):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def floor(label: str, model: Path, rounds: int):
+    """The fixed costs of a small compile in a fresh process: onnxruntime's first session (both sides build one to
+    calibrate) and ONNX's operator-schema registry, which importing onnxruntime.quantization fills before the timer
+    starts and qxc fills inside it (its first checker or shape-inference call)."""
+    sides = {
+        "first session": ("import onnxruntime as ort",
+                          f"ort.InferenceSession({str(model)!r}, providers=['CPUExecutionProvider'])"),
+        "schemas": ("import onnx\n" f"m = onnx.load({str(model)!r})", "onnx.shape_inference.infer_shapes(m)"),
+        "schemas after ort import": ("import onnx\nimport onnxruntime.quantization\n" f"m = onnx.load({str(model)!r})",
+                                     "onnx.shape_inference.infer_shapes(m)"),
+    }
+    res = interleave(sides, rounds)
+    print(f"\n== fixed costs in a fresh process ({label}): "
+          + "; ".join(f"{k} {v['seconds'] * 1e3:.1f} ms" for k, v in res.items()))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="ffn,cnn,digits")
@@ -135,6 +151,7 @@ def main():
         if name in models:
             z, t = np.load(ROOT / f"models/{train}.npz"), np.load(ROOT / f"models/{testf}.npz")
             bench(name, ROOT / f"models/{model}.onnx", key, z[key], {key: t[key]}, t["labels"], args.rounds, ext=False)
+            floor(name, ROOT / f"models/{model}.onnx", args.rounds)
     if args.sweep:
         sweep(args.rounds)
 
