@@ -226,7 +226,7 @@ def cmd_compare(args) -> int:
                 print(f"{key.replace('_', ' ')}: {e['tensor']} ({e['op']} {e['node'] or ''}) SQNR {e['sqnr_db']} dB, "
                       f"drop {e['drop_db']} dB")
         for u in doc["unfused"]:
-            print(f"not fused: {u['node']} ({u['op']}): {u['reason']}")
+            print(f"{'kept float' if u.get('expected') else 'not fused'}: {u['node']} ({u['op']}): {u['reason']}")
     return _fail_below(doc, args.fail_below)
 
 

@@ -36,6 +36,14 @@ def value_names(model: ir.Model) -> set[str]:
     return names
 
 
+def is_model_result(value: ir.Value) -> bool:
+    """A graph output, or a value that only Identity nodes pass on to graph outputs (as skl2onnx exports do)."""
+    if value.is_graph_output():
+        return True
+    uses = list(value.uses())
+    return bool(uses) and all(u.node.op_type == "Identity" and is_model_result(u.node.outputs[0]) for u in uses)
+
+
 def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register a new initializer holding ``array`` in ``graph``."""
     array = np.asarray(array)

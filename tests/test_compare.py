@@ -38,6 +38,8 @@ def test_compare_cli_json_and_fail_below(tmp_path, capsys):
                  "--json", str(tmp_path / "c.json")]) == 0
     doc = json.loads((tmp_path / "c.json").read_text())
     assert doc["outputs"]["probabilities"]["sqnr_db"] > 30
+    # the Softmax computing the model's probabilities stays float on purpose: listed as such, not as a missed fusion
+    assert [(u["op"], u["expected"]) for u in doc["unfused"]] == [("Softmax", True)]
     assert main(["compare", str(MODELS / "digits_mlp.onnx"), str(q), "--data", str(MODELS / "digits_test.npz"),
                  "--fail-below", "80", "--no-layers"]) == 6
     assert "fidelity below threshold" in capsys.readouterr().err

@@ -23,7 +23,7 @@ import onnx_ir as ir
 from qxc import ir as qir
 from qxc.calibrate import Ranges, collect_ranges
 from qxc.errors import UsageError
-from qxc.graphs import all_graphs, dequantize_weight, initializer, is_weight, unique_name, value_names
+from qxc.graphs import all_graphs, dequantize_weight, initializer, is_model_result, is_weight, unique_name, value_names
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.quant import Granularity, compute_params, qtype, quantize, quantize_tensor
 
@@ -170,7 +170,7 @@ class InsertQdqPass(QxcPass):
                     else:
                         add(data, node)
                     out = node.outputs[0]
-                    if _float(out) and (o.quantize_outputs or not _is_result(out)):
+                    if _float(out) and (o.quantize_outputs or not is_model_result(out)):
                         add(out, node)
                         plan.share[out.name] = data.name
                     plan.nodes.append(node.name or op)
@@ -193,7 +193,7 @@ class InsertQdqPass(QxcPass):
                 for out in node.outputs:
                     if not _float(out):
                         continue
-                    if not o.quantize_outputs and op in FLOAT_OUT and _is_result(out):
+                    if not o.quantize_outputs and op in FLOAT_OUT and is_model_result(out):
                         continue  # the model's result is not rounded to 8 bits (see FLOAT_OUT)
                     users = [u.node for u in out.uses()]
                     if (len(users) == 1 and users[0].op_type in FOLDED and self._selected(users[0], excluded)
@@ -418,14 +418,6 @@ class InsertQdqPass(QxcPass):
                 excluded.add(worst)
         return excluded, wide, {"budget": {"max_error": o.max_error, "history": history,
                                            "node_errors": {k: round(v, 6) for k, v in sorted((scores or {}).items())}}}
-
-
-def _is_result(value: ir.Value) -> bool:
-    """A graph output, or a value that only Identity nodes pass on to graph outputs (as skl2onnx exports do)."""
-    if value.is_graph_output():
-        return True
-    uses = list(value.uses())
-    return bool(uses) and all(u.node.op_type == "Identity" and _is_result(u.node.outputs[0]) for u in uses)
 
 
 def model_is_quantized(model: ir.Model) -> bool:

@@ -64,6 +64,8 @@ def test_compile_report_cli_has_every_section(tmp_path):
     for anchor in ('id="model"', 'id="pipeline"', 'id="fidelity"', 'id="importance"', 'id="tree"', 'id="local"'):
         assert anchor in html
     assert html.count("<svg") >= 5
+    # every quantized node fused; the Softmax that computes the probabilities is float on purpose, and said so
+    assert "Every quantized compute node was fused" in html and "Kept in float on purpose" in html
     doc = json.loads(out.with_suffix(".json").read_text())
     assert doc["fidelity"]["accuracy"]["candidate"] > 0.95 and doc["latency"]["after_ms"] > 0
     assert doc["explain"]["drift"]["prediction_agreement"] > 0.95
