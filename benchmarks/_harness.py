@@ -40,6 +40,13 @@ def measure(imports: str, body: str, env: dict | None = None) -> dict:
     return json.loads(line[len("__RESULT__"):])
 
 
+def fresh(path: Path) -> str:
+    """An imports-section snippet that deletes ``path`` and its ``.data`` before the timer: onnx appends external
+    data to an existing file, so a side saved again each round would otherwise grow its own output."""
+    return (f"import os\nfor _p in ({str(path)!r}, {str(path) + '.data'!r}):\n"
+            "    if os.path.exists(_p):\n        os.remove(_p)\n")
+
+
 def interleave(sides: dict[str, tuple[str, str]], rounds: int) -> dict[str, dict]:
     """Run every side once per round, alternating, and return per-side medians (and the last 'extra')."""
     runs: dict[str, list[dict]] = {k: [] for k in sides}

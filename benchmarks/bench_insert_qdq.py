@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _harness import ROOT, ensure_ffn, fidelity, interleave, latencies, model_bytes, outputs
+from _harness import ROOT, ensure_ffn, fidelity, fresh, interleave, latencies, model_bytes, outputs
 
 ORT_IMPORTS = """
 import numpy as np
@@ -60,7 +60,7 @@ def bench(label: str, model: Path, key: str, calib_rows: np.ndarray, test: dict,
         calib = _calib_files(tmp, calib_rows, key)
         sides = {}
         for n, c in calib.items():
-            sides[f"ort{n}"] = (ORT_IMPORTS, ort_body(model, tmp / f"ort{n}.onnx", c, key, ext))
+            sides[f"ort{n}"] = (fresh(tmp / f"ort{n}.onnx") + ORT_IMPORTS, ort_body(model, tmp / f"ort{n}.onnx", c, key, ext))
             sides[f"qxc{n}"] = qxc_side(model, tmp / f"qxc{n}.onnx", c)
         res = interleave(sides, rounds)
         ref = outputs(model, test)

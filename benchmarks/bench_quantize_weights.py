@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _harness import ROOT, ensure_ffn, fidelity, interleave, latencies, model_bytes, outputs
+from _harness import ROOT, ensure_ffn, fidelity, fresh, interleave, latencies, model_bytes, outputs
 
 QXC = "from qxc.cli import main as qxc_main\nimport qxc.passes"
 
@@ -64,7 +64,7 @@ def bench(label: str, model: Path, data: Path, rounds: int, ext: bool, label_key
     tmp = Path(tempfile.mkdtemp())
     try:
         sides = sides_for(model, tmp, ext)
-        res = interleave({k: (imp, body) for k, (imp, body, _) in sides.items()}, rounds)
+        res = interleave({k: (fresh(p) + imp, body) for k, (imp, body, p) in sides.items()}, rounds)
         with np.load(data) as z:
             import onnxruntime as ort
 
