@@ -21,6 +21,7 @@ from _harness import ROOT, interleave
 
 from qxc import ir as qir
 from qxc.data import load_data
+from qxc.explain.estimators import SklearnView
 from qxc.explain.importance import permutation_importance
 from qxc.explain.predictor import Predictor
 from qxc.explain.run import explain_model
@@ -28,23 +29,6 @@ from qxc.explain.shapley import shapley_values
 from qxc.explain.surrogates import fit_local
 
 MODELS = {"digits": "digits_mlp", "breast_cancer": "breast_cancer_gb", "diabetes": "diabetes_mlp"}
-
-
-class Wrapped:
-    def __init__(self, p):
-        self.p, self._estimator_type = p, "classifier" if p.is_classifier else "regressor"
-
-    def fit(self, x, y):
-        return self
-
-    def predict(self, x):
-        out = self.p.predict(np.asarray(x, np.float32))
-        return out.labels if self.p.is_classifier else out.scores
-
-    def score(self, x, y):
-        from sklearn.metrics import accuracy_score, r2_score
-
-        return (accuracy_score if self.p.is_classifier else r2_score)(y, self.predict(x))
 
 
 def lime_fidelity(explainer, exp, x, fn, label, n, seed):
@@ -84,7 +68,7 @@ def bench(name: str, instances: int):
     ours = permutation_importance(pred, x, y, n_repeats=5, random_state=0)
     t_ours = time.perf_counter() - t
     t = time.perf_counter()
-    theirs = sk_perm(Wrapped(pred), x, y, n_repeats=5, random_state=0)
+    theirs = sk_perm(SklearnView(pred), x, y, n_repeats=5, random_state=0)
     t_sk = time.perf_counter() - t
     diff = float(np.max(np.abs(ours.importances - theirs.importances)))
     print(f"permutation: max |qxc - sklearn| = {diff:.2e}; time qxc {t_ours:.3f} s, sklearn {t_sk:.3f} s, "

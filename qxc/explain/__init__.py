@@ -5,10 +5,11 @@ from qxc.explain.estimators import (
     LocalSurrogate,
     PermutationImportance,
     ShapleyExplainer,
+    SklearnView,
     TreeSurrogateExplainer,
 )
 from qxc.explain.predictor import Predictor
 from qxc.explain.run import explain_model
 
 __all__ = ["AblationImportance", "LocalSurrogate", "PermutationImportance", "Predictor", "ShapleyExplainer",
-           "TreeSurrogateExplainer", "explain_model"]
+           "SklearnView", "TreeSurrogateExplainer", "explain_model"]

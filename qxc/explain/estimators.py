@@ -16,6 +16,27 @@ from qxc.explain import importance as _imp
 from qxc.explain.predictor import Predictor
 
 
+class SklearnView:
+    """A Predictor as a scikit-learn estimator (``predict``, ``score``; ``fit`` is a no-op), so sklearn's own tools,
+    e.g. ``sklearn.inspection.permutation_importance``, score exactly the predictions qxc's explainers see."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        self._estimator_type = "classifier" if predictor.is_classifier else "regressor"
+
+    def fit(self, X, y=None):
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        out = self.predictor.predict(np.asarray(X, self.predictor.dtype))
+        return out.labels if self.predictor.is_classifier else out.scores
+
+    def score(self, X, y) -> float:
+        from sklearn.metrics import accuracy_score, r2_score
+
+        return (accuracy_score if self.predictor.is_classifier else r2_score)(y, self.predict(X))
+
+
 class _Base:
     def __init__(self, model: Any, *, providers=("cpu",), random_state: int = 0):
         self.model = model

@@ -15,7 +15,7 @@ from qxc import ir as qir
 from qxc.cli import main
 from qxc.data import load_data
 from qxc.errors import UsageError
-from qxc.explain import PermutationImportance, ShapleyExplainer
+from qxc.explain import PermutationImportance, ShapleyExplainer, SklearnView
 from qxc.explain.importance import ablation_importance, permutation_importance
 from qxc.explain.predictor import Predictor
 from qxc.explain.shapley import shapley_values
@@ -27,25 +27,6 @@ def _xy(name, split="test"):
         return z["X"], z["labels"]
 
 
-class _OnnxEstimator:
-    """An sklearn-compatible wrapper so sklearn scores exactly the predictions qxc sees."""
-
-    def __init__(self, predictor, classifier):
-        self.p, self._estimator_type = predictor, "classifier" if classifier else "regressor"
-
-    def fit(self, x, y):
-        return self
-
-    def predict(self, x):
-        out = self.p.predict(np.asarray(x, np.float32))
-        return out.labels if self.p.is_classifier else out.scores
-
-    def score(self, x, y):
-        from sklearn.metrics import accuracy_score, r2_score
-
-        return (accuracy_score if self.p.is_classifier else r2_score)(y, self.predict(x))
-
-
 @pytest.mark.parametrize("name", ["digits_mlp", "diabetes_mlp", "breast_cancer_gb"])
 def test_permutation_equals_sklearn_with_the_same_seed(name):
     from sklearn.inspection import permutation_importance as sk_perm
@@ -55,7 +36,7 @@ def test_permutation_equals_sklearn_with_the_same_seed(name):
     pred = Predictor(qir.load(MODELS / f"{name}.onnx"))
     ours = permutation_importance(pred, x, y, n_repeats=4, random_state=3)
     our_calls = pred.calls
-    theirs = sk_perm(_OnnxEstimator(pred, pred.is_classifier), x, y, n_repeats=4, random_state=3)
+    theirs = sk_perm(SklearnView(pred), x, y, n_repeats=4, random_state=3)
     np.testing.assert_allclose(ours.importances, theirs.importances, atol=1e-6)
     assert our_calls < x.shape[1] * 4 / 10  # batched: far fewer runs than sklearn's one per feature and repeat
 
