@@ -62,7 +62,7 @@ def wrap_in_if(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def mlp_model(sizes=(8, 16, 4), seed=0, opset=17) -> onnx.ModelProto:
+def mlp_model(sizes=(8, 16, 4), seed=0, opset=17, act: str | None = "Relu") -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     x = "x"
@@ -72,8 +72,8 @@ def mlp_model(sizes=(8, 16, 4), seed=0, opset=17) -> onnx.ModelProto:
         nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"mm{i}"], name=f"fc{i}"),
                   helper.make_node("Add", [f"mm{i}", f"b{i}"], [f"h{i}"], name=f"bias{i}")]
         x = f"h{i}"
-        if i < len(sizes) - 2:
-            nodes.append(helper.make_node("Relu", [x], [f"r{i}"], name=f"relu{i}"))
+        if act and i < len(sizes) - 2:
+            nodes.append(helper.make_node(act, [x], [f"r{i}"], name=f"{act.lower()}{i}"))
             x = f"r{i}"
     nodes.append(helper.make_node("Identity", [x], ["y"], name="out"))
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, sizes[0]])],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from helpers import ROOT, run, wrap_in_if
+from helpers import ROOT, mlp_model, run, wrap_in_if
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -21,24 +21,10 @@ def mlps(draw):
     sizes = draw(st.lists(st.integers(4, 24), min_size=2, max_size=4))
     act = draw(st.sampled_from(["Relu", "Sigmoid", None]))
     seed = draw(st.integers(0, 2**16))
-    rng = np.random.default_rng(seed)
-    nodes, inits, x = [], [], "x"
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        inits += [numpy_helper.from_array(rng.normal(0, 1 / np.sqrt(a), (a, b)).astype(np.float32), f"w{i}"),
-                  numpy_helper.from_array(rng.normal(0, 0.1, b).astype(np.float32), f"b{i}")]
-        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"fc{i}"),
-                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"h{i}"], name=f"bias{i}")]
-        x = f"h{i}"
-        if act and i < len(sizes) - 2:
-            nodes.append(helper.make_node(act, [x], [f"a{i}"], name=f"act{i}"))
-            x = f"a{i}"
-    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, sizes[0]])],
-                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, [None, sizes[-1]])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
+    m = mlp_model(tuple(sizes), seed=seed, act=act)
     if draw(st.booleans()):
         m = wrap_in_if(m)
-    return m, {"x": rng.normal(size=(32, sizes[0])).astype(np.float32)}
+    return m, {"x": np.random.default_rng(seed + 1).normal(size=(32, sizes[0])).astype(np.float32)}
 
 
 @st.composite
