@@ -92,3 +92,4 @@ class Predictor:
             return p.scores.astype(np.float64)
         cls = classes if classes is not None else np.argmax(p.scores, axis=1)
         return p.scores[np.arange(len(x)), cls].astype(np.float64)
+

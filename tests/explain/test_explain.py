@@ -86,6 +86,27 @@ def test_exact_shapley_matches_brute_force_and_is_efficient():
     np.testing.assert_allclose(res.values[0], brute, rtol=1e-4, atol=1e-3)
 
 
+def test_exact_shapley_runs_identical_rows_once():
+    from qxc.explain.shapley import _exact_values
+
+    x, _ = _xy("diabetes")
+    x = np.asarray(x, np.float32)
+    pred = Predictor(qir.load(MODELS / "diabetes_mlp.onnx"))
+    bg, inst = x[:40], x[40:44]
+    assert (inst[:, None, 1] == bg[None, :, 1]).any()  # sex is binary: instances share it with background rows
+    fx = pred.value(inst)
+    every, n_every = _exact_values(pred, inst, bg, None, fx, rows_per_run=65536, tie_features=0)
+    dedup, n_dedup = _exact_values(pred, inst, bg, None, fx, rows_per_run=65536)
+    chunked, _ = _exact_values(pred, inst, bg, None, fx, rows_per_run=3000)  # 2 background rows per run
+    assert n_every == 4 * 40 * (2**10 - 1) and n_dedup < 0.8 * n_every
+    np.testing.assert_allclose(dedup, every, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(chunked, every, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(every[:, 0], pred.value(np.repeat(bg, 4, axis=0)).reshape(40, 4).mean(axis=0))
+    np.testing.assert_allclose(every[:, -1], fx, rtol=1e-12)
+    res = shapley_values(pred, inst, bg)
+    assert res.settings["rows_evaluated"] == n_dedup and res.settings["rows_deduplicated"] == n_every - n_dedup
+
+
 def test_kernel_estimate_approaches_exact_and_is_seeded():
     x, _ = _xy("diabetes")
     pred = Predictor(qir.load(MODELS / "diabetes_mlp.onnx"))
