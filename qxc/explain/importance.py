@@ -80,32 +80,46 @@ class ImportanceResult:
                 "baseline_score": self.baseline_score, "seconds": round(self.seconds, 4), "settings": self.settings}
 
 
-def _chunked_scores(predictor: Predictor, blocks, n: int, y, reference, classifier: bool, rows_per_run: int):
-    """Evaluate a stream of n-row perturbed copies, packed into one reused buffer per onnxruntime run."""
-    per_run = max(1, rows_per_run // n)
-    buf = None
-    out, filled = [], 0
-    for block in blocks:
+def with_rows(base: Prediction, rows: np.ndarray, new: Prediction) -> Prediction:
+    """``base`` with the predictions of ``rows`` replaced by ``new`` (the other rows' inputs are unchanged)."""
+    labels = None
+    if base.labels is not None:
+        labels = base.labels.copy()
+        labels[rows] = new.labels
+    scores = base.scores.copy()
+    scores[rows] = new.scores
+    return Prediction(labels, scores)
+
+
+def _changed_scores(predictor: Predictor, blocks, base: Prediction, y, classifier: bool, rows_per_run: int):
+    """Score a stream of perturbed copies of the data, each given as ``(rows, values)``: the rows whose input
+    changed and their new inputs (the other rows keep the base prediction: identical rows are not run again).
+    The changed rows of many copies are packed into one reused buffer per onnxruntime run."""
+    out, pending, buf, filled = [], [], None, 0
+
+    def flush():
+        nonlocal filled
+        pred = predictor.predict(buf[:filled]) if filled else base
+        at = 0
+        for rows in pending:
+            part = Prediction(None if pred.labels is None else pred.labels[at : at + len(rows)],
+                              pred.scores[at : at + len(rows)])
+            out.append(score(with_rows(base, rows, part), y, base, classifier))
+            at += len(rows)
+        pending.clear()
+        filled = 0
+
+    for rows, values in blocks:
         if buf is None:
-            buf = np.empty((per_run, n, block.shape[1]), dtype=predictor.dtype)
-        buf[filled] = block
-        filled += 1
-        if filled == per_run:
-            out.extend(_flush(predictor, buf, filled, n, y, reference, classifier))
-            filled = 0
-    if filled:
-        out.extend(_flush(predictor, buf, filled, n, y, reference, classifier))
+            buf = np.empty((max(rows_per_run, len(base.scores)), values.shape[1]), dtype=predictor.dtype)
+        if filled + len(rows) > len(buf):
+            flush()
+        buf[filled : filled + len(rows)] = values
+        filled += len(rows)
+        pending.append(rows)
+    if pending:
+        flush()
     return out
-
-
-def _flush(predictor, buf, count, n, y, reference, classifier):
-    pred = predictor.predict(buf[:count].reshape(count * n, -1))
-    res = []
-    for i in range(count):
-        sl = slice(i * n, (i + 1) * n)
-        part = Prediction(None if pred.labels is None else pred.labels[sl], pred.scores[sl])
-        res.append(score(part, y, reference, classifier))
-    return res
 
 
 def shuffled_columns(x: np.ndarray, col: int, n_repeats: int, seed: int):
@@ -137,25 +151,24 @@ def permutation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | 
     baseline = score(base, y, base, predictor.is_classifier)
     seed = np.random.RandomState(random_state).randint(np.iinfo(np.int32).max + 1)
 
-    unchanged = []  # (col, repeat) whose shuffled column equals the original: the score is the baseline
+    evaluated = n
 
     def blocks():
+        nonlocal evaluated
         for col in range(f):
-            for r, column in enumerate(shuffled_columns(x, col, n_repeats, seed)):
-                if np.array_equal(column, x[:, col]):  # e.g. a constant feature: evaluated once, as the baseline
-                    unchanged.append(col * n_repeats + r)
-                    continue
-                xp = x.copy()
-                xp[:, col] = column
-                yield xp  # copied into the run buffer by the consumer
+            for column in shuffled_columns(x, col, n_repeats, seed):
+                rows = np.flatnonzero(column != x[:, col])  # rows whose value moved (NaN != NaN: run, to be safe)
+                values = x[rows]
+                values[:, col] = column[rows]
+                evaluated += len(rows)
+                yield rows, values
 
-    evaluated = iter(_chunked_scores(predictor, blocks(), n, y, base, predictor.is_classifier, rows_per_run))
-    skip = set(unchanged)
-    scores = [baseline if i in skip else next(evaluated) for i in range(f * n_repeats)]
+    scores = _changed_scores(predictor, blocks(), base, y, predictor.is_classifier, rows_per_run)
     imp = baseline - np.array(scores).reshape(f, n_repeats)
     metric = ("accuracy" if predictor.is_classifier else "r2") if y is not None else "prediction_change"
     return ImportanceResult(imp, baseline, metric, time.perf_counter() - t,
-                            {"n_repeats": n_repeats, "random_state": random_state, "rows": n})
+                            {"n_repeats": n_repeats, "random_state": random_state, "rows": n,
+                             "rows_evaluated": evaluated})
 
 
 Baseline = Literal["mean", "median", "zero"]
@@ -177,13 +190,19 @@ def ablation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | Non
     n, f = x.shape
     rng = np.random.default_rng(random_state)
     subsets = [rng.choice(n, size=n, replace=True) for _ in range(n_repeats)] if n_repeats > 1 else [np.arange(n)]
-    stacked = []
-    for col in range(f):
-        xa = x.copy()
-        xa[:, col] = ref_val[col]
-        stacked.append(xa)
-    pred_all = predictor.predict(np.concatenate([x, *stacked]))
+    changed = [np.flatnonzero(x[:, col] != ref_val[col]) for col in range(f)]  # the others are the data's rows
+    parts = [x]
+    for col, rows in enumerate(changed):
+        parts.append(x[rows])
+        parts[-1][:, col] = ref_val[col]
+    pred_all = predictor.predict(np.concatenate(parts))
     base = Prediction(None if pred_all.labels is None else pred_all.labels[:n], pred_all.scores[:n])
+    ablated, at = [], n
+    for rows in changed:
+        part = Prediction(None if pred_all.labels is None else pred_all.labels[at : at + len(rows)],
+                          pred_all.scores[at : at + len(rows)])
+        ablated.append(with_rows(base, rows, part))
+        at += len(rows)
     imp = np.zeros((f, len(subsets)))
     baseline_scores = []
     for r, rows in enumerate(subsets):
@@ -192,9 +211,10 @@ def ablation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | Non
         bs = score(b, yy, b, predictor.is_classifier)
         baseline_scores.append(bs)
         for col in range(f):
-            sl = slice((col + 1) * n, (col + 2) * n)
-            p = Prediction(None if pred_all.labels is None else pred_all.labels[sl][rows], pred_all.scores[sl][rows])
+            a = ablated[col]
+            p = Prediction(None if a.labels is None else a.labels[rows], a.scores[rows])
             imp[col, r] = bs - score(p, yy, b, predictor.is_classifier)
     metric = ("accuracy" if predictor.is_classifier else "r2") if y is not None else "prediction_change"
     return ImportanceResult(imp, float(np.mean(baseline_scores)), metric, time.perf_counter() - t,
-                            {"baseline": baseline, "n_repeats": n_repeats, "random_state": random_state, "rows": n})
+                            {"baseline": baseline, "n_repeats": n_repeats, "random_state": random_state, "rows": n,
+                             "rows_evaluated": n + sum(len(r) for r in changed)})

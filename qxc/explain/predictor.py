@@ -1,7 +1,8 @@
 """Run a tabular ONNX model (original or compiled) as a vectorised function for the explainers.
 
-One onnxruntime session; rows go in chunks of at most ``batch_size`` (bounded host and device memory); identical
-rows are evaluated once; skl2onnx classifier outputs (label + probabilities, ZipMap) become arrays.
+One onnxruntime session; rows go in chunks of at most ``batch_size`` (bounded host and device memory); skl2onnx
+classifier outputs (label + probabilities, ZipMap) become arrays. The explainers run only rows that differ from
+ones already run (see ``importance`` and ``shapley``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class Prediction:
 
 class Predictor:
     def __init__(self, model: ir.Model, *, providers: Sequence[str] = ("cpu",), batch_size: int = 65536,
-                 dedupe: bool = False, threads: int | None = None):
+                 threads: int | None = None):
         from qxc.runtime import make_session
 
         specs = input_specs(model)
@@ -39,7 +40,6 @@ class Predictor:
         self.n_features = spec.shape[1] if spec.shape is not None else None
         self.session = make_session(model, providers=providers, threads=threads)
         self.batch_size = batch_size
-        self.dedupe = dedupe
         outs = self.session.get_outputs()
         self.output_names = [o.name for o in outs]
         self.label_out = next((o.name for o in outs if "int" in o.type and len(o.shape or []) == 1), None)
@@ -76,12 +76,6 @@ class Predictor:
         x = np.ascontiguousarray(x, dtype=self.dtype)
         if x.ndim != 2 or (self.n_features is not None and x.shape[1] != self.n_features):
             raise DataError(f"input '{self.input}' expects {self.n_features} features per row; got shape {x.shape}")
-        if self.dedupe and len(x) > 1:
-            uniq, inverse = np.unique(x, axis=0, return_inverse=True)
-            if len(uniq) < 0.9 * len(x):
-                labels, scores = self._run(uniq)
-                inverse = inverse.reshape(-1)
-                return Prediction(None if labels is None else labels[inverse], scores[inverse])
         labels, scores = self._run(x)
         return Prediction(labels, scores)
 

@@ -89,27 +89,45 @@ def _values(predictor: Predictor, x: np.ndarray, background: np.ndarray, z: np.n
     return out
 
 
+def _subsets(features: np.ndarray) -> np.ndarray:
+    """Every subset of ``features`` as an integer bit mask (ascending)."""
+    k = np.arange(1 << len(features))
+    return ((k[:, None] >> np.arange(len(features))) & 1) @ (1 << features)
+
+
 def _exact_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, classes: np.ndarray | None,
-                  fx: np.ndarray, rows_per_run: int, tie_features: int = 4) -> tuple[np.ndarray, int]:
+                  fx: np.ndarray, rows_per_build: int = 1 << 18, tie_features: int = 4) -> tuple[np.ndarray, int]:
     """v[i, S] for every coalition S (an integer bit mask; S = 0 is the mean over the background, S = all is f(x)),
     and the number of rows run.
 
-    The background is taken in chunks of at most ``rows_per_run / 2^M`` rows (bounded memory), and each chunk's rows
-    are grouped by the features they share with the instance (the ``tie_features`` most often shared, so at most
-    2^tie_features groups): for a group sharing the features in ``t``, the row of coalition S is the row of S | t, so
-    only the coalitions containing ``t`` are run and S reads the value of S | t. Ties are bitwise, so deduplicated
-    rows are identical to the bit.
+    The background is taken in chunks of at most ``rows_per_build / 2^M`` rows (bounded memory: 12 MB at 12
+    features), and each chunk's rows are grouped by the features they share with the instance (the ``tie_features``
+    most often shared, so at most 2^tie_features groups): for a group sharing the features in ``t``, the row of
+    coalition S is the row of S | t, so only the coalitions containing ``t`` are run and S reads the value of S | t.
+    Ties are bitwise, so the rows left out are identical to the bit to rows that are run.
+
+    A group's rows are written in one pass: with its free features split in two halves, every coalition is
+    t | a | b (a, b subsets of each half), and its rows over the group's background rows are ``A[a] ^ B[b]`` with
+    ``A[a] = bg ^ ((bg ^ x) & mask(t | a))`` and ``B[b] = (bg ^ x) & mask(b)``: two small tables, one broadcast xor.
     """
     n, m = x.shape
-    full = (1 << m) - 1
     ints = np.arange(1 << m)
-    chunk = max(1, min(len(background), rows_per_run >> m))
+    chunk = max(1, min(len(background), rows_per_build >> m))
     bits = np.dtype(f"u{x.dtype.itemsize}")
-    # every coalition's mask repeated over a chunk of background rows: a group's masks are gathered into its rows
-    tiled = np.tile(np.where(_masks(m), np.array(-1).astype(bits), bits.type(0)), (1, chunk))  # (2^m, chunk*m)
-    buf = np.empty(full * chunk * m, bits)  # reused: a fresh array per run costs its page faults every time
+    words = np.where(_masks(m), np.array(-1).astype(bits), bits.type(0))  # (2^m, m): all ones on S's features
+    buf = np.empty((1 << m) * chunk * m, bits)  # reused: a fresh array per run costs its page faults every time
     xw = np.ascontiguousarray(x).view(bits)
     pow2 = 1 << np.arange(m)
+    plans: dict[int, tuple] = {}  # per shared-feature mask t: the coalitions' halves, their masks tiled over a chunk
+
+    def plan(t: int) -> tuple:
+        if t not in plans:
+            free = np.flatnonzero(((t >> np.arange(m)) & 1) == 0)
+            hi, lo = _subsets(free[len(free) // 2 :]) | t, _subsets(free[: len(free) // 2])
+            plans[t] = ((hi[:, None] | lo[None, :]).reshape(-1), np.tile(words[hi], (1, chunk)),
+                        np.tile(words[lo], (1, chunk)), ints | t)
+        return plans[t]
+
     v = np.zeros((n, 1 << m))
     evaluated = 0
     for i in range(n):
@@ -119,25 +137,32 @@ def _exact_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, c
             counts = tied.sum(axis=0)
             keep = np.argsort(-counts, kind="stable")[:tie_features]
             keep = keep[counts[keep] > 0]
-            patterns, member = np.unique(tied[:, keep] @ pow2[keep], return_inverse=True)
-            groups = [(t, ints[((ints & t) == t) & (ints != full)], np.flatnonzero(member == g))
-                      for g, t in enumerate(patterns)]  # (shared features, coalitions containing them, its rows)
-            rows, start = buf[: sum(len(sel) * len(idx) for _, sel, idx in groups) * m], 0
-            for _, sel, idx in groups:
-                seg = rows[start : start + len(sel) * len(idx) * m].reshape(len(sel), -1)
-                np.bitwise_and(tiled[sel, : seg.shape[1]], (bgw[idx] ^ xw[i]).reshape(-1), out=seg)
-                seg ^= bgw[idx].reshape(-1)  # bg ^ ((bg ^ x) & mask): x on the coalition, the background elsewhere
-                start += seg.size
-            vals = predictor.value(rows.view(x.dtype).reshape(-1, m),
-                                   None if classes is None else np.full(len(rows) // m, classes[i]))
+            pattern = tied[:, keep] @ pow2[keep]
+            order = np.argsort(pattern, kind="stable")
+            groups, start = [], 0
+            for idx in np.split(order, np.flatnonzero(np.diff(pattern[order])) + 1):
+                t = int(pattern[idx[0]])
+                coalitions, mask_hi, mask_lo, reads = plan(t)
+                width = len(idx) * m
+                bg_rows = bgw[idx]
+                diff = (bg_rows ^ xw[i]).reshape(-1)
+                bg_rows = bg_rows.reshape(-1)
+                a = mask_hi[:, :width] & diff
+                a ^= bg_rows
+                b = mask_lo[:, :width] & diff
+                size = len(coalitions) * width
+                np.bitwise_xor(a[:, None, :], b[None, :, :], out=buf[start : start + size].reshape(len(a), len(b), -1))
+                groups.append((coalitions, reads, len(idx)))
+                start += size
+            rows = buf[:start].view(x.dtype).reshape(-1, m)
+            vals = predictor.value(rows, None if classes is None else np.full(len(rows), classes[i]))
             evaluated += len(vals)
             start = 0
-            for t, sel, idx in groups:
-                table = np.empty(1 << m)
-                table[sel] = vals[start : start + len(sel) * len(idx)].reshape(len(sel), len(idx)).sum(axis=1)
-                table[full] = len(idx) * fx[i]
-                v[i] += table[ints | t]
-                start += len(sel) * len(idx)
+            table = np.empty(1 << m)
+            for coalitions, reads, count in groups:
+                table[coalitions] = vals[start : start + len(coalitions) * count].reshape(-1, count).sum(axis=1)
+                v[i] += table[reads]
+                start += len(coalitions) * count
     return v / len(background), evaluated
 
 
@@ -152,12 +177,12 @@ def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, 
         classes = np.argmax(predictor.predict(x).scores, axis=1)
     fx = predictor.value(x, classes)
     if m <= max_exact:
-        v, evaluated = _exact_values(predictor, x, background, classes, fx, rows_per_run)
+        v, evaluated = _exact_values(predictor, x, background, classes, fx)
         base = v[:, 0]
         phi = v @ _exact_weights(_masks(m))
         method = "exact"
         settings = {"coalitions": int(2**m), "rows_evaluated": evaluated,
-                    "rows_deduplicated": int(n * len(background) * (2**m - 1) - evaluated)}
+                    "rows_deduplicated": int(n * len(background) * 2**m - evaluated)}
     else:
         base_rows = predictor.value(np.repeat(background, n, axis=0),
                                     None if classes is None else np.tile(classes, len(background)))

@@ -94,8 +94,8 @@ def _chunk_seed(random_state: int, index: int) -> int:
 
 def permutation_task(worker, chunk: Chunk, n_repeats: int, random_state: int, use_labels: bool):
     """Sufficient statistics of one chunk: per (feature, repeat) correct counts, squared errors or changes."""
-    from qxc.explain.importance import shuffled_columns
-    from qxc.explain.predictor import Predictor
+    from qxc.explain.importance import shuffled_columns, with_rows
+    from qxc.explain.predictor import Prediction, Predictor
 
     if "predictor" not in worker.cache:
         worker.cache["predictor"] = Predictor(worker.model, providers=worker.providers, threads=worker.threads)
@@ -116,15 +116,18 @@ def permutation_task(worker, chunk: Chunk, n_repeats: int, random_state: int, us
 
     seed = _chunk_seed(random_state, chunk.index)
     out = np.zeros((f, n_repeats))
-    buf = np.empty((n_repeats, n, f), dtype=x.dtype)
-    for col in range(f):
-        for r, column in enumerate(shuffled_columns(x, col, n_repeats, seed)):
-            buf[r] = x
-            buf[r, :, col] = column
-        p = pred.predict(buf.reshape(-1, f))
-        for r in range(n_repeats):
-            sl = slice(r * n, (r + 1) * n)
-            out[col, r] = stat(type(p)(None if p.labels is None else p.labels[sl], p.scores[sl]))
+    for col in range(f):  # one run per feature, of the rows whose value the shuffles moved (the rest keep base's)
+        moved, parts = [], []
+        for column in shuffled_columns(x, col, n_repeats, seed):
+            moved.append(np.flatnonzero(column != x[:, col]))
+            parts.append(x[moved[-1]])
+            parts[-1][:, col] = column[moved[-1]]
+        p = pred.predict(np.concatenate(parts)) if sum(map(len, moved)) else base
+        at = 0
+        for r, rows in enumerate(moved):
+            part = Prediction(None if p.labels is None else p.labels[at : at + len(rows)], p.scores[at : at + len(rows)])
+            out[col, r] = stat(with_rows(base, rows, part))
+            at += len(rows)
     extra = {}
     if y is not None and not pred.is_classifier:
         yy = np.asarray(y, np.float64)
