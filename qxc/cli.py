@@ -295,12 +295,9 @@ def cmd_explain_chunked(args, model) -> int:
             rng = np.random.default_rng(args.seed)
             bg = first[np.sort(rng.choice(len(first), size=min(args.background, len(first)), replace=False))]
             inst = first[: args.instances]
-            values, base, outs, how = distributed_shapley(backend, inst, bg, seed=args.seed)
-            doc["shapley"] = {"values": np.round(values, 8).tolist(), "features": feats,
-                              "mean_abs": dict(zip(feats, np.round(np.abs(values).mean(axis=0), 8).tolist())),
-                              "base_value": np.round(base, 8).tolist(), "outputs": np.round(outs, 8).tolist(),
-                              "method": how, "seconds": round(time.perf_counter() - t, 4),
-                              "settings": {**settings, "instances": len(inst), "background": len(bg)}}
+            res = distributed_shapley(backend, inst, bg, seed=args.seed)
+            doc["shapley"] = {**res.to_json(feats), "seconds": round(time.perf_counter() - t, 4),
+                              "settings": {**settings, **res.settings, "instances": len(inst), "background": len(bg)}}
         if "tree" in methods:
             from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, export_text
 

@@ -83,7 +83,7 @@ class AblationImportance(_Base):
 class ShapleyExplainer(_Base):
     """``fit(background)`` then ``explain(X)`` -> (instances, features) Shapley values (also ``shap_values_``)."""
 
-    def __init__(self, model, *, max_exact: int = 12, n_samples: int = 2048, providers=("cpu",), random_state: int = 0):
+    def __init__(self, model, *, max_exact: int = 12, n_samples: int = 32768, providers=("cpu",), random_state: int = 0):
         super().__init__(model, providers=providers, random_state=random_state)
         self.max_exact = max_exact
         self.n_samples = n_samples

@@ -16,6 +16,11 @@ import onnx_ir as ir
 from qxc.data import input_specs
 from qxc.errors import DataError, UsageError
 
+# Rows per onnxruntime run. Small enough that a run's intermediates stay in cache: on the digits MLP 8,192-row runs
+# take 231 ns a row against 327 ns for 65,536-row runs (same on a tree ensemble and the 10-feature MLP), and a fresh
+# session's first runs fault in 8x less arena memory.
+BATCH_ROWS = 8192
+
 
 @dataclass
 class Prediction:
@@ -24,7 +29,7 @@ class Prediction:
 
 
 class Predictor:
-    def __init__(self, model: ir.Model, *, providers: Sequence[str] = ("cpu",), batch_size: int = 65536,
+    def __init__(self, model: ir.Model, *, providers: Sequence[str] = ("cpu",), batch_size: int = BATCH_ROWS,
                  threads: int | None = None):
         from qxc.runtime import make_session
 

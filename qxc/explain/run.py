@@ -4,7 +4,8 @@ Schema ``qxc.explain/1``::
 
     {"schema", "model", "features": [names], "task": "classification"|"regression", "rows",
      "permutation" | "ablation": {"values": {feature: mean}, "std", "stability", "metric", "seconds", "settings"},
-     "shapley": {"values": [[instance x feature]], "mean_abs", "base_value", "method": "exact"|"kernel", ...},
+     "shapley": {"values": [[instance x feature]], "std_error": [[same shape; 0 where exact]], "mean_abs",
+                 "base_value", "method": "exact"|"kernel", "settings": {..., "rows_evaluated"}, ...},
      "tree": {"fidelity", "metric", "rules", "nodes", "depth", "leaves", "seconds", "settings"},
      "local": {"values": [[instance x feature contributions]], "fidelity" (held-out, per instance), ...},
      "layers": {"values": [per-tensor activation statistics]},

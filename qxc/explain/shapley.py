@@ -29,10 +29,14 @@ class ShapleyResult:
     method: str
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
+    # (instances, features) standard error of each value: 0 where exact, NaN where too few samples to tell
+    std_error: np.ndarray | None = None
 
     def to_json(self, features: list[str]) -> dict:
         err = np.abs(self.values.sum(axis=1) + self.base_value - self.outputs)
+        se = np.zeros_like(self.values) if self.std_error is None else self.std_error
         return {"values": np.round(self.values, 8).tolist(), "features": features,
+                "std_error": [[None if np.isnan(e) else round(float(e), 8) for e in row] for row in se],
                 "mean_abs": dict(zip(features, np.round(np.abs(self.values).mean(axis=0), 8).tolist())),
                 "base_value": np.round(self.base_value, 8).tolist(), "outputs": np.round(self.outputs, 8).tolist(),
                 "efficiency_gap_max": float(err.max()) if len(err) else 0.0, "method": self.method,
@@ -167,7 +171,7 @@ def _exact_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, c
 
 
 def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, *, max_exact: int = 12,
-                   n_samples: int = 2048, random_state: int = 0, rows_per_run: int = 65_536) -> ShapleyResult:
+                   n_samples: int = 32768, random_state: int = 0, rows_per_run: int = 65_536) -> ShapleyResult:
     t = time.perf_counter()
     x = np.asarray(x, dtype=predictor.dtype)
     background = np.asarray(background, dtype=predictor.dtype)
@@ -183,66 +187,156 @@ def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, 
         method = "exact"
         settings = {"coalitions": int(2**m), "rows_evaluated": evaluated,
                     "rows_deduplicated": int(n * len(background) * 2**m - evaluated)}
+        std_error = np.zeros_like(phi)
     else:
-        base_rows = predictor.value(np.repeat(background, n, axis=0),
-                                    None if classes is None else np.tile(classes, len(background)))
-        base = base_rows.reshape(len(background), n).mean(axis=0)
-        phi = _kernel(predictor, x, background, classes, fx, base, n_samples, random_state, rows_per_run)
-        method, settings = "kernel", {"n_samples": n_samples, "random_state": random_state}
+        fb = predictor.value(np.repeat(background, n, axis=0),
+                             None if classes is None else np.tile(classes, len(background))).reshape(len(background), n).T
+        base = fb.mean(axis=1)
+        before = predictor.rows_evaluated
+        phi, std_error = _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, rows_per_run)
+        method = "kernel"
+        settings = {"n_samples": n_samples, "random_state": random_state,
+                    "rows_evaluated": int(predictor.rows_evaluated - before + fb.size)}
     settings.update({"background": len(background), "instances": n})
-    return ShapleyResult(phi, base, fx, method, time.perf_counter() - t, settings)
+    return ShapleyResult(phi, base, fx, method, time.perf_counter() - t, settings, std_error)
 
 
-def _kernel(predictor, x, background, classes, fx, base, n_samples, random_state, rows_per_run) -> np.ndarray:
-    """KernelSHAP: coalition sizes with the most kernel mass (1 and M-1, then 2 and M-2, ...) are enumerated while
-    the budget allows, with their exact kernel weights; the remaining mass is covered by sampled coalitions
-    (sizes drawn by kernel mass, each paired with its complement). One weighted least squares for all instances,
-    under the efficiency constraint sum(phi) = f(x) - E[f(background)]."""
+def _sampled_coalitions(m: int, sizes: list[int], n_samples: int, n_background: int, rng: np.random.Generator
+                        ) -> tuple[np.ndarray, np.ndarray, float]:
+    """``n_samples`` coalitions of the given ``sizes``, as complementary pairs: the pairs are shared among the sizes
+    in proportion to the Shapley kernel's mass (stratified, not drawn), the features of each drawn uniformly, and
+    each pair gets one background row, taken in turn from fresh permutations of the background (every row used
+    equally often). Returns the masks, their background rows and the kernel mass they carry."""
+    first = np.array(sorted(k for k in sizes if k <= m - k))  # one size of each complementary pair of sizes
+    pairs = n_samples // 2
+    if not len(first) or pairs < 1:
+        return np.zeros((0, m), bool), np.zeros(0, np.int64), 0.0
+    mass = (m - 1) / (first * (m - first)) * np.where(2 * first == m, 1, 2)  # both sizes of a pair of sizes
+    share = mass / mass.sum() * pairs
+    counts = np.floor(share).astype(np.int64)
+    counts[np.argsort(counts - share, kind="stable")[: pairs - counts.sum()]] += 1
+    size = np.repeat(first, counts)
+    # sizes interleaved evenly along the sequence, so any run of consecutive pairs is itself stratified
+    within = np.arange(pairs) - np.repeat(np.cumsum(counts) - counts, counts)
+    size = size[np.argsort((within + 0.5) / np.repeat(counts, counts), kind="stable")]
+    order = np.argsort(rng.random((pairs, m)), axis=1)  # a uniform random order of the features per pair
+    z = np.empty((2 * pairs, m), bool)
+    np.put_along_axis(z[0::2], order, np.arange(m)[None, :] < size[:, None], axis=1)
+    z[1::2] = ~z[0::2]
+    rows = np.concatenate([rng.permutation(n_background) for _ in range(-(-pairs // n_background))])[:pairs]
+    return z, np.repeat(rows, 2), float(mass.sum())
+
+
+def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, rows_per_run, batches: int = 8
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """KernelSHAP within a budget of ``n_samples`` rows per instance; returns the values and their standard errors.
+
+    The coalition sizes with the most kernel mass (1 and M-1, then 2 and M-2, ...) are enumerated on the whole
+    background while the budget allows (all of them: the exact values). The rest of the budget samples coalitions
+    of the other sizes (``_sampled_coalitions``), each run on a single background row: for the same number of rows,
+    many coalitions on one row each estimate the values far better than few coalitions on every row (measured on
+    the digits MLP: 12x fewer rows than coalitions x background at equal error). The background row's own output is
+    a control variate: its deviation from the background mean, scaled by a slope fitted per coalition size and
+    instance, is taken off each value (unbiased: its mean is zero). One weighted least squares for all instances
+    under the efficiency constraint sum(phi) = f(x) - E[f(background)]; the standard error comes from the spread of
+    the same fit over ``batches`` disjoint shares of the sampled pairs (batch means).
+    """
     n, m = x.shape
+    b = len(background)
+    base = fb.mean(axis=1)
     rng = np.random.default_rng(random_state)
-    mass = {s: (m - 1) / (s * (m - s)) for s in range(1, m)}
-    masks, weights = [], []
-    budget = n_samples
-    enumerated = set()
-    for s in range(1, m // 2 + 1):
-        sizes = {s, m - s}
-        count = sum(math.comb(m, k) for k in sizes)
-        if count > budget:
+    mass = {k: (m - 1) / (k * (m - k)) for k in range(1, m)}
+    ends, w_ends, budget, enumerated = [np.zeros((0, m), bool)], [], n_samples, set()
+    everything = (2**m - 2) * b <= n_samples
+    for k in range(1, m // 2 + 1):
+        sizes = sorted({k, m - k})
+        count = sum(math.comb(m, j) for j in sizes)
+        if not everything and count * b > n_samples // 8:  # worth its rows only when it is cheap
             break
-        for k in sorted(sizes):
-            for combo in _combinations(m, k):
-                masks.append(combo)
-                weights.append(mass[k] / math.comb(m, k))
-        budget -= count
-        enumerated |= sizes
+        for j in sizes:
+            ends.append(_combinations(m, j))
+            w_ends += [mass[j] / math.comb(m, j)] * math.comb(m, j)
+        budget -= count * b
+        enumerated.update(sizes)
+    ends, w_ends = np.concatenate(ends), np.array(w_ends, np.float64)
+    v_ends = _values(predictor, x, background, ends, classes, rows_per_run) if len(ends) else np.zeros((n, 0))
     rest = [k for k in range(1, m) if k not in enumerated]
-    if rest and budget >= 2:
-        p = np.array([mass[k] for k in rest])
-        total = p.sum()
-        half = budget // 2
-        for k in rng.choice(rest, size=half, p=p / total):
-            mk = np.zeros(m, bool)
-            mk[rng.choice(m, size=k, replace=False)] = True
-            masks += [mk, ~mk]
-            weights += [total / (2 * half)] * 2
-    z = np.array(masks)
-    w = np.array(weights)
-    v = _values(predictor, x, background, z, classes, rows_per_run)  # (n, S)
-    zf = z.astype(np.float64)
-    y = v - base[:, None] - zf[:, -1][None, :] * (fx - base)[:, None]  # eliminate the last feature
-    a = zf[:, :-1] - zf[:, -1:]
-    sw = np.sqrt(w)[:, None]
-    sol, *_ = np.linalg.lstsq(a * sw, (y.T * sw), rcond=None)  # (m-1, n)
-    phi = np.empty((n, m))
-    phi[:, :-1] = sol.T
-    phi[:, -1] = (fx - base) - sol.sum(axis=0)
-    return phi
+    z, rows, rest_mass = _sampled_coalitions(m, rest, budget, b, rng)
+    v = np.empty((n, len(z)))
+    if len(z):
+        bits = np.dtype(f"u{x.dtype.itemsize}")
+        words = np.where(z[0::2], np.array(-1).astype(bits), bits.type(0))  # the first coalition of each pair
+        bgw = np.ascontiguousarray(background).view(bits)[rows[0::2]]  # (pairs, m): each pair's background row
+        xw = np.ascontiguousarray(x).view(bits)
+        block = max(1, min(len(words), (1 << 21) // m))  # pairs per run: ~16 MB of rows
+        size = z.sum(axis=1)
+        buf, t = np.empty((2 * block, m), bits), np.empty((block, m), bits)  # reused: no page faults per run
+        for i in range(n):
+            for a in range(0, len(words), block):
+                k = min(block, len(words) - a)
+                np.bitwise_xor(bgw[a : a + k], xw[i], out=t[:k])
+                t[:k] &= words[a : a + k]  # (bg ^ x) & mask: S's row is bg ^ t, its complement's is x ^ t
+                np.bitwise_xor(bgw[a : a + k], t[:k], out=buf[:k])
+                np.bitwise_xor(xw[i], t[:k], out=buf[k : 2 * k])
+                vals = predictor.value(buf[: 2 * k].view(x.dtype), None if classes is None
+                                       else np.full(2 * k, classes[i]))
+                v[i, 2 * a : 2 * (a + k) : 2], v[i, 2 * a + 1 : 2 * (a + k) : 2] = vals[:k], vals[k:]
+            control = fb[i][rows] - base[i]
+            v[i] -= _control_slopes(v[i], control, size) * control
+
+    def design(zz: np.ndarray, vv: np.ndarray, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the regression with the last feature eliminated by the efficiency constraint."""
+        a = zz[:, :-1].astype(dtype)
+        a -= zz[:, -1:]
+        return a, (vv - base[:, None] - zz[:, -1][None, :] * (fx - base)[:, None]).astype(dtype, copy=False)
+
+    def solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+        try:
+            sol = np.linalg.solve(gram, rhs)  # (m-1, n)
+        except np.linalg.LinAlgError:  # too few coalitions to pin every feature down
+            sol = np.linalg.lstsq(gram, rhs, rcond=None)[0]
+        phi = np.empty((n, m))
+        phi[:, :-1] = sol.T
+        phi[:, -1] = (fx - base) - sol.sum(axis=0)
+        return phi
+
+    # weighted least squares through its normal equations; consecutive shares of the sampled pairs (stratified, see
+    # _sampled_coalitions) have Gram matrices and right-hand sides that add up to the whole fit's, and each fits
+    # alone for the batch-means standard error
+    a, y = design(ends, v_ends)
+    gram_e, rhs_e = (a * w_ends[:, None]).T @ a, (a * w_ends[:, None]).T @ y.T
+    use = batches if len(z) >= 2 * batches * m else 1
+    a, y = design(z, v, np.float32)  # sampled part in float32: its Gram matrices are exact (integers < 2^24), its
+    bounds = 2 * (np.arange(use + 1) * (len(z) // 2) // use)  # right-hand sides far inside the sampling error
+    shares = [((a[p:q].T @ a[p:q]).astype(np.float64), (a[p:q].T @ y[:, p:q].T).astype(np.float64), q - p)
+              for p, q in zip(bounds[:-1], bounds[1:])]
+    total = sum(k for *_, k in shares)
+    phi = solve(gram_e + rest_mass / max(1, total) * sum(g for g, _, _ in shares),
+                rhs_e + rest_mass / max(1, total) * sum(r for _, r, _ in shares))
+    if not len(z):
+        return phi, np.zeros_like(phi)  # every coalition enumerated: exact
+    if use == 1:
+        return phi, np.full_like(phi, np.nan)  # too few pairs per batch for a fit of its own
+    parts = np.stack([solve(gram_e + rest_mass / k * g, rhs_e + rest_mass / k * r) for g, r, k in shares])
+    return phi, parts.std(axis=0, ddof=1) / np.sqrt(use)
 
 
-def _combinations(m: int, k: int):
+def _control_slopes(v: np.ndarray, c: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Per coalition, the least-squares slope of the values ``v`` on the control ``c`` within its coalition size."""
+    k = np.bincount(size)
+    cm = np.bincount(size, c) / np.maximum(k, 1)
+    vm = np.bincount(size, v) / np.maximum(k, 1)
+    dc = c - cm[size]
+    var = np.bincount(size, dc * dc)
+    cov = np.bincount(size, dc * (v - vm[size]))
+    return np.where(var > 0, cov / np.where(var > 0, var, 1), 0.0)[size]
+
+
+def _combinations(m: int, k: int) -> np.ndarray:
+    """Every coalition of ``k`` of ``m`` features, as rows of a boolean matrix."""
     import itertools
 
-    for combo in itertools.combinations(range(m), k):
-        mk = np.zeros(m, bool)
-        mk[list(combo)] = True
-        yield mk
+    idx = np.array(list(itertools.combinations(range(m), k)), np.int64).reshape(-1, k)
+    z = np.zeros((len(idx), m), bool)
+    np.put_along_axis(z, idx, True, axis=1)
+    return z

@@ -133,10 +133,12 @@ def sample_neighbourhood(x0: np.ndarray, data: np.ndarray, n: int, rng: np.rando
     lo, hi = data.min(axis=0), data.max(axis=0)
     sd = data.std(axis=0)
     k, f = x0.shape
-    s = x0[:, None, :] + rng.normal(size=(k, n, f)) * (scale * sd)[None, None, :]
-    span = np.where(hi > lo, hi - lo, 1.0)
-    s = lo + np.abs(((s - lo) + span) % (2 * span) - span)  # reflect into [lo, hi]
-    s = np.clip(s, lo, hi)
+    s = rng.standard_normal((k, n, f), dtype=np.float32).astype(np.float64)
+    s *= scale * sd
+    s += x0[:, None, :]
+    np.copyto(s, 2 * lo - s, where=s < lo)  # reflect into [lo, hi] (steps of a quarter sd rarely cross it twice:
+    np.copyto(s, 2 * hi - s, where=s > hi)  # what still lies outside is clipped)
+    np.clip(s, lo, hi, out=s)
     for j in np.where(discrete)[0]:
         flip = rng.random((k, n)) < 0.3
         draws = levels[j][rng.integers(0, len(levels[j]), (k, n))]
@@ -149,9 +151,13 @@ def _bins(data: np.ndarray) -> list[np.ndarray]:
 
 
 def _bin_of(values: np.ndarray, edges: list[np.ndarray]) -> np.ndarray:
-    out = np.empty(values.shape, np.int64)
+    """Per feature, the number of its edges below each value (``searchsorted(..., side="left")``), all at once."""
+    table = np.full((len(edges), max(map(len, edges), default=0)), np.inf)
     for j, e in enumerate(edges):
-        out[..., j] = np.searchsorted(e, values[..., j], side="left")
+        table[j, : len(e)] = e
+    out = np.zeros(values.shape, np.int64)
+    for column in table.T:  # a few edges (quartiles): one comparison over every value each
+        out += values > column
     return out
 
 
@@ -189,12 +195,13 @@ def _fit(z, y, w, alpha):
     k, n, f = z.shape
     a = np.concatenate([np.ones((k, n, 1)), z], axis=2)
     aw = a * w[:, :, None]
-    gram = np.einsum("kni,knj->kij", aw, a) + alpha * np.eye(f + 1)[None] * np.r_[0, np.ones(f)][None, :, None]
-    return np.linalg.solve(gram, np.einsum("kni,kn->ki", aw, y)[..., None])[..., 0]  # (k, f+1)
+    awt = aw.transpose(0, 2, 1)
+    gram = awt @ a + alpha * np.eye(f + 1)[None] * np.r_[0, np.ones(f)][None, :, None]  # batched BLAS, per instance
+    return np.linalg.solve(gram, awt @ y[..., None])[..., 0]  # (k, f+1)
 
 
 def _r2(beta, z, y, w):
-    pred = beta[:, :1] + np.einsum("knf,kf->kn", z, beta[:, 1:])
+    pred = beta[:, :1] + (z @ beta[:, 1:, None])[..., 0]
     mean = (w * y).sum(1, keepdims=True) / w.sum(1, keepdims=True)
     ss_res = (w * (y - pred) ** 2).sum(1)
     ss_tot = (w * (y - mean) ** 2).sum(1)
@@ -224,10 +231,10 @@ def fit_local(predictor: Predictor, x0: np.ndarray, data: np.ndarray, *, n_sampl
     if any(kind not in ("continuous", "binned") for kind in kinds):
         raise ValueError(f"unknown representation '{representation}'; use auto, continuous or binned")
 
-    def evaluate(rep: _Rep, n: int):
+    def evaluate(rep: _Rep, n: int, rows=slice(None)):
         s = rep.draw(n, rng)
-        cls = None if classes is None else np.repeat(classes, n)
-        y = predictor.value(s.reshape(-1, f).astype(predictor.dtype), cls).reshape(k, n)
+        cls = None if classes is None else np.repeat(classes[rows], n)
+        y = predictor.value(s.reshape(-1, f).astype(predictor.dtype), cls).reshape(len(s), n)
         z = rep.design(s)
         return z, y, rep.weights(z)
 
@@ -247,7 +254,8 @@ def fit_local(predictor: Predictor, x0: np.ndarray, data: np.ndarray, *, n_sampl
     for kind in kinds:  # the held-out draw, in the neighbourhood each instance's chosen surrogate lives in
         rows = pick == kind
         if rows.any():
-            held[rows] = _r2(fits[kind][1], *evaluate(fits[kind][0], max(100, n_samples // 2)))[rows]
+            rep = _Rep(kind, x0[rows], data, width, discrete, levels)
+            held[rows] = _r2(fits[kind][1][rows], *evaluate(rep, max(100, n_samples // 2), rows))
     values = np.empty((k, f))
     coef = np.empty((k, f))
     center = data.mean(axis=0)

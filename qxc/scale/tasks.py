@@ -212,12 +212,15 @@ def shapley_task(worker, rows: np.ndarray, background: np.ndarray, seed: int):
 
     if "predictor" not in worker.cache:
         worker.cache["predictor"] = Predictor(worker.model, providers=worker.providers, threads=worker.threads)
-    res = shapley_values(worker.cache["predictor"], rows, background, random_state=seed)
-    return res.values, res.base_value, res.outputs, res.method
+    return shapley_values(worker.cache["predictor"], rows, background, random_state=seed)
 
 
 def distributed_shapley(backend, x: np.ndarray, background: np.ndarray, *, seed: int = 0, per_task: int = 4):
-    """Shapley values of the rows of ``x``, a few instances per task (instances are independent)."""
+    """Shapley values of the rows of ``x``, a few instances per task (instances are independent; every task draws
+    the same coalitions from ``seed``), as one :class:`~qxc.explain.shapley.ShapleyResult`."""
+    from qxc.explain.shapley import ShapleyResult
+
     parts = backend.map(shapley_task, [x[s : s + per_task] for s in range(0, len(x), per_task)], background, seed)
-    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-            np.concatenate([p[2] for p in parts]), parts[0][3])
+    return ShapleyResult(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("values", "base_value", "outputs")),
+                         parts[0].method, sum(p.seconds for p in parts), {**parts[0].settings, "instances": len(x)},
+                         np.concatenate([p.std_error for p in parts]))

@@ -133,11 +133,31 @@ def test_kernel_estimate_approaches_exact_and_is_seeded():
     x, _ = _xy("diabetes")
     pred = Predictor(qir.load(MODELS / "diabetes_mlp.onnx"))
     exact = shapley_values(pred, x[:5], x[:50]).values
-    est = shapley_values(pred, x[:5], x[:50], max_exact=0, n_samples=2048, random_state=1)
-    again = shapley_values(pred, x[:5], x[:50], max_exact=0, n_samples=2048, random_state=1)
+    est = shapley_values(pred, x[:5], x[:50], max_exact=0, n_samples=32768, random_state=1)
+    again = shapley_values(pred, x[:5], x[:50], max_exact=0, n_samples=32768, random_state=1)
     assert est.method == "kernel"
     np.testing.assert_array_equal(est.values, again.values)
-    assert np.abs(est.values - exact).mean() < 0.05 * np.abs(exact).mean()
+    err = np.abs(est.values - exact)
+    assert err.mean() < 0.03 * np.abs(exact).mean()
+    assert 0.85 <= np.mean(err < 2 * est.std_error) and np.all(est.std_error < 0.1 * np.abs(exact).mean())
+    rough = shapley_values(pred, x[:5], x[:50], max_exact=0, n_samples=4096, random_state=1)
+    assert np.abs(rough.values - exact).mean() > err.mean() and rough.std_error.mean() > est.std_error.mean()
+    # a budget that covers every coalition on the whole background enumerates them all: the exact values
+    full = shapley_values(pred, x[:5], x[:50], max_exact=0, n_samples=50 * (2**10 - 2), random_state=1)
+    np.testing.assert_allclose(full.values, exact, rtol=1e-9, atol=1e-9)
+    assert np.all(full.std_error == 0)
+
+
+def test_kernel_sampling_runs_one_background_row_per_coalition_balanced_and_paired():
+    from qxc.explain.shapley import _sampled_coalitions
+
+    z, rows, mass = _sampled_coalitions(8, [2, 3, 4, 5, 6], 1000, 30, np.random.default_rng(0))
+    assert z.shape == (1000, 8) and np.all(z[0::2] == ~z[1::2]) and np.all(rows[0::2] == rows[1::2])
+    assert np.bincount(rows[0::2], minlength=30).max() - np.bincount(rows[0::2], minlength=30).min() <= 1
+    size = z[0::2].sum(axis=1)
+    kernel = np.array([7 / (k * (8 - k)) for k in (2, 3, 4)]) * [2, 2, 1]  # sizes 2|6, 3|5, 4
+    np.testing.assert_allclose(np.bincount(size, minlength=5)[[2, 3, 4]] / 500, kernel / kernel.sum(), atol=0.002)
+    assert mass == pytest.approx(kernel.sum())
 
 
 def test_shapley_matches_shap_exact_explainer_when_shap_is_installed():
