@@ -158,6 +158,9 @@ def _bin_of(values: np.ndarray, edges: list[np.ndarray]) -> np.ndarray:
     out = np.zeros(values.shape, np.int64)
     for column in table.T:  # a few edges (quartiles): one comparison over every value each
         out += values > column
+    nan = np.isnan(values)
+    if nan.any():  # searchsorted sorts NaN after every edge
+        out[nan] = np.broadcast_to(np.array([len(e) for e in edges]), values.shape)[nan]
     return out
 
 

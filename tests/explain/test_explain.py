@@ -261,3 +261,13 @@ def test_holdout_split_is_sklearns_train_test_split(n, fraction, seed):
     train, test = holdout_split(n, fraction, seed)
     np.testing.assert_array_equal(train, want_train)
     np.testing.assert_array_equal(test, want_test)
+
+
+def test_binning_matches_searchsorted_with_nan_and_ties():
+    from qxc.explain.surrogates import _bin_of
+
+    rng = np.random.default_rng(0)
+    edges = [np.array([-1.0, 0.0, 1.0]), np.array([0.5]), np.array([])]
+    values = rng.choice([-1.0, 0.0, 0.5, 1.0, 2.0, np.nan, -3.0], size=(7, 11, 3))
+    want = np.stack([np.searchsorted(e, values[..., j], side="left") for j, e in enumerate(edges)], axis=-1)
+    np.testing.assert_array_equal(_bin_of(values, edges), want)
