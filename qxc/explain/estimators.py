@@ -81,7 +81,9 @@ class AblationImportance(_Base):
 
 
 class ShapleyExplainer(_Base):
-    """``fit(background)`` then ``explain(X)`` -> (instances, features) Shapley values (also ``shap_values_``)."""
+    """``fit(background)`` then ``explain(X)`` -> (instances, features) Shapley values (also ``shap_values_``, and
+    their standard errors ``std_error_``: 0 where exact). ``n_samples`` is the row budget per instance of the
+    estimate used above ``max_exact`` features."""
 
     def __init__(self, model, *, max_exact: int = 12, n_samples: int = 32768, providers=("cpu",), random_state: int = 0):
         super().__init__(model, providers=providers, random_state=random_state)
@@ -99,6 +101,7 @@ class ShapleyExplainer(_Base):
         res = shapley_values(self.predictor_, np.asarray(X), self.background_, max_exact=self.max_exact,
                              n_samples=self.n_samples, random_state=self.random_state)
         self.shap_values_, self.base_values_, self.method_ = res.values, res.base_value, res.method
+        self.std_error_ = res.std_error
         return res.values
 
 

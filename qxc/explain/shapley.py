@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qxc.explain.predictor import Predictor
+from qxc.explain.predictor import BATCH_ROWS, Predictor
 
 
 @dataclass
@@ -172,6 +172,9 @@ def _exact_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, c
 
 def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, *, max_exact: int = 12,
                    n_samples: int = 32768, random_state: int = 0, rows_per_run: int = 65_536) -> ShapleyResult:
+    """Exact Shapley values up to ``max_exact`` features, above it a KernelSHAP estimate that runs about
+    ``n_samples`` rows per instance (``_kernel``); ``rows_per_run`` bounds the rows built at once for the
+    coalitions run on the whole background."""
     t = time.perf_counter()
     x = np.asarray(x, dtype=predictor.dtype)
     background = np.asarray(background, dtype=predictor.dtype)
@@ -268,7 +271,7 @@ def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, 
         words = np.where(z[0::2], np.array(-1).astype(bits), bits.type(0))  # the first coalition of each pair
         bgw = np.ascontiguousarray(background).view(bits)[rows[0::2]]  # (pairs, m): each pair's background row
         xw = np.ascontiguousarray(x).view(bits)
-        block = max(1, min(len(words), (1 << 21) // m))  # pairs per run: ~16 MB of rows
+        block = max(1, min(len(words), BATCH_ROWS // 2))  # pairs per run: built just before it, still in cache
         size = z.sum(axis=1)
         buf, t = np.empty((2 * block, m), bits), np.empty((block, m), bits)  # reused: no page faults per run
         for i in range(n):
