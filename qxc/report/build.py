@@ -132,7 +132,7 @@ def render_html(doc: dict) -> str:
     env = jinja2.Environment(loader=jinja2.PackageLoader("qxc.report", "templates"),
                              autoescape=jinja2.select_autoescape(default=True), undefined=jinja2.StrictUndefined)
     compile_doc, fidelity, explain = doc.get("compile"), doc.get("fidelity"), doc.get("explain")
-    svg: dict = {"ops": None, "layers": None, "importance": None, "tree": None, "local": []}
+    svg: dict = {"ops": None, "layers": None, "importance": None, "shapley": None, "tree": None, "local": []}
     if compile_doc:
         svg["ops"] = plots.op_histogram(compile_doc["before"]["ops"], compile_doc["after"]["ops"])
         for p in compile_doc.get("passes", []):
@@ -155,6 +155,15 @@ def render_html(doc: dict) -> str:
             svg["importance"] = plots.bars([feats[i] for i in order], {k: [v[i] for i in order]
                                                                      for k, v in series.items()},
                                            "Permutation importance (top 20)", perm["metric"] + " drop")
+        sh = explain.get("shapley")
+        if sh:
+            order = np.argsort([-sh["mean_abs"][f] for f in feats])[:20]
+            svg["shapley"] = plots.bars([feats[i] for i in order], {"mean |value|": [sh["mean_abs"][feats[i]]
+                                                                                     for i in order]},
+                                        f"Shapley values: mean |value| over {len(sh['values'])} instances (top 20)",
+                                        "mean |Shapley value|")
+            se = [e for row in sh.get("std_error", []) for e in row if e is not None]
+            sh["std_error_mean"] = float(np.mean(se)) if se else None
         if explain.get("tree"):
             svg["tree"] = _tree_from_nodes(explain["tree"]["nodes"], feats)
         loc = explain.get("local")

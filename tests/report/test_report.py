@@ -125,3 +125,19 @@ def test_report_in_a_real_browser(tmp_path):
 
     img = matplotlib.image.imread(shot)
     assert img.shape[0] > 1000 and (img[..., :3] < 0.9).mean() > 0.01 and img[..., :3].std() > 0.05  # not blank
+
+
+@pytest.mark.parametrize("name, method", [("diabetes_mlp", "exact"), ("digits_mlp", "kernel")])
+def test_explain_report_shows_shapley_values_with_their_precision(tmp_path, name, method):
+    data = MODELS / f"{name.split('_')[0]}_test.npz"
+    out = tmp_path / "e.json"
+    assert main(["explain", str(MODELS / f"{name}.onnx"), "--data", str(data), "--method", "shapley",
+                 "--instances", "3", "-o", str(out), "--report", str(tmp_path / "e.html")]) == 0
+    html = (tmp_path / "e.html").read_text()
+    assert 'id="shapley"' in html and html.count("<svg") == 1 and "mean |Shapley value|" in html
+    sh = json.loads(out.read_text())["shapley"]
+    assert sh["method"] == method
+    if method == "exact":
+        assert "Exact: every coalition" in html and all(e == 0 for row in sh["std_error"] for e in row)
+    else:
+        assert "mean standard error of a value" in html and all(e > 0 for row in sh["std_error"] for e in row)
