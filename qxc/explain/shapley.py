@@ -256,7 +256,7 @@ def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, 
     for k in range(1, m // 2 + 1):
         sizes = sorted({k, m - k})
         count = sum(math.comb(m, j) for j in sizes)
-        if not everything and count * b > n_samples // 8:  # worth its rows only when it is cheap
+        if not everything and (count * b > n_samples // 8 or count * b > budget):  # worth its rows when cheap
             break
         for j in sizes:
             ends.append(_combinations(m, j))
