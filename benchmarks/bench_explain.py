@@ -13,6 +13,7 @@ wall time against a pure onnxruntime run over the same rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 import warnings
 
@@ -47,6 +48,17 @@ def lime_fidelity(explainer, exp, x, fn, label, n, seed):
     y = y[:, label] if y.ndim == 2 else y
     mean = (w * y).sum() / w.sum()
     return 1 - (w * (y - pred) ** 2).sum() / max((w * (y - mean) ** 2).sum(), 1e-30)
+
+
+@contextlib.contextmanager
+def captured_rows():
+    """Every row block the Predictors run meanwhile, copied."""
+    rows, run = [], Predictor._run
+    Predictor._run = lambda self, block: rows.append(np.array(block)) or run(self, block)
+    try:
+        yield rows
+    finally:
+        Predictor._run = run
 
 
 def bench(name: str, instances: int):
@@ -109,13 +121,8 @@ def bench(name: str, instances: int):
     # the floor: onnxruntime alone on the very rows qxc's Shapley runs (captured), in the Predictor's chunks;
     # Kernel runs every one of its coalitions (shap's default 2M + 2048, at most 2^M - 2) on every background row
     kernel_rows = min(2 * m + 2048, 2**m - 2) * len(bg)
-    captured = []
-    run = Predictor._run
-    Predictor._run = lambda self, rows: captured.append(np.array(rows)) or run(self, rows)
-    try:
+    with captured_rows() as captured:
         shapley_values(pred, pick, bg)
-    finally:
-        Predictor._run = run
     rows_f = np.concatenate(captured)
     per_inst = len(rows_f) // len(pick)
     floors = []
@@ -175,19 +182,14 @@ def bench(name: str, instances: int):
     # runs pay for its memory arena; in one process the second side would reuse the first side's pages), interleaved
     # the very rows the explain runs (a tree ensemble's cost depends on the values), captured once and run as they
     # are, in chunks of the Predictor's batch size, by the pure side
-    captured = []
-    run = Predictor._run
-    Predictor._run = lambda self, rows: captured.append(np.array(rows)) or run(self, rows)
-    try:
+    with captured_rows() as captured:
         doc = explain_model(model, test, methods=("permutation", "ablation", "shapley", "tree", "local"),
                             instances=instances)
-    finally:
-        Predictor._run = run
     rows = doc["timing"]["rows_evaluated"]
     dump = ROOT / "out" / f"bench_explain_rows_{name}.npy"
     dump.parent.mkdir(exist_ok=True)
     np.save(dump, np.concatenate(captured))
-    captured.clear()
+    del captured
     path, data = ROOT / f"models/{MODELS[name]}.onnx", ROOT / f"models/{name}_test.npz"
     sides = {
         # imports before the timer on both sides (onnxruntime there; here also scikit-learn, ~1 s, for the tree)

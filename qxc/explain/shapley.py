@@ -194,14 +194,15 @@ def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, 
                     "rows_deduplicated": int(n * len(background) * 2**m - evaluated)}
         std_error = np.zeros_like(phi)
     else:
-        fb = predictor.value(np.repeat(background, n, axis=0),
-                             None if classes is None else np.tile(classes, len(background))).reshape(len(background), n).T
+        # (n, b): each background row's output for each instance (its class), each row run once
+        fb = (np.tile(predictor.value(background), (n, 1)) if classes is None
+              else predictor.predict(background).scores.astype(np.float64)[:, classes].T)
         base = fb.mean(axis=1)
         before = predictor.rows_evaluated
         phi, std_error = _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, rows_per_run)
         method = "kernel"
         settings = {"n_samples": n_samples, "random_state": random_state,
-                    "rows_evaluated": int(predictor.rows_evaluated - before + fb.size)}
+                    "rows_evaluated": int(predictor.rows_evaluated - before + len(background))}
     settings.update({"background": len(background), "instances": n})
     return ShapleyResult(phi, base, fx, method, time.perf_counter() - t, settings, std_error)
 
