@@ -452,13 +452,24 @@ def cmd_bench(args) -> int:
 # --------------------------------------------------------------------------------------------------- parser
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 1 (0 repeats or instances would give NaN results, not an error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'")
+    return value
+
+
 def _scale_args(p) -> None:
     p.add_argument("--backend", default="local", choices=["local", "ray"],
                    help="where the chunked work runs (ray: pip install 'qxc[ray]')")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local instance)")
-    p.add_argument("--workers", type=int, help="Ray actors (default: the cluster's CPUs)")
-    p.add_argument("--chunk-rows", type=int, default=65536, help="rows per chunk")
-    p.add_argument("--tree-rows", type=int, default=200_000, help="rows the surrogate tree is fit on (chunked runs)")
+    p.add_argument("--workers", type=_count, help="Ray actors (default: the cluster's CPUs)")
+    p.add_argument("--chunk-rows", type=_count, default=65536, help="rows per chunk")
+    p.add_argument("--tree-rows", type=_count, default=200_000, help="rows the surrogate tree is fit on (chunked runs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -512,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--provider", default="cpu", help="provider, or 'a,b' for reference and candidate")
     m.add_argument("--no-layers", action="store_true", help="outputs only (no instrumentation)")
     m.add_argument("--jump-db", type=float, default=6.0, help="SQNR loss that marks the first diverging node")
-    m.add_argument("--batch", type=int, default=64)
+    m.add_argument("--batch", type=_count, default=64)
     m.add_argument("--fail-below", type=float, help="exit 6 when an output's SQNR (dB) is below this")
     m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     _scale_args(m)
@@ -527,10 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--compare", help="another model (e.g. the compiled one): drift of predictions and explanations")
     e.add_argument("--provider", default="cpu")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--repeats", type=int, default=5)
-    e.add_argument("--instances", type=int, default=10, help="instances explained by shapley/local")
-    e.add_argument("--background", type=int, default=100, help="background rows for Shapley values")
-    e.add_argument("--max-depth", type=int, default=4, help="surrogate tree depth")
+    e.add_argument("--repeats", type=_count, default=5)
+    e.add_argument("--instances", type=_count, default=10, help="instances explained by shapley/local")
+    e.add_argument("--background", type=_count, default=100, help="background rows for Shapley values")
+    e.add_argument("--max-depth", type=_count, default=4, help="surrogate tree depth")
     e.add_argument("--embed", help="write the model with the surrogates merged in as extra outputs")
     e.add_argument("--force", action="store_true")
     e.add_argument("-o", "--output", help="write the JSON here (default: stdout)")
@@ -558,10 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="interleaved onnxruntime latency/throughput medians of one or more models")
     b.add_argument("models", nargs="+")
-    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--batch", type=_count, default=1)
     b.add_argument("--provider", default="cpu")
-    b.add_argument("--threads", type=int, default=1)
-    b.add_argument("--runs", type=int, default=100)
+    b.add_argument("--threads", type=_count, default=1)
+    b.add_argument("--runs", type=_count, default=100)
     b.add_argument("--data", help="take inputs from this data file (else random inputs of the declared shapes)")
     b.add_argument("--json", help="write the figures as JSON ('-' for stdout)")
     b.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)

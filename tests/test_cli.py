@@ -166,3 +166,12 @@ def test_debug_prints_the_traceback(tmp_path):
 @pytest.mark.parametrize("argv,code", [([], 2), (["compile"], 2), (["frobnicate"], 2), (["--version"], 0)])
 def test_usage_exit_codes(argv, code):
     assert main(argv) == code
+
+
+@pytest.mark.parametrize("flag", ["--repeats", "--instances", "--background", "--max-depth", "--chunk-rows"])
+def test_explain_counts_below_one_are_usage_errors(tmp_path, flag, capsys):
+    out = tmp_path / "e.json"
+    argv = ["explain", str(MODELS / "digits_mlp.onnx"), "--data", str(MODELS / "digits_test.npz"), flag, "0",
+            "-o", str(out)]
+    assert main(argv) == 2 and not out.exists()  # not NaN importances from zero repeats
+    assert f"argument {flag}: expected a whole number >= 1, got '0'" in capsys.readouterr().err

@@ -134,6 +134,16 @@ def shuffled_columns(x: np.ndarray, col: int, n_repeats: int, seed: int):
         yield column
 
 
+def shuffled_rows(x: np.ndarray, col: int, n_repeats: int, seed: int):
+    """Per repeat of ``shuffled_columns``, the rows whose value the shuffle moved and their new inputs (the others
+    are the data's own rows: their predictions need not run again; NaN != NaN, so a NaN is run, to be safe)."""
+    for column in shuffled_columns(x, col, n_repeats, seed):
+        rows = np.flatnonzero(column != x[:, col])
+        values = x[rows]
+        values[:, col] = column[rows]
+        yield rows, values
+
+
 def permutation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | None = None, *, n_repeats: int = 5,
                            random_state: int = 0, rows_per_run: int = 200_000) -> ImportanceResult:
     """Drop in score when one feature's column is shuffled.
@@ -156,10 +166,7 @@ def permutation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | 
     def blocks():
         nonlocal evaluated
         for col in range(f):
-            for column in shuffled_columns(x, col, n_repeats, seed):
-                rows = np.flatnonzero(column != x[:, col])  # rows whose value moved (NaN != NaN: run, to be safe)
-                values = x[rows]
-                values[:, col] = column[rows]
+            for rows, values in shuffled_rows(x, col, n_repeats, seed):
                 evaluated += len(rows)
                 yield rows, values
 

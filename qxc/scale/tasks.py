@@ -94,7 +94,7 @@ def _chunk_seed(random_state: int, index: int) -> int:
 
 def permutation_task(worker, chunk: Chunk, n_repeats: int, random_state: int, use_labels: bool):
     """Sufficient statistics of one chunk: per (feature, repeat) correct counts, squared errors or changes."""
-    from qxc.explain.importance import shuffled_columns, with_rows
+    from qxc.explain.importance import shuffled_rows, with_rows
     from qxc.explain.predictor import Prediction, Predictor
 
     if "predictor" not in worker.cache:
@@ -117,11 +117,7 @@ def permutation_task(worker, chunk: Chunk, n_repeats: int, random_state: int, us
     seed = _chunk_seed(random_state, chunk.index)
     out = np.zeros((f, n_repeats))
     for col in range(f):  # one run per feature, of the rows whose value the shuffles moved (the rest keep base's)
-        moved, parts = [], []
-        for column in shuffled_columns(x, col, n_repeats, seed):
-            moved.append(np.flatnonzero(column != x[:, col]))
-            parts.append(x[moved[-1]])
-            parts[-1][:, col] = column[moved[-1]]
+        moved, parts = zip(*shuffled_rows(x, col, n_repeats, seed))
         p = pred.predict(np.concatenate(parts)) if sum(map(len, moved)) else base
         at = 0
         for r, rows in enumerate(moved):
