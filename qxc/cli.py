@@ -299,9 +299,9 @@ def cmd_explain_chunked(args, model) -> int:
             doc["shapley"] = {**res.to_json(feats), "seconds": round(time.perf_counter() - t, 4),
                               "settings": {**settings, **res.settings, "instances": len(inst), "background": len(bg)}}
         if "tree" in methods:
-            from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, export_text
+            from sklearn.tree import export_text
 
-            from qxc.explain.surrogates import holdout_split
+            from qxc.explain.surrogates import fit_decision_tree, holdout_split, tree_fidelity
 
             t = time.perf_counter()
             sample, rows = [], 0
@@ -315,9 +315,8 @@ def cmd_explain_chunked(args, model) -> int:
             classifier = y.dtype.kind in "iu"
             train_rows, test_rows = holdout_split(len(x), 0.25, args.seed)
             xtr, xte, ytr, yte = x[train_rows], x[test_rows], y[train_rows], y[test_rows]
-            tree = (DecisionTreeClassifier if classifier else DecisionTreeRegressor)(
-                max_depth=args.max_depth, random_state=args.seed).fit(xtr, ytr)
-            fid = float(np.mean(tree.predict(xte) == yte)) if classifier else float(tree.score(xte, yte))
+            tree = fit_decision_tree(xtr, ytr, classifier, max_depth=args.max_depth, random_state=args.seed)
+            fid = tree_fidelity(tree, xte, yte, classifier)
             doc["tree"] = {"fidelity": round(fid, 6), "metric": "agreement" if classifier else "r2",
                            "rules": export_text(tree, feature_names=feats, decimals=4), "depth": int(tree.get_depth()),
                            "leaves": int(tree.get_n_leaves()), "seconds": round(time.perf_counter() - t, 4),

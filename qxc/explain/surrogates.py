@@ -66,10 +66,22 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return perm[n_test:], perm[:n_test]
 
 
+def fit_decision_tree(x: np.ndarray, y: np.ndarray, classifier: bool, **params):
+    """scikit-learn's decision tree: a classifier on class labels, a regressor on outputs."""
+    from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
+
+    return (DecisionTreeClassifier if classifier else DecisionTreeRegressor)(**params).fit(x, y)
+
+
+def tree_fidelity(tree, x: np.ndarray, y: np.ndarray, classifier: bool) -> float:
+    """Agreement with the model's labels (classifiers) or R^2 against its outputs (regressors)."""
+    return float(np.mean(tree.predict(x) == y)) if classifier else float(tree.score(x, y))
+
+
 def fit_tree(predictor: Predictor, x: np.ndarray, features: list[str], *, max_depth: int = 4,
              max_leaf_nodes: int | None = None, perturbations: int = 0, holdout: float = 0.25,
              random_state: int = 0) -> TreeSurrogate:
-    from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, export_text
+    from sklearn.tree import export_text
 
     t = time.perf_counter()
     rng = np.random.default_rng(random_state)
@@ -79,12 +91,10 @@ def fit_tree(predictor: Predictor, x: np.ndarray, features: list[str], *, max_de
     if perturbations:
         train = np.concatenate([train, perturb_marginal(train, perturbations, rng)])
     y_train, y_test = _targets(predictor, train), _targets(predictor, test)
-    cls = DecisionTreeClassifier if predictor.is_classifier else DecisionTreeRegressor
-    tree = cls(max_depth=max_depth, max_leaf_nodes=max_leaf_nodes, random_state=random_state).fit(train, y_train)
-    if predictor.is_classifier:
-        fid, fid_train = float(np.mean(tree.predict(test) == y_test)), float(np.mean(tree.predict(train) == y_train))
-    else:
-        fid, fid_train = tree.score(test, y_test), tree.score(train, y_train)
+    tree = fit_decision_tree(train, y_train, predictor.is_classifier, max_depth=max_depth,
+                             max_leaf_nodes=max_leaf_nodes, random_state=random_state)
+    fid = tree_fidelity(tree, test, y_test, predictor.is_classifier)
+    fid_train = tree_fidelity(tree, train, y_train, predictor.is_classifier)
     rules = export_text(tree, feature_names=list(features), decimals=4)
     return TreeSurrogate(tree, float(fid), float(fid_train), rules, predictor.is_classifier, time.perf_counter() - t,
                          {"max_depth": max_depth, "max_leaf_nodes": max_leaf_nodes, "perturbations": perturbations,
