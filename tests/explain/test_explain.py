@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import MODELS, run
+from helpers import MODELS, mlp_model, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -146,6 +146,18 @@ def test_kernel_estimate_approaches_exact_and_is_seeded():
     full = shapley_values(pred, x[:5], x[:50], max_exact=0, n_samples=50 * (2**10 - 2), random_state=1)
     np.testing.assert_allclose(full.values, exact, rtol=1e-9, atol=1e-9)
     assert np.all(full.std_error == 0)
+
+
+def test_kernel_estimate_above_twelve_features_against_exact_enumeration():
+    pred = Predictor(qir.from_proto(mlp_model(sizes=(13, 16, 1), seed=3)))
+    x = np.random.default_rng(0).normal(size=(20, 13)).astype(np.float32)
+    x[:, 0] = np.round(x[:, 0])  # ties with the background: the exact path's deduplication on the way
+    exact = shapley_values(pred, x[:3], x[10:18], max_exact=13)  # 2^13 coalitions x 8 background rows
+    est = shapley_values(pred, x[:3], x[10:18], random_state=0)
+    assert exact.method == "exact" and est.method == "kernel" and exact.settings["rows_deduplicated"] > 0
+    err = np.abs(est.values - exact.values)
+    assert err.mean() < 0.06 * np.abs(exact.values).mean() and np.mean(err < 2 * est.std_error) >= 0.8
+    np.testing.assert_allclose(est.values.sum(axis=1) + est.base_value, est.outputs, atol=1e-9)
 
 
 def test_kernel_sampling_runs_one_background_row_per_coalition_balanced_and_paired():
