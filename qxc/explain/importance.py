@@ -80,15 +80,20 @@ class ImportanceResult:
                 "baseline_score": self.baseline_score, "seconds": round(self.seconds, 4), "settings": self.settings}
 
 
-def with_rows(base: Prediction, rows: np.ndarray, new: Prediction) -> Prediction:
-    """``base`` with the predictions of ``rows`` replaced by ``new`` (the other rows' inputs are unchanged)."""
-    labels = None
-    if base.labels is not None:
-        labels = base.labels.copy()
-        labels[rows] = new.labels
-    scores = base.scores.copy()
-    scores[rows] = new.scores
-    return Prediction(labels, scores)
+def with_changed(base: Prediction, run: Prediction, row_sets):
+    """For each set of changed rows, ``base`` with those rows' predictions taken, in turn, from ``run`` (the
+    changed rows of every set, run one after the other); the other rows' inputs are unchanged."""
+    at = 0
+    for rows in row_sets:
+        part = run.take(slice(at, at + len(rows)))
+        labels = None
+        if base.labels is not None:
+            labels = base.labels.copy()
+            labels[rows] = part.labels
+        scores = base.scores.copy()
+        scores[rows] = part.scores
+        yield Prediction(labels, scores)
+        at += len(rows)
 
 
 def _changed_scores(predictor: Predictor, blocks, base: Prediction, y, classifier: bool, rows_per_run: int):
@@ -99,13 +104,8 @@ def _changed_scores(predictor: Predictor, blocks, base: Prediction, y, classifie
 
     def flush():
         nonlocal filled
-        pred = predictor.predict(buf[:filled]) if filled else base
-        at = 0
-        for rows in pending:
-            part = Prediction(None if pred.labels is None else pred.labels[at : at + len(rows)],
-                              pred.scores[at : at + len(rows)])
-            out.append(score(with_rows(base, rows, part), y, base, classifier))
-            at += len(rows)
+        run = predictor.predict(buf[:filled]) if filled else base
+        out.extend(score(whole, y, base, classifier) for whole in with_changed(base, run, pending))
         pending.clear()
         filled = 0
 
@@ -203,24 +203,17 @@ def ablation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | Non
         parts.append(x[rows])
         parts[-1][:, col] = ref_val[col]
     pred_all = predictor.predict(np.concatenate(parts))
-    base = Prediction(None if pred_all.labels is None else pred_all.labels[:n], pred_all.scores[:n])
-    ablated, at = [], n
-    for rows in changed:
-        part = Prediction(None if pred_all.labels is None else pred_all.labels[at : at + len(rows)],
-                          pred_all.scores[at : at + len(rows)])
-        ablated.append(with_rows(base, rows, part))
-        at += len(rows)
+    base = pred_all.take(slice(0, n))
+    ablated = list(with_changed(base, pred_all.take(slice(n, None)), changed))
     imp = np.zeros((f, len(subsets)))
     baseline_scores = []
     for r, rows in enumerate(subsets):
-        b = Prediction(None if base.labels is None else base.labels[rows], base.scores[rows])
+        b = base.take(rows)
         yy = None if y is None else np.asarray(y)[rows]
         bs = score(b, yy, b, predictor.is_classifier)
         baseline_scores.append(bs)
         for col in range(f):
-            a = ablated[col]
-            p = Prediction(None if a.labels is None else a.labels[rows], a.scores[rows])
-            imp[col, r] = bs - score(p, yy, b, predictor.is_classifier)
+            imp[col, r] = bs - score(ablated[col].take(rows), yy, b, predictor.is_classifier)
     metric = ("accuracy" if predictor.is_classifier else "r2") if y is not None else "prediction_change"
     return ImportanceResult(imp, float(np.mean(baseline_scores)), metric, time.perf_counter() - t,
                             {"baseline": baseline, "n_repeats": n_repeats, "random_state": random_state, "rows": n,

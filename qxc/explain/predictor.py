@@ -27,6 +27,10 @@ class Prediction:
     labels: np.ndarray | None  # (n,) class labels for classifiers
     scores: np.ndarray  # (n, k) probabilities/scores for classifiers, (n,) for regressors
 
+    def take(self, rows) -> Prediction:
+        """The predictions of ``rows`` (an index array or a slice)."""
+        return Prediction(None if self.labels is None else self.labels[rows], self.scores[rows])
+
 
 class Predictor:
     def __init__(self, model: ir.Model, *, providers: Sequence[str] = ("cpu",), batch_size: int = BATCH_ROWS,

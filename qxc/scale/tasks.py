@@ -94,8 +94,8 @@ def _chunk_seed(random_state: int, index: int) -> int:
 
 def permutation_task(worker, chunk: Chunk, n_repeats: int, random_state: int, use_labels: bool):
     """Sufficient statistics of one chunk: per (feature, repeat) correct counts, squared errors or changes."""
-    from qxc.explain.importance import shuffled_rows, with_rows
-    from qxc.explain.predictor import Prediction, Predictor
+    from qxc.explain.importance import shuffled_rows, with_changed
+    from qxc.explain.predictor import Predictor
 
     if "predictor" not in worker.cache:
         worker.cache["predictor"] = Predictor(worker.model, providers=worker.providers, threads=worker.threads)
@@ -118,12 +118,8 @@ def permutation_task(worker, chunk: Chunk, n_repeats: int, random_state: int, us
     out = np.zeros((f, n_repeats))
     for col in range(f):  # one run per feature, of the rows whose value the shuffles moved (the rest keep base's)
         moved, parts = zip(*shuffled_rows(x, col, n_repeats, seed))
-        p = pred.predict(np.concatenate(parts)) if sum(map(len, moved)) else base
-        at = 0
-        for r, rows in enumerate(moved):
-            part = Prediction(None if p.labels is None else p.labels[at : at + len(rows)], p.scores[at : at + len(rows)])
-            out[col, r] = stat(with_rows(base, rows, part))
-            at += len(rows)
+        run = pred.predict(np.concatenate(parts)) if sum(map(len, moved)) else base
+        out[col] = [stat(whole) for whole in with_changed(base, run, moved)]
     extra = {}
     if y is not None and not pred.is_classifier:
         yy = np.asarray(y, np.float64)
