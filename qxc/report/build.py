@@ -141,7 +141,7 @@ def render_html(doc: dict) -> str:
     if fidelity and fidelity.get("layers"):
         first = (fidelity.get("first_jump") or {}).get("tensor")
         svg["layers"] = plots.layer_sqnr(fidelity["layers"], first)
-    drift = None
+    drift, shapley_se = None, None
     if explain:
         feats = explain["features"]
         perm = explain.get("permutation")
@@ -163,7 +163,7 @@ def render_html(doc: dict) -> str:
                                         f"Shapley values: mean |value| over {len(sh['values'])} instances (top 20)",
                                         "mean |Shapley value|")
             se = [e for row in sh.get("std_error", []) for e in row if e is not None]
-            sh["std_error_mean"] = float(np.mean(se)) if se else None
+            shapley_se = float(np.mean(se)) if se else None
         if explain.get("tree"):
             svg["tree"] = _tree_from_nodes(explain["tree"]["nodes"], feats)
         loc = explain.get("local")
@@ -184,7 +184,7 @@ def render_html(doc: dict) -> str:
     template = env.get_template("report.html.j2")
     return template.render(title=doc.get("title", ""), version=doc.get("qxc", __version__), schema=doc["schema"],
                            pipeline=doc.get("pipeline", ""), compile=compile_doc, fidelity=fidelity,
-                           latency=doc.get("latency"), explain=explain, drift=drift, plots=svg,
+                           latency=doc.get("latency"), explain=explain, drift=drift, plots=svg, shapley_se=shapley_se,
                            skipped=_skipped(compile_doc) if compile_doc else [], worst_layers=worst,
                            model_rows=_model_rows(compile_doc) if compile_doc else [])
 
