@@ -207,14 +207,14 @@ def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, 
     return ShapleyResult(phi, base, fx, method, time.perf_counter() - t, settings, std_error)
 
 
-def _sampled_coalitions(m: int, sizes: list[int], n_samples: int, n_background: int, rng: np.random.Generator
+def _sampled_coalitions(m: int, sizes: list[int], pairs: int, n_background: int, rng: np.random.Generator
                         ) -> tuple[np.ndarray, np.ndarray, float]:
-    """``n_samples`` coalitions of the given ``sizes``, as complementary pairs: the pairs are shared among the sizes
-    in proportion to the Shapley kernel's mass (stratified, not drawn), the features of each drawn uniformly, and
-    each pair gets one background row, taken in turn from fresh permutations of the background (every row used
-    equally often). Returns the masks, their background rows and the kernel mass they carry."""
+    """``pairs`` complementary pairs of coalitions of the given ``sizes``, as the first coalition of each pair (its
+    complement is the second): the pairs are shared among the sizes in proportion to the Shapley kernel's mass
+    (stratified, not drawn), the features of each drawn uniformly, and each pair gets one background row, taken in
+    turn from fresh permutations of the background (every row used equally often). Returns the first coalitions,
+    their background rows and the kernel mass they carry."""
     first = np.array(sorted(k for k in sizes if k <= m - k))  # one size of each complementary pair of sizes
-    pairs = n_samples // 2
     if not len(first) or pairs < 1:
         return np.zeros((0, m), bool), np.zeros(0, np.int64), 0.0
     mass = (m - 1) / (first * (m - first)) * np.where(2 * first == m, 1, 2)  # both sizes of a pair of sizes
@@ -225,12 +225,11 @@ def _sampled_coalitions(m: int, sizes: list[int], n_samples: int, n_background: 
     # sizes interleaved evenly along the sequence, so any run of consecutive pairs is itself stratified
     within = np.arange(pairs) - np.repeat(np.cumsum(counts) - counts, counts)
     size = size[np.argsort((within + 0.5) / np.repeat(counts, counts), kind="stable")]
-    order = np.argsort(rng.random((pairs, m)), axis=1)  # a uniform random order of the features per pair
-    z = np.empty((2 * pairs, m), bool)
-    np.put_along_axis(z[0::2], order, np.arange(m)[None, :] < size[:, None], axis=1)
-    z[1::2] = ~z[0::2]
+    # a uniform draw of each pair's size among the features: the ones whose random key is among its smallest
+    keys = rng.random((pairs, m))
+    z = keys <= np.sort(keys, axis=1)[np.arange(pairs), size - 1][:, None]
     rows = np.concatenate([rng.permutation(n_background) for _ in range(-(-pairs // n_background))])[:pairs]
-    return z, np.repeat(rows, 2), float(mass.sum())
+    return z, rows, float(mass.sum())
 
 
 def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, rows_per_run, batches: int = 8
@@ -238,14 +237,18 @@ def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, 
     """KernelSHAP within a budget of ``n_samples`` rows per instance; returns the values and their standard errors.
 
     The coalition sizes with the most kernel mass (1 and M-1, then 2 and M-2, ...) are enumerated on the whole
-    background while the budget allows (all of them: the exact values). The rest of the budget samples coalitions
-    of the other sizes (``_sampled_coalitions``), each run on a single background row: for the same number of rows,
-    many coalitions on one row each estimate the values far better than few coalitions on every row (measured on
-    the digits MLP: 12x fewer rows than coalitions x background at equal error). The background row's own output is
-    a control variate: its deviation from the background mean, scaled by a slope fitted per coalition size and
-    instance, is taken off each value (unbiased: its mean is zero). One weighted least squares for all instances
-    under the efficiency constraint sum(phi) = f(x) - E[f(background)]; the standard error comes from the spread of
-    the same fit over ``batches`` disjoint shares of the sampled pairs (batch means).
+    background while the budget allows (all of them: the exact values). The rest of the budget samples complementary
+    pairs of coalitions of the other sizes (``_sampled_coalitions``), each pair run on a single background row: for
+    the same number of rows, many coalitions on one row each estimate the values far better than few coalitions on
+    every row (measured on the digits MLP: 12x fewer rows than coalitions x background at equal error).
+
+    A pair enters the regression only through the difference of its two values: with the last feature eliminated
+    by the efficiency constraint sum(phi) = f(x) - E[f(background)], a coalition's design row is the negative of its
+    complement's, so the pair's Gram matrix is twice its first coalition's and its right-hand side is that row times
+    the difference. The background row's own output is a control variate for that difference: its deviation from
+    the background mean, scaled by a slope fitted per coalition size and instance, is taken off (unbiased: its mean
+    is zero). One weighted least squares for all instances (the coalitions are shared); the standard error comes
+    from the spread of the same fit over ``batches`` disjoint shares of the sampled pairs (batch means).
     """
     n, m = x.shape
     b = len(background)
@@ -267,34 +270,28 @@ def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, 
     ends, w_ends = np.concatenate(ends), np.array(w_ends, np.float64)
     v_ends = _values(predictor, x, background, ends, classes, rows_per_run) if len(ends) else np.zeros((n, 0))
     rest = [k for k in range(1, m) if k not in enumerated]
-    z, rows, rest_mass = _sampled_coalitions(m, rest, budget, b, rng)
-    v = np.empty((n, len(z)))
-    if len(z):
+    z, rows, rest_mass = _sampled_coalitions(m, rest, budget // 2, b, rng)
+    pairs = len(z)
+    dv = np.empty((n, pairs))  # f(S's row) - f(its complement's row), per instance and pair
+    if pairs:
         bits = np.dtype(f"u{x.dtype.itemsize}")
-        words = np.where(z[0::2], np.array(-1).astype(bits), bits.type(0))  # the first coalition of each pair
-        bgw = np.ascontiguousarray(background).view(bits)[rows[0::2]]  # (pairs, m): each pair's background row
+        words = np.where(z, np.array(-1).astype(bits), bits.type(0))
+        bgw = np.ascontiguousarray(background).view(bits)[rows]  # (pairs, m): each pair's background row
         xw = np.ascontiguousarray(x).view(bits)
-        block = max(1, min(len(words), BATCH_ROWS // 2))  # pairs per run: built just before it, still in cache
-        size = z.sum(axis=1)
+        block = max(1, min(pairs, BATCH_ROWS // 2))  # pairs per run: built just before it, still in cache
         buf, t = np.empty((2 * block, m), bits), np.empty((block, m), bits)  # reused: no page faults per run
         for i in range(n):
-            for a in range(0, len(words), block):
-                k = min(block, len(words) - a)
+            cls = None if classes is None else np.full(2 * block, classes[i])
+            for a in range(0, pairs, block):
+                k = min(block, pairs - a)
                 np.bitwise_xor(bgw[a : a + k], xw[i], out=t[:k])
                 t[:k] &= words[a : a + k]  # (bg ^ x) & mask: S's row is bg ^ t, its complement's is x ^ t
                 np.bitwise_xor(bgw[a : a + k], t[:k], out=buf[:k])
                 np.bitwise_xor(xw[i], t[:k], out=buf[k : 2 * k])
-                vals = predictor.value(buf[: 2 * k].view(x.dtype), None if classes is None
-                                       else np.full(2 * k, classes[i]))
-                v[i, 2 * a : 2 * (a + k) : 2], v[i, 2 * a + 1 : 2 * (a + k) : 2] = vals[:k], vals[k:]
-            control = fb[i][rows] - base[i]
-            v[i] -= _control_slopes(v[i], control, size) * control
-
-    def design(zz: np.ndarray, vv: np.ndarray, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of the regression with the last feature eliminated by the efficiency constraint."""
-        a = zz[:, :-1].astype(dtype)
-        a -= zz[:, -1:]
-        return a, (vv - base[:, None] - zz[:, -1][None, :] * (fx - base)[:, None]).astype(dtype, copy=False)
+                vals = predictor.value(buf[: 2 * k].view(x.dtype), None if cls is None else cls[: 2 * k])
+                np.subtract(vals[:k], vals[k:], out=dv[i, a : a + k])
+        control = fb[:, rows] - base[:, None]
+        dv -= _control_slopes(dv, control, z.sum(axis=1)) * control
 
     def solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         try:
@@ -306,20 +303,23 @@ def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, 
         phi[:, -1] = (fx - base) - sol.sum(axis=0)
         return phi
 
-    # weighted least squares through its normal equations; consecutive shares of the sampled pairs (stratified, see
-    # _sampled_coalitions) have Gram matrices and right-hand sides that add up to the whole fit's, and each fits
-    # alone for the batch-means standard error
-    a, y = design(ends, v_ends)
+    # weighted least squares through its normal equations, in the rows' design with the last feature eliminated;
+    # consecutive shares of the sampled pairs (stratified, see _sampled_coalitions) have Gram matrices and
+    # right-hand sides that add up to the whole fit's, and each fits alone for the batch-means standard error
+    a = ends[:, :-1] - ends[:, -1:].astype(np.float64)
+    y = v_ends - base[:, None] - ends[:, -1][None, :] * (fx - base)[:, None]
     gram_e, rhs_e = (a * w_ends[:, None]).T @ a, (a * w_ends[:, None]).T @ y.T
-    use = batches if len(z) >= 2 * batches * m else 1
-    a, y = design(z, v, np.float32)  # sampled part in float32: its Gram matrices are exact (integers < 2^24), its
-    bounds = 2 * (np.arange(use + 1) * (len(z) // 2) // use)  # right-hand sides far inside the sampling error
-    shares = [((a[p:q].T @ a[p:q]).astype(np.float64), (a[p:q].T @ y[:, p:q].T).astype(np.float64), q - p)
+    use = batches if pairs >= batches * m else 1
+    a = z[:, :-1].astype(np.float32)  # in float32: its Gram matrices are exact (integers < 2^24), its right-hand
+    a -= z[:, -1:]  # sides far inside the sampling error
+    y = (dv - (2.0 * z[:, -1] - 1)[None, :] * (fx - base)[:, None]).astype(np.float32)
+    bounds = np.arange(use + 1) * pairs // use
+    shares = [((a[p:q].T @ a[p:q]).astype(np.float64), 0.5 * (a[p:q].T @ y[:, p:q].T).astype(np.float64), q - p)
               for p, q in zip(bounds[:-1], bounds[1:])]
     total = sum(k for *_, k in shares)
     phi = solve(gram_e + rest_mass / max(1, total) * sum(g for g, _, _ in shares),
                 rhs_e + rest_mass / max(1, total) * sum(r for _, r, _ in shares))
-    if not len(z):
+    if not pairs:
         return phi, np.zeros_like(phi)  # every coalition enumerated: exact
     if use == 1:
         return phi, np.full_like(phi, np.nan)  # too few pairs per batch for a fit of its own
@@ -328,14 +328,20 @@ def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, 
 
 
 def _control_slopes(v: np.ndarray, c: np.ndarray, size: np.ndarray) -> np.ndarray:
-    """Per coalition, the least-squares slope of the values ``v`` on the control ``c`` within its coalition size."""
-    k = np.bincount(size)
-    cm = np.bincount(size, c) / np.maximum(k, 1)
-    vm = np.bincount(size, v) / np.maximum(k, 1)
-    dc = c - cm[size]
-    var = np.bincount(size, dc * dc)
-    cov = np.bincount(size, dc * (v - vm[size]))
-    return np.where(var > 0, cov / np.where(var > 0, var, 1), 0.0)[size]
+    """(instances, pairs): per instance and pair, the least-squares slope of the values ``v`` on the control ``c``
+    among the pairs of its coalition size."""
+    order = np.argsort(size, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(size[order]) != 0])
+    k = np.diff(np.r_[starts, len(size)])
+    group = np.repeat(np.arange(len(k)), k)  # each sorted pair's group
+    vs, cs = v[:, order], c[:, order]
+    cs -= (np.add.reduceat(cs, starts, axis=1) / k)[:, group]
+    vs -= (np.add.reduceat(vs, starts, axis=1) / k)[:, group]
+    var = np.add.reduceat(cs * cs, starts, axis=1)
+    cov = np.add.reduceat(cs * vs, starts, axis=1)
+    slope = np.empty_like(v)
+    slope[:, order] = np.where(var > 0, cov / np.where(var > 0, var, 1), 0.0)[:, group]
+    return slope
 
 
 def _combinations(m: int, k: int) -> np.ndarray:

@@ -160,16 +160,19 @@ def test_kernel_estimate_above_twelve_features_against_exact_enumeration():
     np.testing.assert_allclose(est.values.sum(axis=1) + est.base_value, est.outputs, atol=1e-9)
 
 
-def test_kernel_sampling_runs_one_background_row_per_coalition_balanced_and_paired():
+def test_kernel_sampling_runs_one_background_row_per_pair_balanced_and_stratified():
     from qxc.explain.shapley import _sampled_coalitions
 
-    z, rows, mass = _sampled_coalitions(8, [2, 3, 4, 5, 6], 1000, 30, np.random.default_rng(0))
-    assert z.shape == (1000, 8) and np.all(z[0::2] == ~z[1::2]) and np.all(rows[0::2] == rows[1::2])
-    assert np.bincount(rows[0::2], minlength=30).max() - np.bincount(rows[0::2], minlength=30).min() <= 1
-    size = z[0::2].sum(axis=1)
+    z, rows, mass = _sampled_coalitions(8, [2, 3, 4, 5, 6], 500, 30, np.random.default_rng(0))
+    assert z.shape == (500, 8) and rows.shape == (500,)
+    assert np.bincount(rows, minlength=30).max() - np.bincount(rows, minlength=30).min() <= 1
+    size = z.sum(axis=1)
     kernel = np.array([7 / (k * (8 - k)) for k in (2, 3, 4)]) * [2, 2, 1]  # sizes 2|6, 3|5, 4
     np.testing.assert_allclose(np.bincount(size, minlength=5)[[2, 3, 4]] / 500, kernel / kernel.sum(), atol=0.002)
     assert mass == pytest.approx(kernel.sum())
+    for k in (2, 3):  # within a size, every feature equally likely
+        freq = z[size == k].mean(axis=0)
+        np.testing.assert_allclose(freq, k / 8, atol=0.1)
 
 
 def test_shapley_matches_shap_exact_explainer_when_shap_is_installed():
