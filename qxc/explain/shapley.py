@@ -291,7 +291,7 @@ def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, 
                 vals = predictor.value(buf[: 2 * k].view(x.dtype), None if cls is None else cls[: 2 * k])
                 np.subtract(vals[:k], vals[k:], out=dv[i, a : a + k])
         control = fb[:, rows] - base[:, None]
-        dv -= _control_slopes(dv, control, z.sum(axis=1)) * control
+        dv -= _control_slopes(dv, control, z.sum(axis=1), fb.var(axis=1)) * control
 
     def solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         try:
@@ -327,9 +327,12 @@ def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, 
     return phi, parts.std(axis=0, ddof=1) / np.sqrt(use)
 
 
-def _control_slopes(v: np.ndarray, c: np.ndarray, size: np.ndarray) -> np.ndarray:
+def _control_slopes(v: np.ndarray, c: np.ndarray, size: np.ndarray, variance: np.ndarray) -> np.ndarray:
     """(instances, pairs): per instance and pair, the least-squares slope of the values ``v`` on the control ``c``
-    among the pairs of its coalition size."""
+    among the pairs of its coalition size, over the control's ``variance`` on the whole background (per instance,
+    known exactly) rather than its variance among those pairs: a size whose few pairs happen to draw nearly equal
+    background outputs would otherwise get a slope of thousands from noise, and the control's mean over those
+    pairs, times that slope, would move the values far off."""
     order = np.argsort(size, kind="stable")
     starts = np.flatnonzero(np.r_[True, np.diff(size[order]) != 0])
     k = np.diff(np.r_[starts, len(size)])
@@ -337,10 +340,10 @@ def _control_slopes(v: np.ndarray, c: np.ndarray, size: np.ndarray) -> np.ndarra
     vs, cs = v[:, order], c[:, order]
     cs -= (np.add.reduceat(cs, starts, axis=1) / k)[:, group]
     vs -= (np.add.reduceat(vs, starts, axis=1) / k)[:, group]
-    var = np.add.reduceat(cs * cs, starts, axis=1)
     cov = np.add.reduceat(cs * vs, starts, axis=1)
+    denominator = k[None, :] * variance[:, None]
     slope = np.empty_like(v)
-    slope[:, order] = np.where(var > 0, cov / np.where(var > 0, var, 1), 0.0)[:, group]
+    slope[:, order] = np.where(denominator > 0, cov / np.where(denominator > 0, denominator, 1), 0.0)[:, group]
     return slope
 
 

@@ -175,6 +175,20 @@ def test_kernel_sampling_runs_one_background_row_per_pair_balanced_and_stratifie
         np.testing.assert_allclose(freq, k / 8, atol=0.1)
 
 
+def test_control_slope_is_the_regression_slope_and_ignores_pairs_with_nearly_equal_controls():
+    from qxc.explain.shapley import _control_slopes
+
+    rng = np.random.default_rng(0)
+    size = np.repeat([1, 2, 3], [400, 300, 50])
+    c = rng.normal(0, 1, (2, 750))
+    c[:, size == 3] = -0.09 + 1e-5 * rng.normal(size=(2, 50))  # a size whose pairs drew nearly equal outputs
+    v = 2.0 * c + rng.normal(0, 0.1, (2, 750))
+    slope = _control_slopes(v, c, size, np.ones(2))
+    np.testing.assert_allclose(slope[:, size == 1], 2.0, atol=0.3)
+    np.testing.assert_allclose(slope[:, size == 2], 2.0, atol=0.3)
+    assert np.abs(slope[:, size == 3]).max() < 0.01  # its own variance (1e-10) would make it ~1e3 from noise
+
+
 def test_shapley_matches_shap_exact_explainer_when_shap_is_installed():
     shap = pytest.importorskip("shap")
     x, _ = _xy("diabetes")
