@@ -299,9 +299,7 @@ def cmd_explain_chunked(args, model) -> int:
             doc["shapley"] = {**res.to_json(feats), "seconds": round(time.perf_counter() - t, 4),
                               "settings": {**settings, **res.settings, "instances": len(inst), "background": len(bg)}}
         if "tree" in methods:
-            from sklearn.tree import export_text
-
-            from qxc.explain.surrogates import fit_decision_tree, holdout_split, tree_fidelity
+            from qxc.explain.surrogates import fit_decision_tree, holdout_split, tree_fidelity, tree_rules
 
             t = time.perf_counter()
             sample, rows = [], 0
@@ -318,7 +316,7 @@ def cmd_explain_chunked(args, model) -> int:
             tree = fit_decision_tree(xtr, ytr, classifier, max_depth=args.max_depth, random_state=args.seed)
             fid = tree_fidelity(tree, xte, yte, classifier)
             doc["tree"] = {"fidelity": round(fid, 6), "metric": "agreement" if classifier else "r2",
-                           "rules": export_text(tree, feature_names=feats, decimals=4), "depth": int(tree.get_depth()),
+                           "rules": tree_rules(tree, feats), "depth": int(tree.get_depth()),
                            "leaves": int(tree.get_n_leaves()), "seconds": round(time.perf_counter() - t, 4),
                            "settings": {**settings, "rows": len(x), "max_depth": args.max_depth}}
     finally:

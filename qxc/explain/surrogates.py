@@ -67,22 +67,46 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
 
 
 def fit_decision_tree(x: np.ndarray, y: np.ndarray, classifier: bool, **params):
-    """scikit-learn's decision tree: a classifier on class labels, a regressor on outputs."""
+    """scikit-learn's decision tree: a classifier on class labels, a regressor on outputs.
+
+    Finite float32 tables (what the tree builds on anyway) skip scikit-learn's input checks: their dataframe
+    plugin discovery (narwhals reads every installed package's entry points) costs ~10 ms per process, as much as a
+    whole small explanation; anything else goes through the checks."""
     from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 
-    return (DecisionTreeClassifier if classifier else DecisionTreeRegressor)(**params).fit(x, y)
+    tree = (DecisionTreeClassifier if classifier else DecisionTreeRegressor)(**params)
+    return tree.fit(x, y, check_input=not _checked(x))
+
+
+def _checked(x: np.ndarray) -> bool:
+    """A table scikit-learn's tree code takes as it is: float32, C-contiguous, finite."""
+    return x.dtype == np.float32 and x.flags.c_contiguous and bool(np.isfinite(x).all())
 
 
 def tree_fidelity(tree, x: np.ndarray, y: np.ndarray, classifier: bool) -> float:
     """Agreement with the model's labels (classifiers) or R^2 against its outputs (regressors)."""
-    return float(np.mean(tree.predict(x) == y)) if classifier else float(tree.score(x, y))
+    pred = tree.predict(x, check_input=not _checked(x))
+    if classifier:
+        return float(np.mean(pred == y))
+    y = np.asarray(y, np.float64)
+    total = ((y - y.mean()) ** 2).sum()
+    return float(1 - ((y - pred) ** 2).sum() / total) if total > 0 else float(np.all(pred == y))
+
+
+def tree_rules(tree, features: list[str]) -> str:
+    """The tree as text rules (scikit-learn's ``export_text``) with the features' names. The names are put in
+    after the export: given them, ``export_text`` runs its input checks on the list (the plugin discovery above)."""
+    import re
+
+    from sklearn.tree import export_text
+
+    text = export_text(tree, decimals=4)
+    return re.sub(r"(?<=--- )feature_(\d+)(?= [<>])", lambda mt: str(features[int(mt.group(1))]), text)
 
 
 def fit_tree(predictor: Predictor, x: np.ndarray, features: list[str], *, max_depth: int = 4,
              max_leaf_nodes: int | None = None, perturbations: int = 0, holdout: float = 0.25,
              random_state: int = 0) -> TreeSurrogate:
-    from sklearn.tree import export_text
-
     t = time.perf_counter()
     rng = np.random.default_rng(random_state)
     x = np.asarray(x)
@@ -95,7 +119,7 @@ def fit_tree(predictor: Predictor, x: np.ndarray, features: list[str], *, max_de
                              max_leaf_nodes=max_leaf_nodes, random_state=random_state)
     fid = tree_fidelity(tree, test, y_test, predictor.is_classifier)
     fid_train = tree_fidelity(tree, train, y_train, predictor.is_classifier)
-    rules = export_text(tree, feature_names=list(features), decimals=4)
+    rules = tree_rules(tree, list(features))
     return TreeSurrogate(tree, float(fid), float(fid_train), rules, predictor.is_classifier, time.perf_counter() - t,
                          {"max_depth": max_depth, "max_leaf_nodes": max_leaf_nodes, "perturbations": perturbations,
                           "holdout": holdout, "random_state": random_state, "train_rows": len(train),

@@ -210,6 +210,27 @@ def test_tree_surrogate_fidelity_is_held_out_and_export_is_exact():
     assert verify_tree(tree_to_onnx(tree.tree, 30, True), tree.tree, x, True) == 0.0
 
 
+@pytest.mark.parametrize("classifier", [True, False])
+def test_tree_fit_without_input_checks_equals_scikit_learns_checked_fit(classifier):
+    from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, export_text
+
+    from qxc.explain.surrogates import fit_decision_tree, tree_fidelity, tree_rules
+
+    x, _ = _xy("breast_cancer")
+    x = np.ascontiguousarray(x, np.float32)
+    y = (x[:, 0] > np.median(x[:, 0])).astype(np.int64) if classifier else x[:, 21] * 2.0 + x[:, 3]
+    ours = fit_decision_tree(x, y, classifier, max_depth=4, random_state=0)
+    theirs = (DecisionTreeClassifier if classifier else DecisionTreeRegressor)(max_depth=4, random_state=0).fit(x, y)
+    np.testing.assert_array_equal(ours.predict(x), theirs.predict(x))
+    expected = np.mean(theirs.predict(x) == y) if classifier else theirs.score(x, y)
+    assert tree_fidelity(ours, x, y, classifier) == pytest.approx(expected, abs=1e-12)
+    names = [f"feature_{(i + 1) % 30} <= x" for i in range(30)]  # names that look like the placeholders
+    assert tree_rules(ours, names) == export_text(theirs, feature_names=names, decimals=4)
+    holes = x.copy()
+    holes[::7, 21] = np.nan  # not finite: scikit-learn's checked path (its trees take missing values)
+    assert fit_decision_tree(holes, y, classifier, max_depth=4, random_state=0).get_depth() <= 4
+
+
 def test_local_surrogate_samples_stay_in_range_and_respect_discrete_features():
     rng = np.random.default_rng(0)
     data = np.column_stack([rng.normal(size=500), rng.integers(0, 2, 500).astype(float)])
