@@ -102,7 +102,8 @@ def _subsets(features: np.ndarray) -> np.ndarray:
 
 
 def _exact_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, classes: np.ndarray | None,
-                  fx: np.ndarray, rows_per_build: int = 1 << 18, tie_features: int = 4) -> tuple[np.ndarray, int]:
+                  fx: np.ndarray, rows_per_build: int = 1 << 18, tie_features: int = 4, min_group: int = 4
+                  ) -> tuple[np.ndarray, int]:
     """v[i, S] for every coalition S (an integer bit mask; S = 0 is the mean over the background, S = all is f(x)),
     and the number of rows run.
 
@@ -110,7 +111,9 @@ def _exact_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, c
     features), and each chunk's rows are grouped by the features they share with the instance (the ``tie_features``
     most often shared, so at most 2^tie_features groups): for a group sharing the features in ``t``, the row of
     coalition S is the row of S | t, so only the coalitions containing ``t`` are run and S reads the value of S | t.
-    Ties are bitwise, so the rows left out are identical to the bit to rows that are run.
+    Ties are bitwise, so the rows left out are identical to the bit to rows that are run. A group of fewer than
+    ``min_group`` rows gives up its least shared ties (joining a larger group) until it has that many: each group
+    costs a dozen numpy calls, more than the rows it would save.
 
     A group's rows are written in one pass: with its free features split in two halves, every coalition is
     t | a | b (a, b subsets of each half), and its rows over the group's background rows are ``A[a] ^ B[b]`` with
@@ -143,7 +146,11 @@ def _exact_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, c
             counts = tied.sum(axis=0)
             keep = np.argsort(-counts, kind="stable")[:tie_features]
             keep = keep[counts[keep] > 0]
-            pattern = tied[:, keep] @ pow2[keep]
+            pattern = tied[:, keep] @ (1 << np.arange(len(keep)))  # bit j: shares the j-th most shared feature
+            for j in range(len(keep), 0, -1):  # small groups drop their least shared tie
+                small = np.bincount(pattern, minlength=1 << len(keep))[pattern] < min_group
+                pattern[small] &= (1 << (j - 1)) - 1
+            pattern = ((pattern[:, None] >> np.arange(len(keep))) & 1) @ pow2[keep]  # as a mask of features
             order = np.argsort(pattern, kind="stable")
             groups, start = [], 0
             for idx in np.split(order, np.flatnonzero(np.diff(pattern[order])) + 1):
@@ -208,28 +215,29 @@ def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, 
 
 
 def _sampled_coalitions(m: int, sizes: list[int], pairs: int, n_background: int, rng: np.random.Generator
-                        ) -> tuple[np.ndarray, np.ndarray, float]:
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """``pairs`` complementary pairs of coalitions of the given ``sizes``, as the first coalition of each pair (its
     complement is the second): the pairs are shared among the sizes in proportion to the Shapley kernel's mass
     (stratified, not drawn), the features of each drawn uniformly, and each pair gets one background row, taken in
-    turn from fresh permutations of the background (every row used equally often). Returns the first coalitions,
-    their background rows and the kernel mass they carry."""
+    turn from fresh permutations of the background (every row used equally often). Returns the first coalitions
+    (grouped by size, ascending), the number of pairs of each size, their background rows and the kernel mass they
+    carry."""
     first = np.array(sorted(k for k in sizes if k <= m - k))  # one size of each complementary pair of sizes
     if not len(first) or pairs < 1:
-        return np.zeros((0, m), bool), np.zeros(0, np.int64), 0.0
+        return np.zeros((0, m), bool), np.zeros(0, np.int64), np.zeros(0, np.int64), 0.0
     mass = (m - 1) / (first * (m - first)) * np.where(2 * first == m, 1, 2)  # both sizes of a pair of sizes
     share = mass / mass.sum() * pairs
     counts = np.floor(share).astype(np.int64)
     counts[np.argsort(counts - share, kind="stable")[: pairs - counts.sum()]] += 1
-    size = np.repeat(first, counts)
-    # sizes interleaved evenly along the sequence, so any run of consecutive pairs is itself stratified
-    within = np.arange(pairs) - np.repeat(np.cumsum(counts) - counts, counts)
-    size = size[np.argsort((within + 0.5) / np.repeat(counts, counts), kind="stable")]
     # a uniform draw of each pair's size among the features: the ones whose random key is among its smallest
     keys = rng.random((pairs, m))
-    z = keys <= np.sort(keys, axis=1)[np.arange(pairs), size - 1][:, None]
-    rows = np.concatenate([rng.permutation(n_background) for _ in range(-(-pairs // n_background))])[:pairs]
-    return z, rows, float(mass.sum())
+    kth = np.empty(pairs)
+    for k, start, count in zip(first, np.cumsum(counts) - counts, counts):
+        if count:
+            kth[start : start + count] = np.partition(keys[start : start + count], k - 1, axis=1)[:, k - 1]
+    rounds = -(-pairs // n_background)
+    rows = np.argsort(rng.random((rounds, n_background)), axis=1).reshape(-1)[:pairs]  # fresh permutations
+    return keys <= kth[:, None], counts[counts > 0], rows, float(mass.sum())
 
 
 def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, rows_per_run, batches: int = 8
@@ -270,28 +278,31 @@ def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, 
     ends, w_ends = np.concatenate(ends), np.array(w_ends, np.float64)
     v_ends = _values(predictor, x, background, ends, classes, rows_per_run) if len(ends) else np.zeros((n, 0))
     rest = [k for k in range(1, m) if k not in enumerated]
-    z, rows, rest_mass = _sampled_coalitions(m, rest, budget // 2, b, rng)
+    z, counts, rows, rest_mass = _sampled_coalitions(m, rest, budget // 2, b, rng)
     pairs = len(z)
     dv = np.empty((n, pairs))  # f(S's row) - f(its complement's row), per instance and pair
     if pairs:
         bits = np.dtype(f"u{x.dtype.itemsize}")
-        words = np.where(z, np.array(-1).astype(bits), bits.type(0))
+        words = np.negative(z.astype(bits))  # all ones on the coalition's features
         bgw = np.ascontiguousarray(background).view(bits)[rows]  # (pairs, m): each pair's background row
         xw = np.ascontiguousarray(x).view(bits)
         block = max(1, min(pairs, BATCH_ROWS // 2))  # pairs per run: built just before it, still in cache
-        buf, t = np.empty((2 * block, m), bits), np.empty((block, m), bits)  # reused: no page faults per run
+        # reused buffers (no page faults per run); the instance tiled over a block, so that every xor runs over
+        # whole contiguous arrays (against a broadcast row numpy loops M features at a time: 4x slower here)
+        buf, t, xt = np.empty((2 * block, m), bits), np.empty((block, m), bits), np.empty((block, m), bits)
         for i in range(n):
             cls = None if classes is None else np.full(2 * block, classes[i])
+            xt[:] = xw[i]
             for a in range(0, pairs, block):
                 k = min(block, pairs - a)
-                np.bitwise_xor(bgw[a : a + k], xw[i], out=t[:k])
+                np.bitwise_xor(bgw[a : a + k], xt[:k], out=t[:k])
                 t[:k] &= words[a : a + k]  # (bg ^ x) & mask: S's row is bg ^ t, its complement's is x ^ t
                 np.bitwise_xor(bgw[a : a + k], t[:k], out=buf[:k])
-                np.bitwise_xor(xw[i], t[:k], out=buf[k : 2 * k])
+                np.bitwise_xor(xt[:k], t[:k], out=buf[k : 2 * k])
                 vals = predictor.value(buf[: 2 * k].view(x.dtype), None if cls is None else cls[: 2 * k])
                 np.subtract(vals[:k], vals[k:], out=dv[i, a : a + k])
         control = fb[:, rows] - base[:, None]
-        dv -= _control_slopes(dv, control, z.sum(axis=1), fb.var(axis=1)) * control
+        dv -= _control_slopes(dv, control, counts, fb.var(axis=1)) * control
 
     def solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         try:
@@ -304,16 +315,20 @@ def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, 
         return phi
 
     # weighted least squares through its normal equations, in the rows' design with the last feature eliminated;
-    # consecutive shares of the sampled pairs (stratified, see _sampled_coalitions) have Gram matrices and
-    # right-hand sides that add up to the whole fit's, and each fits alone for the batch-means standard error
+    # ``batches`` shares of the sampled pairs, each stratified like the whole (every size's pairs dealt in turn),
+    # have Gram matrices and right-hand sides that add up to the whole fit's, and each fits alone for the
+    # batch-means standard error
     a = ends[:, :-1] - ends[:, -1:].astype(np.float64)
     y = v_ends - base[:, None] - ends[:, -1][None, :] * (fx - base)[:, None]
     gram_e, rhs_e = (a * w_ends[:, None]).T @ a, (a * w_ends[:, None]).T @ y.T
     use = batches if pairs >= batches * m else 1
-    a = z[:, :-1].astype(np.float32)  # in float32: its Gram matrices are exact (integers < 2^24), its right-hand
-    a -= z[:, -1:]  # sides far inside the sampling error
-    y = (dv - (2.0 * z[:, -1] - 1)[None, :] * (fx - base)[:, None]).astype(np.float32)
-    bounds = np.arange(use + 1) * pairs // use
+    batch = (np.arange(pairs) - np.repeat(np.cumsum(counts) - counts, counts)) % use  # each size's pairs in turn
+    deal = np.argsort(batch, kind="stable")
+    zd = z[deal]
+    a = zd[:, :-1].astype(np.float32)  # in float32: its Gram matrices are exact (integers < 2^24), its right-hand
+    a -= zd[:, -1:]  # sides far inside the sampling error
+    y = (dv[:, deal] - (2.0 * zd[:, -1] - 1)[None, :] * (fx - base)[:, None]).astype(np.float32)
+    bounds = np.r_[0, np.cumsum(np.bincount(batch, minlength=use))]
     shares = [((a[p:q].T @ a[p:q]).astype(np.float64), 0.5 * (a[p:q].T @ y[:, p:q].T).astype(np.float64), q - p)
               for p, q in zip(bounds[:-1], bounds[1:])]
     total = sum(k for *_, k in shares)
@@ -327,24 +342,18 @@ def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, 
     return phi, parts.std(axis=0, ddof=1) / np.sqrt(use)
 
 
-def _control_slopes(v: np.ndarray, c: np.ndarray, size: np.ndarray, variance: np.ndarray) -> np.ndarray:
-    """(instances, pairs): per instance and pair, the least-squares slope of the values ``v`` on the control ``c``
-    among the pairs of its coalition size, over the control's ``variance`` on the whole background (per instance,
-    known exactly) rather than its variance among those pairs: a size whose few pairs happen to draw nearly equal
-    background outputs would otherwise get a slope of thousands from noise, and the control's mean over those
-    pairs, times that slope, would move the values far off."""
-    order = np.argsort(size, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(size[order]) != 0])
-    k = np.diff(np.r_[starts, len(size)])
-    group = np.repeat(np.arange(len(k)), k)  # each sorted pair's group
-    vs, cs = v[:, order], c[:, order]
-    cs -= (np.add.reduceat(cs, starts, axis=1) / k)[:, group]
-    vs -= (np.add.reduceat(vs, starts, axis=1) / k)[:, group]
-    cov = np.add.reduceat(cs * vs, starts, axis=1)
-    denominator = k[None, :] * variance[:, None]
-    slope = np.empty_like(v)
-    slope[:, order] = np.where(denominator > 0, cov / np.where(denominator > 0, denominator, 1), 0.0)[:, group]
-    return slope
+def _control_slopes(v: np.ndarray, c: np.ndarray, counts: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """(instances, pairs): per instance, the least-squares slope of the values ``v`` on the control ``c`` within
+    each run of ``counts`` consecutive pairs (one coalition size), over the control's ``variance`` on the whole
+    background (per instance, known exactly) rather than its variance among those pairs: a size whose few pairs
+    happen to draw nearly equal background outputs would otherwise get a slope of thousands from noise, and the
+    control's mean over those pairs, times that slope, would move the values far off."""
+    starts = np.cumsum(counts) - counts
+    dc = c - np.repeat(np.add.reduceat(c, starts, axis=1) / counts, counts, axis=1)
+    cov = np.add.reduceat(dc * v, starts, axis=1)  # the centred control sums to zero: v needs no centring
+    denominator = counts[None, :] * variance[:, None]
+    slope = np.where(denominator > 0, cov / np.where(denominator > 0, denominator, 1), 0.0)
+    return np.repeat(slope, counts, axis=1)
 
 
 def _combinations(m: int, k: int) -> np.ndarray:

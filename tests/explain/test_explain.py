@@ -120,8 +120,10 @@ def test_exact_shapley_runs_identical_rows_once():
     every, n_every = _exact_values(pred, inst, bg, None, fx, tie_features=0)
     dedup, n_dedup = _exact_values(pred, inst, bg, None, fx)
     chunked, _ = _exact_values(pred, inst, bg, None, fx, rows_per_build=3000)  # 2 background rows at a time
-    assert n_every == 4 * 40 * 2**10 and n_dedup < 0.8 * n_every
+    finest, n_finest = _exact_values(pred, inst, bg, None, fx, min_group=1)  # every group, however small
+    assert n_every == 4 * 40 * 2**10 and n_finest <= n_dedup < 0.8 * n_every
     np.testing.assert_allclose(dedup, every, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(finest, every, rtol=0, atol=1e-12)
     np.testing.assert_allclose(chunked, every, rtol=0, atol=1e-12)
     np.testing.assert_allclose(every[:, 0], pred.value(np.repeat(bg, 4, axis=0)).reshape(40, 4).mean(axis=0))
     np.testing.assert_allclose(every[:, -1], fx, rtol=1e-12)
@@ -151,7 +153,7 @@ def test_kernel_estimate_approaches_exact_and_is_seeded():
 def test_kernel_estimate_above_twelve_features_against_exact_enumeration():
     pred = Predictor(qir.from_proto(mlp_model(sizes=(13, 16, 1), seed=3)))
     x = np.random.default_rng(0).normal(size=(20, 13)).astype(np.float32)
-    x[:, 0] = np.round(x[:, 0])  # ties with the background: the exact path's deduplication on the way
+    x[:, 0] = np.round(x[:, 0] / 4)  # mostly 0: ties with the background, the exact path's deduplication on the way
     exact = shapley_values(pred, x[:3], x[10:18], max_exact=13)  # 2^13 coalitions x 8 background rows
     est = shapley_values(pred, x[:3], x[10:18], random_state=0)
     assert exact.method == "exact" and est.method == "kernel" and exact.settings["rows_deduplicated"] > 0
@@ -163,8 +165,9 @@ def test_kernel_estimate_above_twelve_features_against_exact_enumeration():
 def test_kernel_sampling_runs_one_background_row_per_pair_balanced_and_stratified():
     from qxc.explain.shapley import _sampled_coalitions
 
-    z, rows, mass = _sampled_coalitions(8, [2, 3, 4, 5, 6], 500, 30, np.random.default_rng(0))
-    assert z.shape == (500, 8) and rows.shape == (500,)
+    z, counts, rows, mass = _sampled_coalitions(8, [2, 3, 4, 5, 6], 500, 30, np.random.default_rng(0))
+    assert z.shape == (500, 8) and rows.shape == (500,) and counts.sum() == 500
+    np.testing.assert_array_equal(z.sum(axis=1), np.repeat([2, 3, 4], counts))  # grouped by size
     assert np.bincount(rows, minlength=30).max() - np.bincount(rows, minlength=30).min() <= 1
     size = z.sum(axis=1)
     kernel = np.array([7 / (k * (8 - k)) for k in (2, 3, 4)]) * [2, 2, 1]  # sizes 2|6, 3|5, 4
@@ -179,11 +182,12 @@ def test_control_slope_is_the_regression_slope_and_ignores_pairs_with_nearly_equ
     from qxc.explain.shapley import _control_slopes
 
     rng = np.random.default_rng(0)
-    size = np.repeat([1, 2, 3], [400, 300, 50])
+    counts = np.array([400, 300, 50])
+    size = np.repeat([1, 2, 3], counts)
     c = rng.normal(0, 1, (2, 750))
     c[:, size == 3] = -0.09 + 1e-5 * rng.normal(size=(2, 50))  # a size whose pairs drew nearly equal outputs
     v = 2.0 * c + rng.normal(0, 0.1, (2, 750))
-    slope = _control_slopes(v, c, size, np.ones(2))
+    slope = _control_slopes(v, c, counts, np.ones(2))
     np.testing.assert_allclose(slope[:, size == 1], 2.0, atol=0.3)
     np.testing.assert_allclose(slope[:, size == 2], 2.0, atol=0.3)
     assert np.abs(slope[:, size == 3]).max() < 0.01  # its own variance (1e-10) would make it ~1e3 from noise
