@@ -111,13 +111,6 @@ def bench(name: str, instances: int):
                 elapsed += time.perf_counter() - t
         return np.array(out), elapsed / len(pick)
 
-    times_q, times_k = [], []
-    for _ in range(3):  # interleaved; medians (the machines are shared)
-        q, tq = run_qxc()
-        kern, tk = run_kernel()
-        times_q.append(tq)
-        times_k.append(tk)
-    t_q, t_k = float(np.median(times_q)), float(np.median(times_k))
     # the floor: onnxruntime alone on the very rows qxc's Shapley runs (captured), in the Predictor's chunks;
     # Kernel runs every one of its coalitions (shap's default 2M + 2048, at most 2^M - 2) on every background row
     kernel_rows = min(2 * m + 2048, 2**m - 2) * len(bg)
@@ -125,16 +118,24 @@ def bench(name: str, instances: int):
         shapley_values(pred, pick, bg)
     rows_f = np.concatenate(captured)
     per_inst = len(rows_f) // len(pick)
-    floors = []
-    for _ in range(3):
+
+    def run_floor():
         t = time.perf_counter()
         for a in range(0, len(rows_f), BATCH_ROWS):
             pred.session.run(None, {pred.input: rows_f[a : a + BATCH_ROWS]})
-        floors.append((time.perf_counter() - t) / len(pick))
-    t_floor = float(np.median(floors))
+        return (time.perf_counter() - t) / len(pick)
+
+    times_q, times_k, floors = [], [], []
+    for _ in range(5):  # the three sides interleaved, medians (the machines are shared)
+        q, tq = run_qxc()
+        kern, tk = run_kernel()
+        times_q.append(tq)
+        times_k.append(tk)
+        floors.append(run_floor())
+    t_q, t_k, t_floor = float(np.median(times_q)), float(np.median(times_k)), float(np.median(floors))
     line = f"shapley ({q.method}): time/instance qxc {t_q * 1e3:.2f} ms, shap Kernel {t_k * 1e3:.1f} ms, " \
            f"ratio {t_q / t_k:.3f} (rows/instance: Kernel {kernel_rows:,}, qxc {per_inst:,}; onnxruntime alone " \
-           f"on qxc's rows: {t_floor * 1e3:.2f} ms, {t_floor / t_k:.3f} x Kernel; medians of 3)"
+           f"on qxc's rows: {t_floor * 1e3:.2f} ms, {t_floor / t_k:.3f} x Kernel; medians of 5 interleaved)"
     if m <= 12:
         exact = []
         for i, row in enumerate(pick):

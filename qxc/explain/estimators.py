@@ -85,7 +85,7 @@ class ShapleyExplainer(_Base):
     their standard errors ``std_error_``: 0 where exact). ``n_samples`` is the row budget per instance of the
     estimate used above ``max_exact`` features."""
 
-    def __init__(self, model, *, max_exact: int = 12, n_samples: int = 32768, providers=("cpu",), random_state: int = 0):
+    def __init__(self, model, *, max_exact: int = 12, n_samples: int = 24576, providers=("cpu",), random_state: int = 0):
         super().__init__(model, providers=providers, random_state=random_state)
         self.max_exact = max_exact
         self.n_samples = n_samples

@@ -180,10 +180,11 @@ def _exact_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, c
 
 
 def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, *, max_exact: int = 12,
-                   n_samples: int = 32768, random_state: int = 0, rows_per_run: int = 65_536) -> ShapleyResult:
+                   n_samples: int = 24576, random_state: int = 0, rows_per_run: int = 65_536) -> ShapleyResult:
     """Exact Shapley values up to ``max_exact`` features, above it a KernelSHAP estimate that runs about
-    ``n_samples`` rows per instance (``_kernel``); ``rows_per_run`` bounds the rows built at once for the
-    coalitions run on the whole background."""
+    ``n_samples`` rows per instance (``_kernel``; plus, once per call, a pilot of at most 16,384 rows that shares the
+    rows among the coalition sizes); ``rows_per_run`` bounds the rows built at once for the coalitions run on the
+    whole background. An instance's values depend on the model, the background, the seed and the instance alone."""
     t = time.perf_counter()
     x = np.asarray(x, dtype=predictor.dtype)
     background = np.asarray(background, dtype=predictor.dtype)
@@ -201,12 +202,13 @@ def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, 
                     "rows_deduplicated": int(n * len(background) * 2**m - evaluated)}
         std_error = np.zeros_like(phi)
     else:
-        # (n, b): each background row's output for each instance (its class), each row run once
-        fb = (np.tile(predictor.value(background), (n, 1)) if classes is None
-              else predictor.predict(background).scores.astype(np.float64)[:, classes].T)
-        base = fb.mean(axis=1)
+        # each background row's output (per class for classifiers), each row run once
+        bg_out = (predictor.value(background) if classes is None
+                  else predictor.predict(background).scores.astype(np.float64))
+        base = _background_outputs(bg_out, classes, n).mean(axis=1)
         before = predictor.rows_evaluated
-        phi, std_error = _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, rows_per_run)
+        phi, std_error = _kernel(predictor, x, background, classes, fx, bg_out, n_samples, random_state,
+                                 rows_per_run)
         method = "kernel"
         settings = {"n_samples": n_samples, "random_state": random_state,
                     "rows_evaluated": int(predictor.rows_evaluated - before + len(background))}
@@ -214,19 +216,23 @@ def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, 
     return ShapleyResult(phi, base, fx, method, time.perf_counter() - t, settings, std_error)
 
 
-def _sampled_coalitions(m: int, sizes: list[int], pairs: int, n_background: int, rng: np.random.Generator
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """``pairs`` complementary pairs of coalitions of the given ``sizes``, as the first coalition of each pair (its
-    complement is the second): the pairs are shared among the sizes in proportion to the Shapley kernel's mass
-    (stratified, not drawn), the features of each drawn uniformly, and each pair gets one background row, taken in
-    turn from fresh permutations of the background (every row used equally often). Returns the first coalitions
-    (grouped by size, ascending), the number of pairs of each size, their background rows and the kernel mass they
-    carry."""
-    first = np.array(sorted(k for k in sizes if k <= m - k))  # one size of each complementary pair of sizes
-    if not len(first) or pairs < 1:
-        return np.zeros((0, m), bool), np.zeros(0, np.int64), np.zeros(0, np.int64), 0.0
-    mass = (m - 1) / (first * (m - first)) * np.where(2 * first == m, 1, 2)  # both sizes of a pair of sizes
-    share = mass / mass.sum() * pairs
+def _pair_mass(m: int, k: np.ndarray) -> np.ndarray:
+    """The Shapley kernel's mass on the coalitions of size ``k`` and of size ``m - k`` together."""
+    return (m - 1) / (k * (m - k)) * np.where(2 * k == m, 1, 2)
+
+
+def _sampled_coalitions(m: int, first: np.ndarray, pairs: int, n_background: int, rng: np.random.Generator,
+                        allocation: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``pairs`` complementary pairs of coalitions, as the first coalition of each pair (its complement is the
+    second) with a size in ``first`` (sizes up to m/2): the pairs are shared among the sizes in proportion to
+    ``allocation`` (by default the Shapley kernel's mass) — stratified, not drawn — the features of each drawn
+    uniformly, and each pair gets one background row, taken in turn from fresh permutations of the background
+    (every row used equally often). Returns the first coalitions and their sizes (grouped by size, ascending) and
+    their background rows."""
+    alloc = _pair_mass(m, first) if allocation is None else np.asarray(allocation, np.float64)
+    if not len(first) or pairs < 1 or alloc.sum() <= 0:
+        return np.zeros((0, m), bool), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    share = alloc / alloc.sum() * pairs
     counts = np.floor(share).astype(np.int64)
     counts[np.argsort(counts - share, kind="stable")[: pairs - counts.sum()]] += 1
     # a uniform draw of each pair's size among the features: the ones whose random key is among its smallest
@@ -237,11 +243,16 @@ def _sampled_coalitions(m: int, sizes: list[int], pairs: int, n_background: int,
             kth[start : start + count] = np.partition(keys[start : start + count], k - 1, axis=1)[:, k - 1]
     rounds = -(-pairs // n_background)
     rows = np.argsort(rng.random((rounds, n_background)), axis=1).reshape(-1)[:pairs]  # fresh permutations
-    return keys <= kth[:, None], counts[counts > 0], rows, float(mass.sum())
+    return keys <= kth[:, None], np.repeat(first, counts), rows
 
 
-def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, rows_per_run, batches: int = 8
-            ) -> tuple[np.ndarray, np.ndarray]:
+def _background_outputs(bg_out: np.ndarray, classes: np.ndarray | None, n: int) -> np.ndarray:
+    """(n, b): each background row's output for each of ``n`` instances (for its class, for classifiers)."""
+    return np.tile(bg_out, (n, 1)) if classes is None else bg_out[:, classes].T
+
+
+def _kernel(predictor, x, background, classes, fx, bg_out, n_samples, random_state, rows_per_run, batches: int = 8,
+            pilot_instances: int = 4, pilot_pairs: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """KernelSHAP within a budget of ``n_samples`` rows per instance; returns the values and their standard errors.
 
     The coalition sizes with the most kernel mass (1 and M-1, then 2 and M-2, ...) are enumerated on the whole
@@ -255,14 +266,22 @@ def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, 
     complement's, so the pair's Gram matrix is twice its first coalition's and its right-hand side is that row times
     the difference. The background row's own output is a control variate for that difference: its deviation from
     the background mean, scaled by a slope fitted per coalition size and instance, is taken off (unbiased: its mean
-    is zero). One weighted least squares for all instances (the coalitions are shared); the standard error comes
-    from the spread of the same fit over ``batches`` disjoint shares of the sampled pairs (batch means).
+    is zero).
+
+    The pairs are shared among the sizes in proportion to each size's kernel mass times the spread of its
+    differences (Neyman allocation): the differences of small coalitions barely move, those of half the features
+    swing most, and the proportional split needs about twice the rows for the same error on the digits MLP. The
+    spread is measured once per call on a pilot of ``pilot_pairs`` pairs explaining ``pilot_instances`` background
+    rows, so an instance's values depend on the model, the background and the seed, not on the other instances
+    explained with it. Each size's mass is spread evenly over its pairs, so the estimate stays unbiased. One
+    weighted least squares for all instances (the coalitions are shared); the standard error comes from the spread
+    of the same fit over ``batches`` disjoint shares of the pairs, each dealt every size's pairs in turn.
     """
     n, m = x.shape
     b = len(background)
+    fb = _background_outputs(bg_out, classes, n)
     base = fb.mean(axis=1)
     rng = np.random.default_rng(random_state)
-    mass = {k: (m - 1) / (k * (m - k)) for k in range(1, m)}
     ends, w_ends, budget, enumerated = [np.zeros((0, m), bool)], [], n_samples, set()
     everything = (2**m - 2) * b <= n_samples
     for k in range(1, m // 2 + 1):
@@ -272,37 +291,62 @@ def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, 
             break
         for j in sizes:
             ends.append(_combinations(m, j))
-            w_ends += [mass[j] / math.comb(m, j)] * math.comb(m, j)
+            w_ends += [(m - 1) / (j * (m - j)) / math.comb(m, j)] * math.comb(m, j)
         budget -= count * b
         enumerated.update(sizes)
     ends, w_ends = np.concatenate(ends), np.array(w_ends, np.float64)
     v_ends = _values(predictor, x, background, ends, classes, rows_per_run) if len(ends) else np.zeros((n, 0))
-    rest = [k for k in range(1, m) if k not in enumerated]
-    z, counts, rows, rest_mass = _sampled_coalitions(m, rest, budget // 2, b, rng)
-    pairs = len(z)
-    dv = np.empty((n, pairs))  # f(S's row) - f(its complement's row), per instance and pair
-    if pairs:
-        bits = np.dtype(f"u{x.dtype.itemsize}")
+    first = np.array([k for k in range(1, m // 2 + 1) if k not in enumerated], np.int64)
+    total = budget // 2
+    bits = np.dtype(f"u{x.dtype.itemsize}")
+    block = BATCH_ROWS // 2  # pairs per run: built just before it, still in cache
+    # reused buffers (no page faults per run); the instance tiled over a block, so that every xor runs over whole
+    # contiguous arrays (against a broadcast row numpy loops M features at a time: 4x slower here)
+    buf, t, xt = np.empty((2 * block, m), bits), np.empty((block, m), bits), np.empty((block, m), bits)
+
+    def differences(inst: np.ndarray, cls: np.ndarray | None, z: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(instances, pairs): f(S's row) - f(its complement's row), per instance and pair."""
+        dv = np.empty((len(inst), len(z)))
         words = np.negative(z.astype(bits))  # all ones on the coalition's features
         bgw = np.ascontiguousarray(background).view(bits)[rows]  # (pairs, m): each pair's background row
-        xw = np.ascontiguousarray(x).view(bits)
-        block = max(1, min(pairs, BATCH_ROWS // 2))  # pairs per run: built just before it, still in cache
-        # reused buffers (no page faults per run); the instance tiled over a block, so that every xor runs over
-        # whole contiguous arrays (against a broadcast row numpy loops M features at a time: 4x slower here)
-        buf, t, xt = np.empty((2 * block, m), bits), np.empty((block, m), bits), np.empty((block, m), bits)
-        for i in range(n):
-            cls = None if classes is None else np.full(2 * block, classes[i])
-            xt[:] = xw[i]
-            for a in range(0, pairs, block):
-                k = min(block, pairs - a)
+        for i, row in enumerate(np.ascontiguousarray(inst).view(bits)):
+            full = None if cls is None else np.full(2 * block, cls[i])
+            xt[:] = row
+            for a in range(0, len(z), block):
+                k = min(block, len(z) - a)
                 np.bitwise_xor(bgw[a : a + k], xt[:k], out=t[:k])
                 t[:k] &= words[a : a + k]  # (bg ^ x) & mask: S's row is bg ^ t, its complement's is x ^ t
                 np.bitwise_xor(bgw[a : a + k], t[:k], out=buf[:k])
                 np.bitwise_xor(xt[:k], t[:k], out=buf[k : 2 * k])
-                vals = predictor.value(buf[: 2 * k].view(x.dtype), None if cls is None else cls[: 2 * k])
+                vals = predictor.value(buf[: 2 * k].view(x.dtype), None if full is None else full[: 2 * k])
                 np.subtract(vals[:k], vals[k:], out=dv[i, a : a + k])
-        control = fb[:, rows] - base[:, None]
-        dv -= _control_slopes(dv, control, counts, fb.var(axis=1)) * control
+        return dv
+
+    def corrected(dv: np.ndarray, size: np.ndarray, rows: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+        """The differences less the control variate (slopes fitted per size among these pairs)."""
+        control = outputs[:, rows] - outputs.mean(axis=1, keepdims=True)
+        return dv - _control_slopes(dv, control, np.bincount(size)[np.unique(size)], outputs.var(axis=1)) * control
+
+    allocation = None
+    few = min(pilot_pairs, total // 4)
+    if len(first) > 1 and few >= 8 * len(first):  # the spread of each size's differences, on background rows
+        prng = np.random.default_rng([random_state, 1])
+        pick = np.sort(prng.choice(b, size=min(pilot_instances, b), replace=False))
+        pcls = None if classes is None else np.argmax(bg_out[pick], axis=1)
+        z, size, rows = _sampled_coalitions(m, first, few, b, prng)
+        dvc = corrected(differences(background[pick], pcls, z, rows), size, rows,
+                        _background_outputs(bg_out, pcls, len(pick)))
+        got = np.bincount(size, minlength=m // 2 + 1)[first]
+        spread = np.array([np.sqrt(np.mean(dvc[:, size == k].var(axis=1, ddof=1))) if c >= 8 else 0.0
+                           for k, c in zip(first, got)])
+        known = got >= 8  # too few pilot pairs to tell: the spread of the nearest sizes that have enough
+        if known.any() and spread[known].max() > 0:
+            allocation = _pair_mass(m, first) * np.interp(first, first[known], spread[known])
+    z, size, rows = _sampled_coalitions(m, first, total, b, rng, allocation)
+    pairs = len(z)
+    dv = corrected(differences(x, classes, z, rows), size, rows, fb) if pairs else np.zeros((n, 0))
+    counts = np.bincount(size, minlength=m // 2 + 1)
+    counts = counts[counts > 0]
 
     def solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         try:
@@ -315,9 +359,7 @@ def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, 
         return phi
 
     # weighted least squares through its normal equations, in the rows' design with the last feature eliminated;
-    # ``batches`` shares of the sampled pairs, each stratified like the whole (every size's pairs dealt in turn),
-    # have Gram matrices and right-hand sides that add up to the whole fit's, and each fits alone for the
-    # batch-means standard error
+    # the batches' Gram matrices and right-hand sides add up to the whole fit's, and each fits alone
     a = ends[:, :-1] - ends[:, -1:].astype(np.float64)
     y = v_ends - base[:, None] - ends[:, -1][None, :] * (fx - base)[:, None]
     gram_e, rhs_e = (a * w_ends[:, None]).T @ a, (a * w_ends[:, None]).T @ y.T
@@ -325,20 +367,18 @@ def _kernel(predictor, x, background, classes, fx, fb, n_samples, random_state, 
     batch = (np.arange(pairs) - np.repeat(np.cumsum(counts) - counts, counts)) % use  # each size's pairs in turn
     deal = np.argsort(batch, kind="stable")
     zd = z[deal]
-    a = zd[:, :-1].astype(np.float32)  # in float32: its Gram matrices are exact (integers < 2^24), its right-hand
-    a -= zd[:, -1:]  # sides far inside the sampling error
-    y = (dv[:, deal] - (2.0 * zd[:, -1] - 1)[None, :] * (fx - base)[:, None]).astype(np.float32)
+    a = zd[:, :-1].astype(np.float64)
+    a -= zd[:, -1:]
+    y = dv[:, deal] - (2.0 * zd[:, -1] - 1)[None, :] * (fx - base)[:, None]
+    aw = a * (_pair_mass(m, size) / np.repeat(counts, counts))[deal, None]  # each size's mass over its pairs
     bounds = np.r_[0, np.cumsum(np.bincount(batch, minlength=use))]
-    shares = [((a[p:q].T @ a[p:q]).astype(np.float64), 0.5 * (a[p:q].T @ y[:, p:q].T).astype(np.float64), q - p)
-              for p, q in zip(bounds[:-1], bounds[1:])]
-    total = sum(k for *_, k in shares)
-    phi = solve(gram_e + rest_mass / max(1, total) * sum(g for g, _, _ in shares),
-                rhs_e + rest_mass / max(1, total) * sum(r for _, r, _ in shares))
+    shares = [(aw[p:q].T @ a[p:q], 0.5 * (aw[p:q].T @ y[:, p:q].T), q - p) for p, q in zip(bounds[:-1], bounds[1:])]
+    phi = solve(gram_e + sum(g for g, _, _ in shares), rhs_e + sum(r for _, r, _ in shares))
     if not pairs:
         return phi, np.zeros_like(phi)  # every coalition enumerated: exact
     if use == 1:
         return phi, np.full_like(phi, np.nan)  # too few pairs per batch for a fit of its own
-    parts = np.stack([solve(gram_e + rest_mass / k * g, rhs_e + rest_mass / k * r) for g, r, k in shares])
+    parts = np.stack([solve(gram_e + pairs / k * g, rhs_e + pairs / k * r) for g, r, k in shares])
     return phi, parts.std(axis=0, ddof=1) / np.sqrt(use)
 
 

@@ -137,6 +137,9 @@ def test_kernel_estimate_approaches_exact_and_is_seeded():
     exact = shapley_values(pred, x[:5], x[:50]).values
     est = shapley_values(pred, x[:5], x[:50], max_exact=0, n_samples=32768, random_state=1)
     again = shapley_values(pred, x[:5], x[:50], max_exact=0, n_samples=32768, random_state=1)
+    alone = shapley_values(pred, x[3:4], x[:50], max_exact=0, n_samples=32768, random_state=1)
+    # with other instances or alone: the same values
+    np.testing.assert_allclose(alone.values[0], est.values[3], rtol=1e-9, atol=1e-9)
     assert est.method == "kernel"
     np.testing.assert_array_equal(est.values, again.values)
     err = np.abs(est.values - exact)
@@ -163,19 +166,21 @@ def test_kernel_estimate_above_twelve_features_against_exact_enumeration():
 
 
 def test_kernel_sampling_runs_one_background_row_per_pair_balanced_and_stratified():
-    from qxc.explain.shapley import _sampled_coalitions
+    from qxc.explain.shapley import _pair_mass, _sampled_coalitions
 
-    z, counts, rows, mass = _sampled_coalitions(8, [2, 3, 4, 5, 6], 500, 30, np.random.default_rng(0))
-    assert z.shape == (500, 8) and rows.shape == (500,) and counts.sum() == 500
-    np.testing.assert_array_equal(z.sum(axis=1), np.repeat([2, 3, 4], counts))  # grouped by size
+    first = np.array([2, 3, 4])  # sizes 2|6, 3|5 and 4 of 8 features
+    z, size, rows = _sampled_coalitions(8, first, 500, 30, np.random.default_rng(0))
+    assert z.shape == (500, 8) and rows.shape == (500,)
+    np.testing.assert_array_equal(z.sum(axis=1), size)
+    assert np.all(np.diff(size) >= 0)  # grouped by size
     assert np.bincount(rows, minlength=30).max() - np.bincount(rows, minlength=30).min() <= 1
-    size = z.sum(axis=1)
-    kernel = np.array([7 / (k * (8 - k)) for k in (2, 3, 4)]) * [2, 2, 1]  # sizes 2|6, 3|5, 4
-    np.testing.assert_allclose(np.bincount(size, minlength=5)[[2, 3, 4]] / 500, kernel / kernel.sum(), atol=0.002)
-    assert mass == pytest.approx(kernel.sum())
+    kernel = np.array([7 / (k * (8 - k)) for k in (2, 3, 4)]) * [2, 2, 1]
+    np.testing.assert_allclose(_pair_mass(8, first), kernel)
+    np.testing.assert_allclose(np.bincount(size, minlength=5)[first] / 500, kernel / kernel.sum(), atol=0.002)
     for k in (2, 3):  # within a size, every feature equally likely
-        freq = z[size == k].mean(axis=0)
-        np.testing.assert_allclose(freq, k / 8, atol=0.1)
+        np.testing.assert_allclose(z[size == k].mean(axis=0), k / 8, atol=0.1)
+    _, size, _ = _sampled_coalitions(8, first, 500, 30, np.random.default_rng(0), allocation=np.array([0, 1.0, 3.0]))
+    np.testing.assert_array_equal(np.bincount(size, minlength=5)[first], [0, 125, 375])
 
 
 def test_control_slope_is_the_regression_slope_and_ignores_pairs_with_nearly_equal_controls():
