@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qxc.explain.predictor import BATCH_ROWS, Predictor
+from qxc.runtime.threads import serial_blas
 
 
 @dataclass
@@ -179,6 +180,7 @@ def _exact_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, c
     return v / len(background), evaluated
 
 
+@serial_blas
 def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, *, max_exact: int = 12,
                    n_samples: int = 24576, random_state: int = 0, rows_per_run: int = 65_536) -> ShapleyResult:
     """Exact Shapley values up to ``max_exact`` features, above it a KernelSHAP estimate that runs about

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qxc.explain.predictor import Predictor
+from qxc.runtime.threads import serial_blas
 
 
 @dataclass
@@ -149,8 +150,11 @@ class LocalResult:
 
 
 def _feature_kinds(x: np.ndarray, max_levels: int = 10) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Which features are discrete (few observed levels) and their observed values."""
-    levels = [np.unique(x[:, j]) for j in range(x.shape[1])]
+    """Which features are discrete (few observed levels, all whole numbers) and their observed values."""
+    ordered = np.sort(x, axis=0)  # every column sorted at once: its levels are where it steps
+    steps = np.ones(ordered.shape, bool)
+    steps[1:] = ordered[1:] != ordered[:-1]
+    levels = [ordered[steps[:, j], j] for j in range(x.shape[1])]
     discrete = np.array([len(lv) <= max_levels and np.allclose(lv, np.round(lv)) for lv in levels])
     return discrete, levels
 
@@ -170,8 +174,13 @@ def sample_neighbourhood(x0: np.ndarray, data: np.ndarray, n: int, rng: np.rando
     s = rng.standard_normal((k, n, f), dtype=np.float32).astype(np.float64)
     s *= scale * sd
     s += x0[:, None, :]
-    np.copyto(s, 2 * lo - s, where=s < lo)  # reflect into [lo, hi] (steps of a quarter sd rarely cross it twice:
-    np.copyto(s, 2 * hi - s, where=s > hi)  # what still lies outside is clipped)
+    # reflect into [lo, hi]: lo + |s - lo| folds what lies below lo, hi - |hi - s| what lies above hi (steps of a
+    # quarter sd rarely cross the range twice: what still lies outside is clipped); in place, no masks
+    s -= lo
+    np.abs(s, out=s)
+    s += lo - hi
+    np.abs(s, out=s)
+    np.subtract(hi, s, out=s)
     np.clip(s, lo, hi, out=s)
     for j in np.where(discrete)[0]:
         flip = rng.random((k, n)) < 0.3
@@ -181,7 +190,8 @@ def sample_neighbourhood(x0: np.ndarray, data: np.ndarray, n: int, rng: np.rando
 
 
 def _bins(data: np.ndarray) -> list[np.ndarray]:
-    return [np.unique(np.quantile(data[:, j], [0.25, 0.5, 0.75])) for j in range(data.shape[1])]
+    quartiles = np.quantile(data, [0.25, 0.5, 0.75], axis=0)  # (3, features), every column at once
+    return [np.unique(quartiles[:, j]) for j in range(data.shape[1])]
 
 
 def _bin_of(values: np.ndarray, edges: list[np.ndarray]) -> np.ndarray:
@@ -245,6 +255,7 @@ def _r2(beta, z, y, w):
     return np.where(ss_tot > 0, 1 - ss_res / np.where(ss_tot > 0, ss_tot, 1), 1.0)
 
 
+@serial_blas
 def fit_local(predictor: Predictor, x0: np.ndarray, data: np.ndarray, *, n_samples: int = 1000,
               kernel_width: float | None = None, alpha: float = 1e-3, representation: str = "auto",
               random_state: int = 0) -> LocalResult:

@@ -77,3 +77,17 @@ def test_cuda_session_runs_on_a_real_device():
         pytest.skip("no CUDA execution provider in this onnxruntime build (install qxc[gpu] on a GPU machine)")
     sess = make_session(MODELS / "digits_mlp.onnx", providers="cuda", strict_provider=True)
     assert sess.get_providers()[0] == "CUDAExecutionProvider"
+
+
+def test_serial_blas_runs_numpy_blas_on_one_thread_and_restores_it():
+    from threadpoolctl import threadpool_info
+
+    from qxc.runtime import serial_blas
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas_threads()
+    inside = serial_blas(blas_threads)()
+    assert inside and all(t == 1 for t in inside)
+    assert blas_threads() == before
