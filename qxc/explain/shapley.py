@@ -180,7 +180,6 @@ def _exact_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, c
     return v / len(background), evaluated
 
 
-@serial_blas
 def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, *, max_exact: int = 12,
                    n_samples: int = 24576, random_state: int = 0, rows_per_run: int = 65_536) -> ShapleyResult:
     """Exact Shapley values up to ``max_exact`` features, above it a KernelSHAP estimate that runs about
@@ -209,8 +208,9 @@ def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, 
                   else predictor.predict(background).scores.astype(np.float64))
         base = _background_outputs(bg_out, classes, n).mean(axis=1)
         before = predictor.rows_evaluated
-        phi, std_error = _kernel(predictor, x, background, classes, fx, bg_out, n_samples, random_state,
-                                 rows_per_run)
+        with serial_blas():  # the Gram matrices alternate with onnxruntime runs
+            phi, std_error = _kernel(predictor, x, background, classes, fx, bg_out, n_samples, random_state,
+                                     rows_per_run)
         method = "kernel"
         settings = {"n_samples": n_samples, "random_state": random_state,
                     "rows_evaluated": int(predictor.rows_evaluated - before + len(background))}

@@ -243,8 +243,9 @@ def _fit(z, y, w, alpha):
     a = np.concatenate([np.ones((k, n, 1)), z], axis=2)
     aw = a * w[:, :, None]
     awt = aw.transpose(0, 2, 1)
-    gram = awt @ a + alpha * np.eye(f + 1)[None] * np.r_[0, np.ones(f)][None, :, None]  # batched BLAS, per instance
-    return np.linalg.solve(gram, awt @ y[..., None])[..., 0]  # (k, f+1)
+    with serial_blas(enabled=n * (f + 1) ** 2 > 1 << 18):  # batched BLAS, per instance
+        gram = awt @ a + alpha * np.eye(f + 1)[None] * np.r_[0, np.ones(f)][None, :, None]
+        return np.linalg.solve(gram, awt @ y[..., None])[..., 0]  # (k, f+1)
 
 
 def _r2(beta, z, y, w):
@@ -255,7 +256,6 @@ def _r2(beta, z, y, w):
     return np.where(ss_tot > 0, 1 - ss_res / np.where(ss_tot > 0, ss_tot, 1), 1.0)
 
 
-@serial_blas
 def fit_local(predictor: Predictor, x0: np.ndarray, data: np.ndarray, *, n_samples: int = 1000,
               kernel_width: float | None = None, alpha: float = 1e-3, representation: str = "auto",
               random_state: int = 0) -> LocalResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 
@@ -12,17 +13,18 @@ def _threadpools():
     return ThreadpoolController()  # ~2 ms to find the loaded BLAS libraries: once per process
 
 
-def serial_blas(fn):
-    """Run ``fn`` with numpy's BLAS on one thread.
+@contextlib.contextmanager
+def serial_blas(enabled: bool = True):
+    """numpy's BLAS on one thread within the block (when ``enabled``).
 
-    For code that alternates onnxruntime runs with numpy linear algebra on small matrices: onnxruntime's intra-op
-    threads keep spinning for a while after a run, and BLAS threads started meanwhile fight them for the cores
-    (on 2 cores a batched 20 x 65 x 500 Gram took 28 ms right after onnxruntime runs against 3 ms on one thread).
+    For code that alternates onnxruntime runs with numpy linear algebra: onnxruntime's intra-op threads keep
+    spinning for a while after a run, and BLAS threads started meanwhile fight them for the cores (on 2 cores a
+    batched 20 x 65 x 500 Gram took 28 ms right after onnxruntime runs against 3 ms on one thread). Finding the
+    BLAS libraries costs ~3-12 ms once per process, so small products (which BLAS runs on one thread anyway) should
+    pass ``enabled=False``.
     """
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with _threadpools().limit(limits=1, user_api="blas"):
-            return fn(*args, **kwargs)
-
-    return wrapper
+    if not enabled:
+        yield
+        return
+    with _threadpools().limit(limits=1, user_api="blas"):
+        yield

@@ -88,6 +88,9 @@ def test_serial_blas_runs_numpy_blas_on_one_thread_and_restores_it():
         return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
 
     before = blas_threads()
-    inside = serial_blas(blas_threads)()
+    with serial_blas():
+        inside = blas_threads()
+    with serial_blas(enabled=False):
+        assert blas_threads() == before
     assert inside and all(t == 1 for t in inside)
     assert blas_threads() == before
