@@ -6,6 +6,5 @@ from qxc.runtime.session import (
     resolve_providers,
     run_batched,
 )
-from qxc.runtime.threads import serial_blas
 
-__all__ = ["PROVIDER_ALIASES", "make_session", "resolve_providers", "run_batched", "serial_blas"]
+__all__ = ["PROVIDER_ALIASES", "make_session", "resolve_providers", "run_batched"]
