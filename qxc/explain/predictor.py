@@ -47,7 +47,7 @@ class Predictor:
         self.input = spec.name
         self.dtype = spec.dtype or np.dtype(np.float32)
         self.n_features = spec.shape[1] if spec.shape is not None else None
-        self.session = make_session(model, providers=providers, threads=threads, spinning=False)  # numpy between runs
+        self.session = make_session(model, providers=providers, threads=threads)
         self.batch_size = batch_size
         outs = self.session.get_outputs()
         self.output_names = [o.name for o in outs]

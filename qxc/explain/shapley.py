@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qxc.explain.predictor import BATCH_ROWS, Predictor
+from qxc.runtime.threads import serial_blas
 
 
 @dataclass
@@ -207,8 +208,9 @@ def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, 
                   else predictor.predict(background).scores.astype(np.float64))
         base = _background_outputs(bg_out, classes, n).mean(axis=1)
         before = predictor.rows_evaluated
-        phi, std_error = _kernel(predictor, x, background, classes, fx, bg_out, n_samples, random_state,
-                                 rows_per_run)
+        with serial_blas():  # the Gram matrices alternate with onnxruntime runs
+            phi, std_error = _kernel(predictor, x, background, classes, fx, bg_out, n_samples, random_state,
+                                     rows_per_run)
         method = "kernel"
         settings = {"n_samples": n_samples, "random_state": random_state,
                     "rows_evaluated": int(predictor.rows_evaluated - before + len(background))}

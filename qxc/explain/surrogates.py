@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qxc.explain.predictor import Predictor
+from qxc.runtime.threads import serial_blas
 
 
 @dataclass
@@ -242,8 +243,9 @@ def _fit(z, y, w, alpha):
     a = np.concatenate([np.ones((k, n, 1)), z], axis=2)
     aw = a * w[:, :, None]
     awt = aw.transpose(0, 2, 1)
-    gram = awt @ a + alpha * np.eye(f + 1)[None] * np.r_[0, np.ones(f)][None, :, None]  # batched BLAS, per instance
-    return np.linalg.solve(gram, awt @ y[..., None])[..., 0]  # (k, f+1)
+    with serial_blas(enabled=n * (f + 1) ** 2 > 1 << 18):  # batched BLAS, per instance
+        gram = awt @ a + alpha * np.eye(f + 1)[None] * np.r_[0, np.ones(f)][None, :, None]
+        return np.linalg.solve(gram, awt @ y[..., None])[..., 0]  # (k, f+1)
 
 
 def _r2(beta, z, y, w):

@@ -6,5 +6,6 @@ from qxc.runtime.session import (
     resolve_providers,
     run_batched,
 )
+from qxc.runtime.threads import serial_blas
 
-__all__ = ["PROVIDER_ALIASES", "make_session", "resolve_providers", "run_batched"]
+__all__ = ["PROVIDER_ALIASES", "make_session", "resolve_providers", "run_batched", "serial_blas"]

@@ -68,11 +68,8 @@ def resolve_providers(requested: Sequence[str] | str, *, available: Iterable[str
     return chosen
 
 
-def session_options(*, threads: int | None = None, optimization: str = "all", prepacking: bool = True,
-                    spinning: bool = True) -> ort.SessionOptions:
-    """``spinning=False`` lets onnxruntime's intra-op threads sleep as soon as a run ends: for callers that do numpy
-    work between runs (the explainers), whose BLAS threads would otherwise fight the spinning ones for the cores
-    (on 2 cores a batched 20 x 65 x 500 Gram took 28 ms right after onnxruntime runs instead of 3 ms)."""
+def session_options(*, threads: int | None = None, optimization: str = "all",
+                    prepacking: bool = True) -> ort.SessionOptions:
     if optimization not in _OPT_LEVELS:
         raise UsageError(f"unknown optimization level '{optimization}'; use one of {', '.join(_OPT_LEVELS)}")
     so = ort.SessionOptions()
@@ -83,21 +80,18 @@ def session_options(*, threads: int | None = None, optimization: str = "all", pr
         so.inter_op_num_threads = 1
     if not prepacking:
         so.add_session_config_entry("session.disable_prepacking", "1")
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
 def make_session(model: ir.Model | str | os.PathLike, *, providers: Sequence[str] | str = ("cpu",),
                  threads: int | None = None, optimization: str = "all", prepacking: bool = True,
-                 spinning: bool = True, strict_provider: bool = False, available: Iterable[str] | None = None
-                 ) -> ort.InferenceSession:
+                 strict_provider: bool = False, available: Iterable[str] | None = None) -> ort.InferenceSession:
     """An onnxruntime session for an IR model or a model file; load failures become one-line ModelErrors.
 
     For an IR model whose weights are memory-mapped external data, the session is handed those very buffers
     (``add_initializer``) instead of reading its own copy: the weights are resident once, in the pages qxc maps.
     """
-    so = session_options(threads=threads, optimization=optimization, prepacking=prepacking, spinning=spinning)
+    so = session_options(threads=threads, optimization=optimization, prepacking=prepacking)
     chosen = resolve_providers(providers, available=available, strict=strict_provider)
     try:
         if isinstance(model, ir.Model):

@@ -79,13 +79,18 @@ def test_cuda_session_runs_on_a_real_device():
     assert sess.get_providers()[0] == "CUDAExecutionProvider"
 
 
+def test_serial_blas_runs_numpy_blas_on_one_thread_and_restores_it():
+    from threadpoolctl import threadpool_info
 
-def test_session_options_threads_prepacking_and_spinning():
-    from qxc.runtime.session import session_options
+    from qxc.runtime import serial_blas
 
-    so = session_options(threads=1, prepacking=False, spinning=False)
-    assert so.intra_op_num_threads == 1
-    assert so.get_session_config_entry("session.disable_prepacking") == "1"
-    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    with pytest.raises(RuntimeError):  # unset: onnxruntime's default (spinning)
-        session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    def blas_threads():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas_threads()
+    with serial_blas():
+        inside = blas_threads()
+    with serial_blas(enabled=False):
+        assert blas_threads() == before
+    assert inside and all(t == 1 for t in inside)
+    assert blas_threads() == before
