@@ -10,7 +10,7 @@ import functools
 def _threadpools():
     from threadpoolctl import ThreadpoolController
 
-    return ThreadpoolController()  # ~2 ms to find the loaded BLAS libraries: once per process
+    return ThreadpoolController()  # finds the loaded BLAS libraries: once per process
 
 
 @contextlib.contextmanager
