@@ -183,7 +183,7 @@ def _exact_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, c
 def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, *, max_exact: int = 12,
                    n_samples: int = 24576, random_state: int = 0, rows_per_run: int = 65_536) -> ShapleyResult:
     """Exact Shapley values up to ``max_exact`` features, above it a KernelSHAP estimate that runs about
-    ``n_samples`` rows per instance (``_kernel``; plus, once per call, a pilot of at most 16,384 rows that shares the
+    ``n_samples`` rows per instance (``_kernel``; plus, once per call, a pilot of at most 8,192 rows that shares the
     rows among the coalition sizes); ``rows_per_run`` bounds the rows built at once for the coalitions run on the
     whole background. An instance's values depend on the model, the background, the seed and the instance alone."""
     t = time.perf_counter()
@@ -254,7 +254,7 @@ def _background_outputs(bg_out: np.ndarray, classes: np.ndarray | None, n: int) 
 
 
 def _kernel(predictor, x, background, classes, fx, bg_out, n_samples, random_state, rows_per_run, batches: int = 8,
-            pilot_instances: int = 4, pilot_pairs: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+            pilot_instances: int = 2, pilot_pairs: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """KernelSHAP within a budget of ``n_samples`` rows per instance; returns the values and their standard errors.
 
     The coalition sizes with the most kernel mass (1 and M-1, then 2 and M-2, ...) are enumerated on the whole
