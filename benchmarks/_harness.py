@@ -60,6 +60,7 @@ def interleave(sides: dict[str, tuple[str, str]], rounds: int) -> dict[str, dict
             "peak_mib": statistics.median(r["peak_mib"] for r in rs),
             "import_mib": statistics.median(r["import_mib"] for r in rs),
             "extra": rs[-1]["extra"],
+            "rounds": [r["seconds"] for r in rs],
         }
     return out
 
