@@ -165,6 +165,28 @@ def test_kernel_estimate_above_twelve_features_against_exact_enumeration():
     np.testing.assert_allclose(est.values.sum(axis=1) + est.base_value, est.outputs, atol=1e-9)
 
 
+def test_kernel_shares_pairs_by_the_pilot_spread_of_each_size(monkeypatch):
+    from qxc.explain import shapley as shap_mod
+
+    calls = []
+    original = shap_mod._sampled_coalitions
+
+    def spy(m, first, pairs, n_background, rng, allocation=None):
+        calls.append((first.copy(), pairs, None if allocation is None else np.array(allocation)))
+        return original(m, first, pairs, n_background, rng, allocation)
+
+    monkeypatch.setattr(shap_mod, "_sampled_coalitions", spy)
+    x, _ = _xy("digits")
+    pred = Predictor(qir.load(MODELS / "digits_mlp.onnx"))
+    shap_mod.shapley_values(pred, x[:2], x[100:150], n_samples=16384)
+    (first, pilot, none), (_, pairs, allocation) = calls  # the pilot (kernel mass), then the main draw
+    assert none is None and pilot == 2048 and pairs == 8192
+    share = allocation / allocation.sum()
+    kernel = shap_mod._pair_mass(64, first) / shap_mod._pair_mass(64, first).sum()
+    # small coalitions' differences barely move: they get fewer pairs than their kernel mass, the middle more
+    assert share[0] < kernel[0] and share[-1] > kernel[-1]
+
+
 def test_kernel_sampling_runs_one_background_row_per_pair_balanced_and_stratified():
     from qxc.explain.shapley import _pair_mass, _sampled_coalitions
 
