@@ -7,7 +7,6 @@ correlation of the importances between repeats (1 = the ranking never changes).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -123,33 +122,33 @@ def _changed_scores(predictor: Predictor, blocks, base: Prediction, y, classifie
     return out
 
 
-def shuffled_columns(x: np.ndarray, col: int, n_repeats: int, seed: int):
+def shuffled_columns(x: np.ndarray, col: int, n_repeats: int, seed: int, orders=None):
     """The column ``col`` after each of ``n_repeats`` cumulative shuffles, as sklearn's permutation_importance does
-    them: one RandomState(seed) per feature, shuffling an index vector in place every repeat."""
+    them: one RandomState(seed) per feature, shuffling an index vector in place every repeat (``orders``: the
+    index vectors of ``shuffles(len(x), n_repeats, seed)``, when the caller drew them once for every feature)."""
     column = x[:, col]
-    for order in _shuffles(len(x), n_repeats, seed):
+    for order in shuffles(len(x), n_repeats, seed) if orders is None else orders:
         column = column[order]
         yield column
 
 
-@functools.lru_cache(maxsize=4)
-def _shuffles(n: int, n_repeats: int, seed: int) -> tuple[np.ndarray, ...]:
+def shuffles(n: int, n_repeats: int, seed: int) -> list[np.ndarray]:
     """The index vector after each shuffle. Every feature starts a RandomState from the same seed, so every feature
-    gets these very shuffles: drawn once (seeding a legacy RandomState costs ~0.15 ms, per feature in sklearn)."""
+    gets these very shuffles: a caller draws them once (seeding a legacy RandomState costs ~0.15 ms; sklearn does it
+    per feature)."""
     rs = np.random.RandomState(seed)
     idx = np.arange(n)
     orders = []
     for _ in range(n_repeats):
         rs.shuffle(idx)
         orders.append(idx.copy())
-        orders[-1].flags.writeable = False
-    return tuple(orders)
+    return orders
 
 
-def shuffled_rows(x: np.ndarray, col: int, n_repeats: int, seed: int):
+def shuffled_rows(x: np.ndarray, col: int, n_repeats: int, seed: int, orders=None):
     """Per repeat of ``shuffled_columns``, the rows whose value the shuffle moved and their new inputs (the others
     are the data's own rows: their predictions need not run again; NaN != NaN, so a NaN is run, to be safe)."""
-    for column in shuffled_columns(x, col, n_repeats, seed):
+    for column in shuffled_columns(x, col, n_repeats, seed, orders):
         rows = np.flatnonzero(column != x[:, col])
         values = x[rows]
         values[:, col] = column[rows]
@@ -174,11 +173,12 @@ def permutation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | 
     seed = np.random.RandomState(random_state).randint(np.iinfo(np.int32).max + 1)
 
     evaluated = n
+    orders = shuffles(n, n_repeats, seed)  # the same for every feature
 
     def blocks():
         nonlocal evaluated
         for col in range(f):
-            for rows, values in shuffled_rows(x, col, n_repeats, seed):
+            for rows, values in shuffled_rows(x, col, n_repeats, seed, orders):
                 evaluated += len(rows)
                 yield rows, values
 

@@ -94,7 +94,7 @@ def _chunk_seed(random_state: int, index: int) -> int:
 
 def permutation_task(worker, chunk: Chunk, n_repeats: int, random_state: int, use_labels: bool):
     """Sufficient statistics of one chunk: per (feature, repeat) correct counts, squared errors or changes."""
-    from qxc.explain.importance import shuffled_rows, with_changed
+    from qxc.explain.importance import shuffled_rows, shuffles, with_changed
     from qxc.explain.predictor import Predictor
 
     if "predictor" not in worker.cache:
@@ -115,9 +115,10 @@ def permutation_task(worker, chunk: Chunk, n_repeats: int, random_state: int, us
         return float(np.sum(0.5 * np.abs(a - b).sum(axis=1))) if a.ndim == 2 else float(np.sum(np.abs(a - b)))
 
     seed = _chunk_seed(random_state, chunk.index)
+    orders = shuffles(n, n_repeats, seed)  # the same for every feature
     out = np.zeros((f, n_repeats))
     for col in range(f):  # one run per feature, of the rows whose value the shuffles moved (the rest keep base's)
-        moved, parts = zip(*shuffled_rows(x, col, n_repeats, seed))
+        moved, parts = zip(*shuffled_rows(x, col, n_repeats, seed, orders))
         run = pred.predict(np.concatenate(parts)) if sum(map(len, moved)) else base
         out[col] = [stat(whole) for whole in with_changed(base, run, moved)]
     extra = {}
