@@ -61,6 +61,11 @@ def _exact_weights(z: np.ndarray) -> np.ndarray:
     return with_i + without_i
 
 
+def _all_ones(z: np.ndarray, bits: np.dtype) -> np.ndarray:
+    """Coalition masks as words of ``bits``: all ones on each coalition's features, zero elsewhere."""
+    return np.negative(z.astype(bits))
+
+
 def _values(predictor: Predictor, x: np.ndarray, background: np.ndarray, z: np.ndarray, classes: np.ndarray | None,
             rows_per_run: int) -> np.ndarray:
     """v[i, k] = mean over the background of f(x_i on coalition k, background elsewhere).
@@ -73,7 +78,6 @@ def _values(predictor: Predictor, x: np.ndarray, background: np.ndarray, z: np.n
     b = len(background)
     out = np.empty((n, len(z)))
     bits = np.dtype(f"u{x.dtype.itemsize}")
-    ones = np.array(-1).astype(bits)
     bg = np.ascontiguousarray(background).view(bits).reshape(-1)  # (b*m,)
     xb = np.ascontiguousarray(x).view(bits)
     per_block = max(1, min(len(z), rows_per_run // b))  # coalitions per run
@@ -82,7 +86,7 @@ def _values(predictor: Predictor, x: np.ndarray, background: np.ndarray, z: np.n
     for c in range(0, len(z), per_block):
         zc = z[c : c + per_block]
         k = len(zc)
-        tiled = np.tile(np.where(zc, ones, bits.type(0)), (1, b))  # (k, b*m)
+        tiled = np.tile(_all_ones(zc, bits), (1, b))  # (k, b*m)
         for s in range(0, n, per_run):
             xs = xb[s : s + per_run]
             j = len(xs)
@@ -103,7 +107,7 @@ def _subsets(features: np.ndarray) -> np.ndarray:
 
 
 def _exact_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, classes: np.ndarray | None,
-                  fx: np.ndarray, rows_per_build: int = 1 << 18, tie_features: int = 4, min_group: int = 4
+                  rows_per_build: int = 1 << 18, tie_features: int = 4, min_group: int = 4
                   ) -> tuple[np.ndarray, int]:
     """v[i, S] for every coalition S (an integer bit mask; S = 0 is the mean over the background, S = all is f(x)),
     and the number of rows run.
@@ -124,7 +128,7 @@ def _exact_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, c
     ints = np.arange(1 << m)
     chunk = max(1, min(len(background), rows_per_build >> m))
     bits = np.dtype(f"u{x.dtype.itemsize}")
-    words = np.where(_masks(m), np.array(-1).astype(bits), bits.type(0))  # (2^m, m): all ones on S's features
+    words = _all_ones(_masks(m), bits)  # (2^m, m)
     buf = np.empty((1 << m) * chunk * m, bits)  # reused: a fresh array per run costs its page faults every time
     xw = np.ascontiguousarray(x).view(bits)
     pow2 = 1 << np.arange(m)
@@ -195,7 +199,7 @@ def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, 
         classes = np.argmax(predictor.predict(x).scores, axis=1)
     fx = predictor.value(x, classes)
     if m <= max_exact:
-        v, evaluated = _exact_values(predictor, x, background, classes, fx)
+        v, evaluated = _exact_values(predictor, x, background, classes)
         base = v[:, 0]
         phi = v @ _exact_weights(_masks(m))
         method = "exact"
@@ -309,7 +313,7 @@ def _kernel(predictor, x, background, classes, fx, bg_out, n_samples, random_sta
     def differences(inst: np.ndarray, cls: np.ndarray | None, z: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """(instances, pairs): f(S's row) - f(its complement's row), per instance and pair."""
         dv = np.empty((len(inst), len(z)))
-        words = np.negative(z.astype(bits))  # all ones on the coalition's features
+        words = _all_ones(z, bits)
         bgw = np.ascontiguousarray(background).view(bits)[rows]  # (pairs, m): each pair's background row
         for i, row in enumerate(np.ascontiguousarray(inst).view(bits)):
             full = None if cls is None else np.full(2 * block, cls[i])

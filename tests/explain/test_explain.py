@@ -117,10 +117,10 @@ def test_exact_shapley_runs_identical_rows_once():
     bg, inst = x[:40], x[40:44]
     assert (inst[:, None, 1] == bg[None, :, 1]).any()  # sex is binary: instances share it with background rows
     fx = pred.value(inst)
-    every, n_every = _exact_values(pred, inst, bg, None, fx, tie_features=0)
-    dedup, n_dedup = _exact_values(pred, inst, bg, None, fx)
-    chunked, _ = _exact_values(pred, inst, bg, None, fx, rows_per_build=3000)  # 2 background rows at a time
-    finest, n_finest = _exact_values(pred, inst, bg, None, fx, min_group=1)  # every group, however small
+    every, n_every = _exact_values(pred, inst, bg, None, tie_features=0)
+    dedup, n_dedup = _exact_values(pred, inst, bg, None)
+    chunked, _ = _exact_values(pred, inst, bg, None, rows_per_build=3000)  # 2 background rows at a time
+    finest, n_finest = _exact_values(pred, inst, bg, None, min_group=1)  # every group, however small
     assert n_every == 4 * 40 * 2**10 and n_finest <= n_dedup < 0.8 * n_every
     np.testing.assert_allclose(dedup, every, rtol=0, atol=1e-12)
     np.testing.assert_allclose(finest, every, rtol=0, atol=1e-12)
