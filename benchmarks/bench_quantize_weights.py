@@ -41,17 +41,19 @@ def sides_for(model: Path, tmp: Path, ext: bool) -> dict[str, tuple[str, str, Pa
                        ("qxc int8-weights-ort", "passes/int8-weights-ort.toml")]:
         p = tmp / (name.split()[1] + ".onnx")
         out[name] = (*qxc_side(model, p, str(ROOT / pipe)), p)
-    p = tmp / "ort_nbits4.onnx"
-    out["ort nbits int4 b32"] = (
-        "import onnx\nfrom onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer",
-        f"""
-        q = MatMulNBitsQuantizer(onnx.load({str(model)!r}), bits=4, block_size=32, is_symmetric=False)
-        q.process()
-        q.model.save_model_to_file({str(p)!r}, use_external_data_format={ext})
-        """, p)
-    p = tmp / "qxc_rtn4.onnx"
-    out["qxc int4 rtn b32"] = (*qxc_side(model, p, "quantize-weights{bits=4,symmetric=false,method=rtn,"
-                                                   "format=matmulnbits},cleanup"), p)
+    for sym in (True, False):  # round to nearest at both of the MatMulNBits tool's settings, side by side
+        tag = " sym" if sym else ""
+        p = tmp / f"ort_nbits4{tag.strip()}.onnx"
+        out[f"ort nbits int4 b32{tag}"] = (
+            "import onnx\nfrom onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer",
+            f"""
+            q = MatMulNBitsQuantizer(onnx.load({str(model)!r}), bits=4, block_size=32, is_symmetric={sym})
+            q.process()
+            q.model.save_model_to_file({str(p)!r}, use_external_data_format={ext})
+            """, p)
+        p = tmp / f"qxc_rtn4{tag.strip()}.onnx"
+        out[f"qxc int4 rtn b32{tag}"] = (*qxc_side(model, p, f"quantize-weights{{bits=4,symmetric={str(sym).lower()},"
+                                                             "method=rtn,format=matmulnbits},cleanup"), p)
     p = tmp / "qxc_rtn4h.onnx"
     out["qxc int4 rtn b32 f16"] = (*qxc_side(model, p, "quantize-weights{bits=4,symmetric=false,method=rtn,"
                                                        "format=matmulnbits,scale-dtype=float16},cleanup"), p)

@@ -5,6 +5,7 @@ Semantics follow ONNX ``QuantizeLinear``/``DequantizeLinear`` exactly: ``q = sat
 along one axis. Scale/zero-point rules follow onnxruntime's ``compute_scale_zp`` so that our round-to-nearest
 results equal onnxruntime's at the same setting: the range is widened to contain 0; symmetric ranges use the
 restricted signed range (-127..127 for int8) and a zero point of 0 (128 for uint8); an all-zero range gets scale 1.
+Weights in symmetric int4 follow onnxruntime's blockwise 4-bit quantizer instead (``group_params``).
 
 Everything works on a *group matrix*: the tensor rearranged into ``(groups, group_size)`` rows, one row per
 channel or block, so per-tensor, per-axis and per-block are one vectorised code path.
@@ -246,9 +247,34 @@ Method = Literal["rtn", "mse"]
 # Group kernels: float32 throughout, codes held as exact small integers in float32 (|q| < 2**24).
 
 
+def _signed_extreme(qt: QType, symmetric: bool) -> bool:
+    """Symmetric types whose range is not symmetric (int4: -8..7) take the scale from each group's extreme."""
+    return symmetric and qt.signed and qt.sym_range()[0] == qt.qmin
+
+
+def group_params(lo: np.ndarray, hi: np.ndarray, qt: QType | str, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (int64) per group of weights with the given (min, max).
+
+    Symmetric int4 follows onnxruntime's blockwise 4-bit quantizer (MLAS ``range2scale``, the MatMulNBits tool's
+    ``is_symmetric=True``): the scale is the group's extreme value, sign included, over -8, so that the extreme is
+    represented exactly by -8 and the other values round within -8..7, all 16 levels in use. ``compute_params``'
+    range of -absmax..absmax over -8..7 with a zero point of 0 would round every positive extreme down by half a step:
+    a bias against the largest positive weights that builds up through a residual stack (the 18-layer FFN's output
+    SQNR: 9.5 dB against 18.1 dB). The scale is negative when the extreme is. Every other form: ``compute_params``.
+    """
+    qt = qtype(qt)
+    if not _signed_extreme(qt, symmetric):
+        return compute_params(lo, hi, qt, symmetric)
+    lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+    extreme = np.where(np.abs(hi) > np.abs(lo), hi, lo)  # onnxruntime's tie-break: the minimum
+    scale = extreme / np.float32(qt.qmin)
+    scale = np.where(np.abs(scale) < np.finfo(np.float32).tiny, 1.0, scale).astype(np.float32)  # all zero: 1
+    return scale, np.zeros(scale.shape, np.int64)
+
+
 def _params32(lo: np.ndarray, hi: np.ndarray, qt: QType, symmetric: bool, half: bool = False
               ) -> tuple[np.ndarray, np.ndarray]:
-    scale, zp = compute_params(lo, hi, qt, symmetric)
+    scale, zp = group_params(lo, hi, qt, symmetric)
     return (_half(scale) if half else scale), zp.astype(np.float32)
 
 
@@ -343,9 +369,9 @@ class _ClipSearch:
         c = self.q - self.z[:, None]
         den = np.einsum("ij,ij->i", c, c)  # float32 sums, as in _row_sq_err
         s = (np.einsum("ij,ij->i", self.m, c) / np.where(den > 0, den, 1)).astype(np.float32)
-        s = np.where((den > 0) & (s > 0), s, self.s)
+        s = np.where((den > 0) & (s * self.s > 0), s, self.s)  # the sign stays (signed-extreme scales may be < 0)
         if self.half:
-            s = np.where(_half(s) > 0, _half(s), self.s)
+            s = np.where(_half(s) * self.s > 0, _half(s), self.s)
         q = _codes(self.m, s, self.z, self.qt)
         self._keep(q, s, self.z, _row_sq_err(self.m, q, s, self.z))
 
@@ -424,7 +450,7 @@ def _half_fits(lo: np.ndarray, hi: np.ndarray, qt: QType, symmetric: bool) -> bo
     """Whether float16 holds every group's scale, and the clipped ones a search may pick (down to 0.45x), within
     1/128 relative error (float16 subnormals are spaced 2^-24 apart) and without overflow. Codes are always fitted
     to the rounded scale, so this bounds how far a scale may move, never correctness."""
-    s, _ = compute_params(lo, hi, qt, symmetric)
+    s = np.abs(group_params(lo, hi, qt, symmetric)[0])
     return bool(np.all(s * 0.45 >= 2.0**-24 * 128) and np.all(s <= np.finfo(np.float16).max))
 
 
