@@ -182,10 +182,15 @@ def sample_neighbourhood(x0: np.ndarray, data: np.ndarray, n: int, rng: np.rando
     np.abs(s, out=s)
     np.subtract(hi, s, out=s)
     np.clip(s, lo, hi, out=s)
-    for j in np.where(discrete)[0]:
-        flip = rng.random((k, n)) < 0.3
-        draws = levels[j][rng.integers(0, len(levels[j]), (k, n))]
-        s[:, :, j] = np.where(flip, draws, x0[:, None, j])
+    d = np.flatnonzero(discrete)
+    if len(d):  # every discrete feature at once: one uniform u per value flips (u < 0.3) and picks the level (u / 0.3)
+        count = np.array([len(levels[j]) for j in d])
+        table = np.zeros((len(d), count.max()))
+        for i, j in enumerate(d):
+            table[i, : count[i]] = levels[j]
+        u = rng.random((k, n, len(d)))
+        pick = np.minimum((u * (count / 0.3)).astype(np.int64), count - 1)  # uniform over the levels when u < 0.3
+        s[:, :, d] = np.where(u < 0.3, table[np.arange(len(d)), pick], x0[:, None, d])
     return s
 
 
@@ -216,22 +221,25 @@ class _Rep:
         self.discrete, self.levels = discrete, levels
         self.sd = np.where(data.std(axis=0) > 0, data.std(axis=0), 1.0)
         if kind == "binned":
-            self.edges = _bins(data)
-            self.bin0 = _bin_of(x0, self.edges)
+            edges = _bins(data)
+            self.bin0 = _bin_of(x0, edges)
+            self.data_bins = _bin_of(data, edges).astype(np.int8)  # at most 3 edges: bins 0..3
 
-    def draw(self, n: int, rng: np.random.Generator) -> np.ndarray:
+    def draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` samples per instance (the first is the instance itself) and the design matrix a linear model sees."""
         k, f = self.x0.shape
         if self.kind == "continuous":
             s = sample_neighbourhood(self.x0, self.data, n, rng, discrete=self.discrete, levels=self.levels)
-        else:  # LIME's tabular sampling: every feature drawn from its observed marginal
-            s = self.data[rng.integers(0, len(self.data), (k, n, f)), np.arange(f)[None, None, :]]
+            s[:, 0, :] = self.x0
+            return s, (s - self.x0[:, None, :]) / self.sd
+        # LIME's tabular sampling: every feature drawn from its observed marginal; a sample's bin is its data row's
+        rows = rng.integers(0, len(self.data), (k, n, f))
+        cols = np.arange(f)
+        s = self.data[rows, cols]
         s[:, 0, :] = self.x0
-        return s
-
-    def design(self, s: np.ndarray) -> np.ndarray:
-        if self.kind == "continuous":
-            return (s - self.x0[:, None, :]) / self.sd
-        return (_bin_of(s, self.edges) == self.bin0[:, None, :]).astype(np.float64)
+        z = (self.data_bins[rows, cols] == self.bin0[:, None, :]).astype(np.float64)
+        z[:, 0, :] = 1.0
+        return s, z
 
     def weights(self, z: np.ndarray) -> np.ndarray:
         d2 = (z**2).sum(axis=2) if self.kind == "continuous" else ((1 - z) ** 2).sum(axis=2)
@@ -280,10 +288,9 @@ def fit_local(predictor: Predictor, x0: np.ndarray, data: np.ndarray, *, n_sampl
         raise ValueError(f"unknown representation '{representation}'; use auto, continuous or binned")
 
     def evaluate(rep: _Rep, n: int, rows=slice(None)):
-        s = rep.draw(n, rng)
+        s, z = rep.draw(n, rng)
         cls = None if classes is None else np.repeat(classes[rows], n)
         y = predictor.value(s.reshape(-1, f).astype(predictor.dtype), cls).reshape(len(s), n)
-        z = rep.design(s)
         return z, y, rep.weights(z)
 
     # the row budget stays ~2 x n_samples per instance: in auto mode each representation is fit on half of it
