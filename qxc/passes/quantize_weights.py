@@ -41,7 +41,7 @@ class QuantizeWeightsOptions:
     symmetric: bool = opt(True, "symmetric ranges (zero point 0) instead of min/max ranges")
     granularity: Literal["auto", "tensor", "channel", "block"] = opt(
         "auto", "scale per tensor, per output channel or per block along the reduction axis (auto: 8 bits channel, "
-                "4 bits block)")
+                "4 bits block; MatMulNBits weights: block)")
     block_size: int = opt(32, "block length along the reduction axis for granularity=block (power of two >= 16)")
     method: Literal["rtn", "mse"] = opt("mse", "round-to-nearest on min/max, or a clipping search minimising MSE")
     format: Literal["qdq", "matmulnbits"] = opt("qdq", "DequantizeLinear nodes, or MatMulNBits for 2-D MatMul weights")
@@ -212,7 +212,8 @@ class QuantizeWeightsPass(QxcPass):
                      "format": fmt, "scale_dtype": qt.scale_dtype, "sqnr_db": round(qt.sqnr, 3),
                      "bytes_before": t.nbytes}
             if fmt == "matmulnbits":
-                entry["bytes_after"] = self._emit_nbits(value, value_uses, layout, bits, taken)
+                entry["bytes_after"] = self._emit_nbits(value, value_uses, layout, bits, _nbits_block(g, t.shape[0]),
+                                                        taken)
             else:
                 entry["bytes_after"] = self._emit_qdq(value, qt, g, taken)
             qir.release_weights(model, [t])  # unmap the float weight: its pages no longer count against us
@@ -252,7 +253,7 @@ class QuantizeWeightsPass(QxcPass):
         t = value.const_value
         g = self._granularity(value_uses[0], len(t.shape))
         if self._format_for(value, value_uses) == "matmulnbits":
-            g = Granularity(axis=0, block=o.block_size)
+            g = self._nbits_granularity()
         qt_name = ("int4" if o.symmetric else "uint4") if bits == 4 else ("int8" if o.symmetric else "uint8")
 
         def unmap():  # the float weight was copied: unmap it before the heavy part
@@ -289,15 +290,31 @@ class QuantizeWeightsPass(QxcPass):
         return _stored_bytes(qt.codes.size, qt.qtype.bits) + scale.nbytes + _stored_bytes(qt.zero_points.size,
                                                                                           qt.qtype.bits)
 
+    def _nbits_granularity(self) -> Granularity:
+        """A (K, N) MatMul weight's groups in MatMulNBits: blocks along K (``auto``, ``block``), whole columns
+        (``channel``: one block of K rounded up to a power of two) or one scale repeated for every column
+        (``tensor``)."""
+        kind = self.options.granularity
+        if kind == "tensor":
+            return Granularity()
+        if kind == "channel":
+            return Granularity(axis=1)
+        return Granularity(axis=0, block=self.options.block_size)
+
     def _nbits_layout(self, qt: QuantizedTensor, bits: int) -> list[tuple[str, np.ndarray]]:
         """MatMulNBits' initializers: B (N, blocks, packed block), scales (N*blocks) and zero points when asymmetric."""
         o = self.options
         k, n = qt.codes.shape
-        bs = o.block_size
+        g = qt.granularity
+        bs = _nbits_block(g, k)
         nb = -(-k // bs)
         offset = (8 if bits == 4 else 128) if o.symmetric else 0  # MatMulNBits stores unsigned codes
-        codes = qt.codes.T  # (n, k): contiguous, since the codes were computed in this block layout
-        zp = qt.zero_points.T  # (n, nb)
+        codes = qt.codes.T  # (n, k): contiguous when the codes were computed in this block layout
+        if g.block is not None:
+            zp, scale = qt.zero_points.T, qt.scale.T  # (n, nb)
+        else:  # one group per column (channel) or one for all (tensor): a single block per column
+            zp = np.broadcast_to(qt.zero_points.reshape(-1, 1), (n, 1))
+            scale = np.broadcast_to(qt.scale.reshape(-1, 1), (n, 1))
         if offset:
             codes = (codes.astype(np.int16) + offset).astype(np.uint8)
             zp = (zp.astype(np.int16) + offset).astype(np.uint8)
@@ -306,14 +323,14 @@ class QuantizeWeightsPass(QxcPass):
             codes = np.concatenate([codes, np.repeat(zp[:, -1:], pad, axis=1).astype(codes.dtype)], axis=1)
         blocks = np.ascontiguousarray(codes, dtype=np.uint8).reshape(n, nb, bs)
         packed = pack_uint4(blocks) if bits == 4 else blocks
-        out = [("B", packed), ("scales", np.ascontiguousarray(qt.scale.T).reshape(-1).astype(qt.scale_dtype))]
+        out = [("B", packed), ("scales", np.ascontiguousarray(scale).reshape(-1).astype(qt.scale_dtype))]
         if not o.symmetric:
             zpt = np.ascontiguousarray(zp, dtype=np.uint8)  # (n, nb)
             out.append(("zero_points", (pack_uint4(zpt) if bits == 4 else zpt).reshape(-1)))
         return out
 
     def _emit_nbits(self, value: ir.Value, value_uses: list[_Use], layout: list[tuple[str, np.ndarray]], bits: int,
-                    taken: set[str]) -> int:
+                    block_size: int, taken: set[str]) -> int:
         o = self.options
         k, n = value.const_value.shape
         graph = value.graph
@@ -322,7 +339,7 @@ class QuantizeWeightsPass(QxcPass):
         for use in value_uses:
             node = use.node
             attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),
-                     ir.AttrInt64("block_size", o.block_size)]
+                     ir.AttrInt64("block_size", block_size)]
             if o.accuracy_level:
                 attrs.append(ir.AttrInt64("accuracy_level", o.accuracy_level))
             new = ir.Node("com.microsoft", "MatMulNBits", [node.inputs[0], *vals], attrs,
@@ -364,6 +381,12 @@ class QuantizeWeightsPass(QxcPass):
             bits[v] = 8
         self.sensitivity = {v.name: {"int4_error": round(s, 6), "bits": bits[v]} for v, s in scores.items()}
         return bits
+
+
+def _nbits_block(g: Granularity, k: int) -> int:
+    """MatMulNBits' block_size for groups ``g`` of a (K, N) weight: the block, or K rounded up to a power of two
+    (at least 16) when each column is one group; the padding codes are the zero point and dequantize to 0."""
+    return g.block if g.block is not None else max(16, 1 << (k - 1).bit_length())
 
 
 def _stored_bytes(count: int, bits: int) -> int:

@@ -32,7 +32,7 @@ def test_digits_int8_keeps_accuracy_and_shrinks_weights():
     assert all(e["sqnr_db"] > 40 for e in report["quantized"])
 
 
-def _fake_quant_outputs(path, feeds, bits, symmetric, block):
+def _fake_quant_outputs(path, feeds, bits, symmetric, block, granularity=None):
     """Reference: the float model with every MatMul weight replaced by our dequantized reconstruction."""
     m = onnx.load(path)
     weights = {n.input[1] for n in m.graph.node if n.op_type == "MatMul"}
@@ -40,23 +40,30 @@ def _fake_quant_outputs(path, feeds, bits, symmetric, block):
         if t.name in weights:
             w = numpy_helper.to_array(t)
             qt = quantize_tensor(w, ("int4" if symmetric else "uint4") if bits == 4 else ("int8" if symmetric else "uint8"),
-                                 symmetric=symmetric, granularity=Granularity(axis=0, block=block))
+                                 symmetric=symmetric, granularity=granularity or Granularity(axis=0, block=block))
             t.CopyFrom(numpy_helper.from_array(qt.dequantized, t.name))
     return run(m, feeds)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_matmulnbits_layout_computes_our_reconstruction(tmp_path, bits, symmetric):
+@pytest.mark.parametrize("granularity", ["block", "channel", "tensor"])
+def test_matmulnbits_layout_computes_our_reconstruction(tmp_path, bits, symmetric, granularity):
+    """Blocks of 32, whole columns (one block of K rounded up to 64) or one scale for every column: MatMulNBits
+    computes with exactly our reconstruction, and the report says which groups were used."""
     proto = mlp_model(sizes=(40, 24, 8), seed=3)  # K=40: a partial block of 8 after one of 32
     path = tmp_path / "m.onnx"
     onnx.save(proto, path)
     x = np.random.default_rng(0).normal(size=(16, 40)).astype(np.float32)
-    spec = f"quantize-weights{{format=matmulnbits,bits={bits},symmetric={str(symmetric).lower()},method=rtn}}"
+    spec = (f"quantize-weights{{format=matmulnbits,bits={bits},symmetric={str(symmetric).lower()},method=rtn,"
+            f"granularity={granularity}}}")
     result = compile_model(path, spec, verify_runtime=True)
     assert result.stats_after["ops"]["com.microsoft::MatMulNBits"] == 2
+    g = {"block": Granularity(axis=0, block=32), "channel": Granularity(axis=1), "tensor": Granularity()}[granularity]
+    assert {e["granularity"] for e in result.records[0].report["quantized"]} == {
+        {"block": "block32"}.get(granularity, granularity)}
     got = run(qir.to_proto(result.model), {"x": x})[0]
-    want = _fake_quant_outputs(path, {"x": x}, bits, symmetric, 32)[0]
+    want = _fake_quant_outputs(path, {"x": x}, bits, symmetric, 32, g)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
