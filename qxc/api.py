@@ -14,7 +14,7 @@ load = qir.load
 save = qir.save
 
 
-def compile_model(model: Any, pipeline: str | Sequence[Step], *, data: Any = None, verify: bool = True,
+def compile_model(model: Any, pipeline: str | os.PathLike | Sequence[Step], *, data: Any = None, verify: bool = True,
                   verify_runtime: bool = False, providers: Sequence[str] = ("cpu",), seed: int = 0,
                   instruments: Sequence[Instrument] = (), failure_path: str | os.PathLike | None = None,
                   check_input: bool = True, ranges: Any = None) -> CompileResult:

@@ -408,8 +408,10 @@ def load_recipe(path: str | os.PathLike) -> tuple[list[Step], str]:
     return steps, str(doc.get("description", ""))
 
 
-def resolve_pipeline(spec: str | Sequence[Step]) -> list[Step]:
+def resolve_pipeline(spec: str | os.PathLike | Sequence[Step]) -> list[Step]:
     """A recipe file path, a bundled recipe name, or pipeline text."""
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
     if not isinstance(spec, str):
         return list(spec)
     if spec.endswith(".toml"):
