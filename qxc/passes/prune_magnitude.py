@@ -59,7 +59,7 @@ class PruneMagnitudePass(QxcPass):
         weights = [u.value for u in sel.weights]
         arrays = [v.const_value.numpy() for v in weights]
         self.report = {"skipped": sel.skipped, "target": o.sparsity, "scope": o.scope}
-        if o.sensitivity:
+        if o.sensitivity and weights:  # nothing selected (a tree ensemble, say): nothing to allocate
             counts = self._guided_counts(model, weights, arrays)
         elif o.scope == "global":
             counts = global_counts(arrays, o.sparsity)
