@@ -469,6 +469,10 @@ def _scale_args(p) -> None:
     p.add_argument("--tree-rows", type=_count, default=200_000, help="rows the surrogate tree is fit on (chunked runs)")
 
 
+_STRICT_HELP = ("fail (exit 2) when a requested provider is not available, instead of falling back to CPU with a "
+                "warning")
+
+
 def build_parser() -> argparse.ArgumentParser:
     epilog = "exit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items())
     p = argparse.ArgumentParser(prog="qxc", description="ONNX model-transformation compiler",
@@ -494,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dump-dir", help="save the model after every pass into this folder")
     c.add_argument("--print-after", help="print ONNX text after these passes (comma list, or 'all')")
     c.add_argument("--provider", default="cpu", help="execution providers for passes that run the model")
+    c.add_argument("--strict-provider", action="store_true", help=_STRICT_HELP)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-timings", action="store_true", help="leave timings out of the JSON (for byte-stable output)")
     c.add_argument("-q", "--quiet", action="store_true")
@@ -518,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data", required=True)
     m.add_argument("--json", help="write the comparison as JSON ('-' for stdout)")
     m.add_argument("--provider", default="cpu", help="provider, or 'a,b' for reference and candidate")
+    m.add_argument("--strict-provider", action="store_true", help=_STRICT_HELP)
     m.add_argument("--no-layers", action="store_true", help="outputs only (no instrumentation)")
     m.add_argument("--jump-db", type=float, default=6.0, help="SQNR loss that marks the first diverging node")
     m.add_argument("--batch", type=_count, default=64)
@@ -534,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of permutation, ablation, shapley, tree, local, layers")
     e.add_argument("--compare", help="another model (e.g. the compiled one): drift of predictions and explanations")
     e.add_argument("--provider", default="cpu")
+    e.add_argument("--strict-provider", action="store_true", help=_STRICT_HELP)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--repeats", type=_count, default=5)
     e.add_argument("--instances", type=_count, default=10, help="instances explained by shapley/local")
@@ -553,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"])
     k.add_argument("-o", "--output", required=True, help="ranges JSON (use with compile --ranges)")
     k.add_argument("--provider", default="cpu")
+    k.add_argument("--strict-provider", action="store_true", help=_STRICT_HELP)
     k.add_argument("-q", "--quiet", action="store_true")
     k.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     _scale_args(k)
@@ -568,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("models", nargs="+")
     b.add_argument("--batch", type=_count, default=1)
     b.add_argument("--provider", default="cpu")
+    b.add_argument("--strict-provider", action="store_true", help=_STRICT_HELP)
     b.add_argument("--threads", type=_count, default=1)
     b.add_argument("--runs", type=_count, default=100)
     b.add_argument("--data", help="take inputs from this data file (else random inputs of the declared shapes)")
@@ -589,6 +598,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("onnx_ir").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", module="onnx_ir")
     try:
+        if getattr(args, "strict_provider", False):  # checked once: every session then gets exactly these
+            from qxc.runtime import resolve_providers
+
+            resolve_providers(args.provider, strict=True)
         return args.func(args)
     except KeyboardInterrupt:
         print("qxc: interrupted; no output written", file=sys.stderr)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -175,3 +176,25 @@ def test_explain_counts_below_one_are_usage_errors(tmp_path, flag, capsys):
             "-o", str(out)]
     assert main(argv) == 2 and not out.exists()  # not NaN importances from zero repeats
     assert f"argument {flag}: expected a whole number >= 1, got '0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["compile", str(MODELS / "digits_mlp.onnx"), "-o", "{tmp}/o.onnx", "-p", "cleanup"],
+    ["explain", str(MODELS / "digits_mlp.onnx"), "--data", str(MODELS / "digits_test.npz"), "--method", "tree"],
+    ["compare", str(MODELS / "digits_mlp.onnx"), str(MODELS / "digits_mlp.onnx"), "--data",
+     str(MODELS / "digits_test.npz"), "--no-layers"],
+    ["calibrate", str(MODELS / "digits_mlp.onnx"), "--data", str(MODELS / "digits_train.npz"), "-o", "{tmp}/r.json"],
+    ["bench", str(MODELS / "digits_mlp.onnx"), "--runs", "3"],
+])
+def test_strict_provider_refuses_a_missing_provider_on_every_command(tmp_path, capsys, argv):
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("TensorRT is installed here")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main([*argv, "--provider", "tensorrt", "--strict-provider"]) == 2
+    assert "execution provider 'tensorrt'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
+    with warnings.catch_warnings():  # without the flag: CPU (with a warning where a session is opened)
+        warnings.simplefilter("ignore")
+        assert main([*argv, "--provider", "tensorrt"]) == 0
