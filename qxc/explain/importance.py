@@ -50,7 +50,14 @@ def score(pred: Prediction, y: np.ndarray | None, reference: Prediction | None, 
             return float(np.mean(pred.labels == y))
         out = pred.scores.astype(np.float64)
         yy = np.asarray(y, np.float64)
-        return float(1 - np.sum((yy - out) ** 2) / np.sum((yy - yy.mean()) ** 2))
+        if out.ndim == 2 and out.shape[1] == 1 and yy.ndim == 1:
+            out = out[:, 0]
+        out, yy = out.reshape(len(out), -1), yy.reshape(len(yy), -1)
+        num = np.sum((yy - out) ** 2, axis=0)
+        den = np.sum((yy - yy.mean(axis=0)) ** 2, axis=0)
+        # sklearn's r2_score: outputs averaged uniformly; a constant target scores 1 if predicted exactly, else 0
+        r2 = np.where(den > 0, 1 - num / np.where(den > 0, den, 1), np.where(num == 0, 1.0, 0.0))
+        return float(r2.mean())
     a, b = pred.scores.astype(np.float64), reference.scores.astype(np.float64)
     if a.ndim == 2:
         return -float(np.mean(0.5 * np.abs(a - b).sum(axis=1)))
