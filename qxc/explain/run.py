@@ -29,6 +29,7 @@ from qxc.explain.predictor import Predictor
 
 METHODS = ("permutation", "ablation", "shapley", "tree", "local", "layers")
 SCHEMA = "qxc.explain/1"
+MIN_ROWS = 10
 
 
 def _matrix(data: Dataset, predictor: Predictor) -> np.ndarray:
@@ -37,6 +38,9 @@ def _matrix(data: Dataset, predictor: Predictor) -> np.ndarray:
     x = data.stacked[predictor.input]
     if x.ndim != 2:
         raise DataError(f"{data.source}: input '{predictor.input}' must be [rows, features]; got shape {x.shape}")
+    if len(x) < MIN_ROWS:
+        raise DataError(f"{data.source}: explanations need at least {MIN_ROWS} rows of data, got {len(x)} (scores, "
+                        "spreads and the surrogates' held-out fidelity are undefined on fewer); pass more rows")
     return x
 
 

@@ -352,3 +352,31 @@ def test_binning_matches_searchsorted_with_nan_and_ties():
     values = rng.choice([-1.0, 0.0, 0.5, 1.0, 2.0, np.nan, -3.0], size=(7, 11, 3))
     want = np.stack([np.searchsorted(e, values[..., j], side="left") for j, e in enumerate(edges)], axis=-1)
     np.testing.assert_array_equal(_bin_of(values, edges), want)
+
+
+def test_r2_scores_as_sklearn_on_constant_and_multi_output_targets():
+    from sklearn.metrics import r2_score
+
+    from qxc.explain.importance import score
+    from qxc.explain.predictor import Prediction
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(30, 3))
+    p = (y + rng.normal(size=y.shape) * 0.3).astype(np.float32)
+    assert score(Prediction(None, p), y, None, False) == pytest.approx(r2_score(y, p), abs=1e-12)  # uniform average
+    flat = np.full(30, 2.0)
+    for pred in (np.full(30, 2.0), np.full(30, 1.5)):  # a constant target: 1 when predicted exactly, else 0
+        assert score(Prediction(None, pred.astype(np.float32)), flat, None, False) == r2_score(flat, pred)
+
+
+def test_explain_refuses_too_few_rows_and_stays_finite_on_a_constant_target(tmp_path):
+    x = np.load(MODELS / "diabetes_test.npz")["X"]
+    np.savez(tmp_path / "few.npz", X=x[:3], labels=np.zeros(3, np.float32))
+    assert main(["explain", str(MODELS / "diabetes_mlp.onnx"), "--data", str(tmp_path / "few.npz"),
+                 "-o", str(tmp_path / "few.json")]) == 5
+    assert not (tmp_path / "few.json").exists()
+    np.savez(tmp_path / "flat.npz", X=x[:40], labels=np.full(40, 100.0, np.float32))
+    assert main(["explain", str(MODELS / "diabetes_mlp.onnx"), "--data", str(tmp_path / "flat.npz"), "--labels",
+                 "--method", "permutation,ablation", "-o", str(tmp_path / "flat.json")]) == 0
+    doc = json.loads((tmp_path / "flat.json").read_text(), parse_constant=pytest.fail)  # no NaN or Infinity
+    assert doc["permutation"]["baseline_score"] == 0.0 and set(doc["permutation"]["values"].values()) == {0.0}
