@@ -23,6 +23,8 @@ import numpy as np
 from qxc.explain.predictor import BATCH_ROWS, Predictor
 from qxc.runtime.threads import serial_blas
 
+MAX_EXACT = 12  # features up to which every coalition is enumerated
+
 
 @dataclass
 class ShapleyResult:
@@ -184,12 +186,14 @@ def _exact_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, c
     return v / len(background), evaluated
 
 
-def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, *, max_exact: int = 12,
-                   n_samples: int = 24576, random_state: int = 0, rows_per_run: int = 65_536) -> ShapleyResult:
+def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, *, max_exact: int = MAX_EXACT,
+                   n_samples: int = 24576, random_state: int = 0, rows_per_run: int = 65_536,
+                   allocation: np.ndarray | str | None = "pilot") -> ShapleyResult:
     """Exact Shapley values up to ``max_exact`` features, above it a KernelSHAP estimate that runs about
     ``n_samples`` rows per instance (``_kernel``; plus, once per call, a pilot of at most 8,192 rows that shares the
-    rows among the coalition sizes); ``rows_per_run`` bounds the rows built at once for the coalitions run on the
-    whole background. An instance's values depend on the model, the background, the seed and the instance alone."""
+    rows among the coalition sizes, unless ``allocation`` comes from :func:`kernel_allocation`); ``rows_per_run``
+    bounds the rows built at once for the coalitions run on the whole background. An instance's values depend on
+    the model, the background, the seed and the instance alone."""
     t = time.perf_counter()
     x = np.asarray(x, dtype=predictor.dtype)
     background = np.asarray(background, dtype=predictor.dtype)
@@ -208,13 +212,12 @@ def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, 
         std_error = np.zeros_like(phi)
     else:
         # each background row's output (per class for classifiers), each row run once
-        bg_out = (predictor.value(background) if classes is None
-                  else predictor.predict(background).scores.astype(np.float64))
+        bg_out = _background_scores(predictor, background)
         base = _background_outputs(bg_out, classes, n).mean(axis=1)
         before = predictor.rows_evaluated
         with serial_blas():  # the Gram matrices alternate with onnxruntime runs
             phi, std_error = _kernel(predictor, x, background, classes, fx, bg_out, n_samples, random_state,
-                                     rows_per_run)
+                                     rows_per_run, allocation=allocation)
         method = "kernel"
         settings = {"n_samples": n_samples, "random_state": random_state,
                     "rows_evaluated": int(predictor.rows_evaluated - before + len(background))}
@@ -258,7 +261,8 @@ def _background_outputs(bg_out: np.ndarray, classes: np.ndarray | None, n: int) 
 
 
 def _kernel(predictor, x, background, classes, fx, bg_out, n_samples, random_state, rows_per_run, batches: int = 8,
-            pilot_instances: int = 2, pilot_pairs: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+            pilot_instances: int = 2, pilot_pairs: int = 2048, allocation: np.ndarray | str | None = "pilot"
+            ) -> tuple[np.ndarray, np.ndarray]:
     """KernelSHAP within a budget of ``n_samples`` rows per instance; returns the values and their standard errors.
 
     The coalition sizes with the most kernel mass (1 and M-1, then 2 and M-2, ...) are enumerated on the whole
@@ -279,78 +283,25 @@ def _kernel(predictor, x, background, classes, fx, bg_out, n_samples, random_sta
     swing most, and the proportional split needs about twice the rows for the same error on the digits MLP. The
     spread is measured once per call on a pilot of ``pilot_pairs`` pairs explaining ``pilot_instances`` background
     rows, so an instance's values depend on the model, the background and the seed, not on the other instances
-    explained with it. Each size's mass is spread evenly over its pairs, so the estimate stays unbiased. One
-    weighted least squares for all instances (the coalitions are shared); the standard error comes from the spread
-    of the same fit over ``batches`` disjoint shares of the pairs, each dealt every size's pairs in turn.
+    explained with it (``allocation``: "pilot" measures it here; an array from :func:`kernel_allocation`, measured
+    once for many calls, or None for the kernel mass alone). Each size's mass is spread evenly over its pairs, so
+    the estimate stays unbiased. One weighted least squares for all instances (the coalitions are shared); the
+    standard error comes from the spread of the same fit over ``batches`` disjoint shares of the pairs, each dealt
+    every size's pairs in turn.
     """
     n, m = x.shape
     b = len(background)
     fb = _background_outputs(bg_out, classes, n)
     base = fb.mean(axis=1)
     rng = np.random.default_rng(random_state)
-    ends, w_ends, budget, enumerated = [np.zeros((0, m), bool)], [], n_samples, set()
-    everything = (2**m - 2) * b <= n_samples
-    for k in range(1, m // 2 + 1):
-        sizes = sorted({k, m - k})
-        count = sum(math.comb(m, j) for j in sizes)
-        if not everything and (count * b > n_samples // 8 or count * b > budget):  # worth its rows when cheap
-            break
-        for j in sizes:
-            ends.append(_combinations(m, j))
-            w_ends += [(m - 1) / (j * (m - j)) / math.comb(m, j)] * math.comb(m, j)
-        budget -= count * b
-        enumerated.update(sizes)
-    ends, w_ends = np.concatenate(ends), np.array(w_ends, np.float64)
+    ends, w_ends, first, total = _pair_plan(m, b, n_samples)
     v_ends = _values(predictor, x, background, ends, classes, rows_per_run) if len(ends) else np.zeros((n, 0))
-    first = np.array([k for k in range(1, m // 2 + 1) if k not in enumerated], np.int64)
-    total = budget // 2
-    bits = np.dtype(f"u{x.dtype.itemsize}")
-    block = BATCH_ROWS // 2  # pairs per run: built just before it, still in cache
-    # reused buffers (no page faults per run); the instance tiled over a block, so that every xor runs over whole
-    # contiguous arrays (against a broadcast row numpy loops M features at a time: 4x slower here)
-    buf, t, xt = np.empty((2 * block, m), bits), np.empty((block, m), bits), np.empty((block, m), bits)
-
-    def differences(inst: np.ndarray, cls: np.ndarray | None, z: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """(instances, pairs): f(S's row) - f(its complement's row), per instance and pair."""
-        dv = np.empty((len(inst), len(z)))
-        words = _all_ones(z, bits)
-        bgw = np.ascontiguousarray(background).view(bits)[rows]  # (pairs, m): each pair's background row
-        for i, row in enumerate(np.ascontiguousarray(inst).view(bits)):
-            full = None if cls is None else np.full(2 * block, cls[i])
-            xt[:] = row
-            for a in range(0, len(z), block):
-                k = min(block, len(z) - a)
-                np.bitwise_xor(bgw[a : a + k], xt[:k], out=t[:k])
-                t[:k] &= words[a : a + k]  # (bg ^ x) & mask: S's row is bg ^ t, its complement's is x ^ t
-                np.bitwise_xor(bgw[a : a + k], t[:k], out=buf[:k])
-                np.bitwise_xor(xt[:k], t[:k], out=buf[k : 2 * k])
-                vals = predictor.value(buf[: 2 * k].view(x.dtype), None if full is None else full[: 2 * k])
-                np.subtract(vals[:k], vals[k:], out=dv[i, a : a + k])
-        return dv
-
-    def corrected(dv: np.ndarray, size: np.ndarray, rows: np.ndarray, outputs: np.ndarray) -> np.ndarray:
-        """The differences less the control variate (slopes fitted per size among these pairs)."""
-        control = outputs[:, rows] - outputs.mean(axis=1, keepdims=True)
-        return dv - _control_slopes(dv, control, np.bincount(size)[np.unique(size)], outputs.var(axis=1)) * control
-
-    allocation = None
-    few = min(pilot_pairs, total // 4)
-    if len(first) > 1 and few >= 8 * len(first):  # the spread of each size's differences, on background rows
-        prng = np.random.default_rng([random_state, 1])
-        pick = np.sort(prng.choice(b, size=min(pilot_instances, b), replace=False))
-        pcls = None if classes is None else np.argmax(bg_out[pick], axis=1)
-        z, size, rows = _sampled_coalitions(m, first, few, b, prng)
-        dvc = corrected(differences(background[pick], pcls, z, rows), size, rows,
-                        _background_outputs(bg_out, pcls, len(pick)))
-        got = np.bincount(size, minlength=m // 2 + 1)[first]
-        spread = np.array([np.sqrt(np.mean(dvc[:, size == k].var(axis=1, ddof=1))) if c >= 8 else 0.0
-                           for k, c in zip(first, got)])
-        known = got >= 8  # too few pilot pairs to tell: the spread of the nearest sizes that have enough
-        if known.any() and spread[known].max() > 0:
-            allocation = _pair_mass(m, first) * np.interp(first, first[known], spread[known])
+    runner = _PairRows(predictor, background)
+    if isinstance(allocation, str):  # "pilot": measured here
+        allocation = _pilot_allocation(runner, bg_out, first, total, random_state, pilot_instances, pilot_pairs)
     z, size, rows = _sampled_coalitions(m, first, total, b, rng, allocation)
     pairs = len(z)
-    dv = corrected(differences(x, classes, z, rows), size, rows, fb) if pairs else np.zeros((n, 0))
+    dv = _corrected(runner.differences(x, classes, z, rows), size, rows, fb) if pairs else np.zeros((n, 0))
     counts = np.bincount(size, minlength=m // 2 + 1)
     counts = counts[counts > 0]
 
@@ -386,6 +337,109 @@ def _kernel(predictor, x, background, classes, fx, bg_out, n_samples, random_sta
         return phi, np.full_like(phi, np.nan)  # too few pairs per batch for a fit of its own
     parts = np.stack([solve(gram_e + pairs / k * g, rhs_e + pairs / k * r) for g, r, k in shares])
     return phi, parts.std(axis=0, ddof=1) / np.sqrt(use)
+
+
+def _pair_plan(m: int, b: int, n_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The Kernel estimate's rows: the coalition sizes enumerated on the whole background (their coalitions and
+    kernel weights), the sizes (up to m/2) left to sample in complementary pairs, and how many pairs the budget
+    leaves for them."""
+    ends, w_ends, budget, enumerated = [np.zeros((0, m), bool)], [], n_samples, set()
+    everything = (2**m - 2) * b <= n_samples
+    for k in range(1, m // 2 + 1):
+        sizes = sorted({k, m - k})
+        count = sum(math.comb(m, j) for j in sizes)
+        if not everything and (count * b > n_samples // 8 or count * b > budget):  # worth its rows when cheap
+            break
+        for j in sizes:
+            ends.append(_combinations(m, j))
+            w_ends += [(m - 1) / (j * (m - j)) / math.comb(m, j)] * math.comb(m, j)
+        budget -= count * b
+        enumerated.update(sizes)
+    first = np.array([k for k in range(1, m // 2 + 1) if k not in enumerated], np.int64)
+    return np.concatenate(ends), np.array(w_ends, np.float64), first, budget // 2
+
+
+class _PairRows:
+    """Runs complementary coalition pairs, each on its background row, in blocks built just before their run.
+
+    Buffers are reused (no page faults per run), and the instance is tiled over a block so that every xor runs over
+    whole contiguous arrays (against a broadcast row numpy loops M features at a time: 4x slower here)."""
+
+    def __init__(self, predictor: Predictor, background: np.ndarray):
+        self.predictor, self.background = predictor, background
+        m = background.shape[1]
+        self.bits = np.dtype(f"u{background.dtype.itemsize}")
+        self.block = BATCH_ROWS // 2  # pairs per run
+        self.buf = np.empty((2 * self.block, m), self.bits)
+        self.t, self.xt = np.empty((self.block, m), self.bits), np.empty((self.block, m), self.bits)
+
+    def differences(self, inst: np.ndarray, cls: np.ndarray | None, z: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(instances, pairs): f(S's row) - f(its complement's row), per instance and pair."""
+        block, buf, t, xt = self.block, self.buf, self.t, self.xt
+        dv = np.empty((len(inst), len(z)))
+        words = _all_ones(z, self.bits)
+        bgw = np.ascontiguousarray(self.background).view(self.bits)[rows]  # (pairs, m): each pair's background row
+        for i, row in enumerate(np.ascontiguousarray(inst).view(self.bits)):
+            full = None if cls is None else np.full(2 * block, cls[i])
+            xt[:] = row
+            for a in range(0, len(z), block):
+                k = min(block, len(z) - a)
+                np.bitwise_xor(bgw[a : a + k], xt[:k], out=t[:k])
+                t[:k] &= words[a : a + k]  # (bg ^ x) & mask: S's row is bg ^ t, its complement's is x ^ t
+                np.bitwise_xor(bgw[a : a + k], t[:k], out=buf[:k])
+                np.bitwise_xor(xt[:k], t[:k], out=buf[k : 2 * k])
+                vals = self.predictor.value(buf[: 2 * k].view(self.background.dtype),
+                                            None if full is None else full[: 2 * k])
+                np.subtract(vals[:k], vals[k:], out=dv[i, a : a + k])
+        return dv
+
+
+def _corrected(dv: np.ndarray, size: np.ndarray, rows: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    """The differences less the control variate (slopes fitted per size among these pairs)."""
+    control = outputs[:, rows] - outputs.mean(axis=1, keepdims=True)
+    return dv - _control_slopes(dv, control, np.bincount(size)[np.unique(size)], outputs.var(axis=1)) * control
+
+
+def _pilot_allocation(runner: _PairRows, bg_out: np.ndarray, first: np.ndarray, total: int, random_state: int,
+                      pilot_instances: int = 2, pilot_pairs: int = 2048) -> np.ndarray | None:
+    """Each sampled size's share of the pairs: its kernel mass times the spread of its differences, measured on a
+    pilot that explains ``pilot_instances`` background rows (None: too few pairs to measure; the kernel mass)."""
+    background = runner.background
+    b, m = background.shape
+    few = min(pilot_pairs, total // 4)
+    if len(first) <= 1 or few < 8 * len(first):
+        return None
+    prng = np.random.default_rng([random_state, 1])
+    pick = np.sort(prng.choice(b, size=min(pilot_instances, b), replace=False))
+    pcls = None if bg_out.ndim == 1 else np.argmax(bg_out[pick], axis=1)
+    z, size, rows = _sampled_coalitions(m, first, few, b, prng)
+    dvc = _corrected(runner.differences(background[pick], pcls, z, rows), size, rows,
+                     _background_outputs(bg_out, pcls, len(pick)))
+    got = np.bincount(size, minlength=m // 2 + 1)[first]
+    spread = np.array([np.sqrt(np.mean(dvc[:, size == k].var(axis=1, ddof=1))) if c >= 8 else 0.0
+                       for k, c in zip(first, got)])
+    known = got >= 8  # too few pilot pairs to tell: the spread of the nearest sizes that have enough
+    if not known.any() or spread[known].max() <= 0:
+        return None
+    return _pair_mass(m, first) * np.interp(first, first[known], spread[known])
+
+
+def kernel_allocation(predictor: Predictor, background: np.ndarray, *, n_samples: int = 24576,
+                      random_state: int = 0) -> np.ndarray | None:
+    """The Kernel estimate's share of pairs per coalition size, as :func:`shapley_values` measures it on its pilot:
+    measured once, it can be passed to many calls over the same model, background, budget and seed (the
+    distributed run does), with the very values a single call gives."""
+    background = np.asarray(background, dtype=predictor.dtype)
+    b, m = background.shape
+    _, _, first, total = _pair_plan(m, b, n_samples)
+    return _pilot_allocation(_PairRows(predictor, background), _background_scores(predictor, background), first, total,
+                             random_state)
+
+
+def _background_scores(predictor: Predictor, background: np.ndarray) -> np.ndarray:
+    """Each background row's output: (b,) for regressors, (b, classes) probabilities for classifiers."""
+    return (predictor.value(background) if not predictor.is_classifier
+            else predictor.predict(background).scores.astype(np.float64))
 
 
 def _control_slopes(v: np.ndarray, c: np.ndarray, counts: np.ndarray, variance: np.ndarray) -> np.ndarray:

@@ -199,21 +199,43 @@ def distributed_labels(backend, chunks: Sequence[Chunk]) -> np.ndarray:
     return np.concatenate(backend.map(predict_task, list(chunks)))
 
 
-def shapley_task(worker, rows: np.ndarray, background: np.ndarray, seed: int):
-    from qxc.explain.predictor import Predictor
+def _predictor(worker):
+    if "predictor" not in worker.cache:
+        from qxc.explain.predictor import Predictor
+
+        worker.cache["predictor"] = Predictor(worker.model, providers=worker.providers, threads=worker.threads)
+    return worker.cache["predictor"]
+
+
+def allocation_task(worker, background: np.ndarray, seed: int):
+    """The Kernel estimate's pilot, once for every task (each would otherwise run its own 8,192 rows)."""
+    from qxc.explain.shapley import kernel_allocation
+
+    predictor = _predictor(worker)
+    before = predictor.rows_evaluated
+    return kernel_allocation(predictor, background, random_state=seed), predictor.rows_evaluated - before
+
+
+def shapley_task(worker, rows: np.ndarray, background: np.ndarray, seed: int, allocation="pilot"):
     from qxc.explain.shapley import shapley_values
 
-    if "predictor" not in worker.cache:
-        worker.cache["predictor"] = Predictor(worker.model, providers=worker.providers, threads=worker.threads)
-    return shapley_values(worker.cache["predictor"], rows, background, random_state=seed)
+    return shapley_values(_predictor(worker), rows, background, random_state=seed, allocation=allocation)
 
 
 def distributed_shapley(backend, x: np.ndarray, background: np.ndarray, *, seed: int = 0, per_task: int = 4):
     """Shapley values of the rows of ``x``, a few instances per task (instances are independent; every task draws
-    the same coalitions from ``seed``), as one :class:`~qxc.explain.shapley.ShapleyResult`."""
-    from qxc.explain.shapley import ShapleyResult
+    the same coalitions from ``seed``), as one :class:`~qxc.explain.shapley.ShapleyResult` equal to one local call.
+    Above the exact limit, the pilot that shares the pairs among the coalition sizes runs once, in a task of its
+    own, and every task gets its allocation."""
+    from qxc.explain.shapley import MAX_EXACT, ShapleyResult
 
-    parts = backend.map(shapley_task, [x[s : s + per_task] for s in range(0, len(x), per_task)], background, seed)
+    allocation, pilot_rows = "pilot", 0
+    chunks = [x[s : s + per_task] for s in range(0, len(x), per_task)]
+    if x.shape[1] > MAX_EXACT and len(chunks) > 1:
+        allocation, pilot_rows = backend.map(allocation_task, [background], seed)[0]
+    parts = backend.map(shapley_task, chunks, background, seed, allocation)
+    rows = pilot_rows + sum(p.settings["rows_evaluated"] for p in parts)
     return ShapleyResult(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("values", "base_value", "outputs")),
-                         parts[0].method, sum(p.seconds for p in parts), {**parts[0].settings, "instances": len(x)},
+                         parts[0].method, sum(p.seconds for p in parts),
+                         {**parts[0].settings, "instances": len(x), "rows_evaluated": rows, "tasks": len(parts)},
                          np.concatenate([p.std_error for p in parts]))

@@ -46,6 +46,21 @@ def test_single_chunk_permutation_equals_the_in_memory_one():
     np.testing.assert_allclose(res["importances"], ref.importances, atol=1e-6)
 
 
+def test_distributed_shapley_runs_the_pilot_once_and_equals_one_local_call():
+    from qxc.explain.shapley import shapley_values
+    from qxc.scale import distributed_shapley
+
+    model = qir.load(MODELS / "digits_mlp.onnx")
+    x = load_data(MODELS / "digits_test.npz", model).stacked["X"]
+    bg = x[:100]
+    local = shapley_values(Predictor(model), x[100:110], bg, random_state=3)
+    dist = distributed_shapley(LocalBackend(model), x[100:110], bg, seed=3, per_task=4)  # 3 tasks
+    np.testing.assert_array_equal(dist.values, local.values)
+    np.testing.assert_array_equal(dist.std_error, local.std_error)
+    # one pilot in all: each task (and the pilot's) runs the background's outputs, nothing else twice
+    assert dist.settings["rows_evaluated"] == local.settings["rows_evaluated"] + 3 * len(bg)
+
+
 def test_ray_equals_local_for_ranges_and_importance(cluster, shards):
     model = qir.load(MODELS / "digits_mlp.onnx")
     chunks = chunks_of(shards, "X", 200)
