@@ -64,6 +64,10 @@ def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutatio
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(x), size=min(instances, len(x)), replace=False))
     bg = x[np.sort(rng.choice(len(x), size=min(background, len(x)), replace=False))]
+    if "shapley" in methods or "local" in methods:  # they keep BLAS on one thread; its libraries are found meanwhile
+        from qxc.runtime.threads import prefetch_threadpools
+
+        prefetch_threadpools()
     perm = None
     if "permutation" in methods:
         perm = permutation_importance(predictor, x, y, n_repeats=repeats, random_state=seed)

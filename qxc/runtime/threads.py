@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import contextlib
-import functools
+import threading
+
+_lock = threading.Lock()
+_controller = None
 
 
-@functools.cache
 def _threadpools():
-    from threadpoolctl import ThreadpoolController
+    global _controller
+    with _lock:
+        if _controller is None:
+            from threadpoolctl import ThreadpoolController
 
-    return ThreadpoolController()  # finds the loaded BLAS libraries: once per process
+            _controller = ThreadpoolController()  # finds the loaded BLAS libraries: once per process
+    return _controller
+
+
+def prefetch_threadpools() -> None:
+    """Find the BLAS libraries on a background thread (10-25 ms of path lookups), while onnxruntime runs."""
+    if _controller is None:
+        threading.Thread(target=_threadpools, daemon=True).start()
 
 
 @contextlib.contextmanager

@@ -94,3 +94,24 @@ def test_serial_blas_runs_numpy_blas_on_one_thread_and_restores_it():
         assert blas_threads() == before
     assert inside and all(t == 1 for t in inside)
     assert blas_threads() == before
+
+
+def test_blas_libraries_found_on_a_background_thread_are_found_once(monkeypatch):
+    import threading
+
+    import threadpoolctl
+
+    from qxc.runtime import threads
+
+    made, real = [], threadpoolctl.ThreadpoolController
+    monkeypatch.setattr(threads, "_controller", None)
+    monkeypatch.setattr(threadpoolctl, "ThreadpoolController", lambda: made.append(1) or real())
+    threads.prefetch_threadpools()  # the scan starts meanwhile...
+    callers = [threading.Thread(target=threads._threadpools) for _ in range(4)]
+    for c in callers:
+        c.start()
+    with threads.serial_blas():  # ...and whoever needs it first waits for that one scan
+        pass
+    for c in callers:
+        c.join()
+    assert made == [1] and threads._controller is not None
