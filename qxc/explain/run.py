@@ -26,6 +26,7 @@ from qxc.data import Dataset
 from qxc.errors import DataError, UsageError
 from qxc.explain.importance import ablation_importance, permutation_importance
 from qxc.explain.predictor import Predictor
+from qxc.explain.shapley import MAX_EXACT
 
 METHODS = ("permutation", "ablation", "shapley", "tree", "local", "layers")
 SCHEMA = "qxc.explain/1"
@@ -64,7 +65,9 @@ def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutatio
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(x), size=min(instances, len(x)), replace=False))
     bg = x[np.sort(rng.choice(len(x), size=min(background, len(x)), replace=False))]
-    if "shapley" in methods or "local" in methods:  # they keep BLAS on one thread; its libraries are found meanwhile
+    if ("shapley" in methods or "local" in methods) and x.shape[1] > MAX_EXACT:
+        # the Kernel estimate and wide local fits keep BLAS on one thread: its libraries are found meanwhile (the
+        # exact path and narrow fits never need them, and the scan would only compete with their runs)
         from qxc.runtime.threads import prefetch_threadpools
 
         prefetch_threadpools()
