@@ -48,10 +48,14 @@ def fresh(path: Path) -> str:
 
 
 def interleave(sides: dict[str, tuple[str, str]], rounds: int) -> dict[str, dict]:
-    """Run every side once per round, alternating, and return per-side medians (and the last 'extra')."""
+    """Run every side once per round, alternating, and return per-side medians (and the last 'extra').
+
+    Every other round runs the sides in reverse order: on this shared machine the first of two back-to-back fresh
+    processes is often the faster one, and a fixed order would hand that edge to one side."""
     runs: dict[str, list[dict]] = {k: [] for k in sides}
-    for _ in range(rounds):
-        for name, (imports, body) in sides.items():
+    for r in range(rounds):
+        order = list(sides.items())
+        for name, (imports, body) in (order[::-1] if r % 2 else order):
             runs[name].append(measure(imports, body))
     out = {}
     for name, rs in runs.items():

@@ -205,13 +205,13 @@ def bench(name: str, instances: int):
                  f"for a in range(0, len(rows), {BATCH_ROWS}):\n"
                  f"    sess.run(None, {{{pred.input!r}: rows[a : a + {BATCH_ROWS}]}})"),
     }
-    res = interleave(sides, rounds=5)
+    res = interleave(sides, rounds=6)  # each side first in half of the rounds
     wall, pure = res["explain"]["seconds"], res["pure"]["seconds"]
     dump.unlink()
     paired = [a / b for a, b in zip(res["explain"]["rounds"], res["pure"]["rounds"])]  # round by round
     print(f"qxc explain (5 methods): {wall:.3f} s for {rows:,} rows; pure onnxruntime (session + runs) on those very "
-          f"rows {pure:.3f} s; ratio {wall / pure:.2f} (medians of 5 interleaved fresh processes each; "
-          f"round by round {min(paired):.2f}-{max(paired):.2f})")
+          f"rows {pure:.3f} s; ratio {wall / pure:.2f} (medians of 6 interleaved fresh processes each; round by round "
+          f"{min(paired):.2f}-{max(paired):.2f}, median {float(np.median(paired)):.2f})")
 
 
 def main():
