@@ -245,7 +245,7 @@ def _backend(args, model):
     from qxc.scale import make_backend
 
     return make_backend(args.backend, model, args.provider.split(","), address=args.ray_address,
-                        workers=args.workers)
+                        workers=args.workers, threads=getattr(args, "threads", None))
 
 
 def _input_key(model) -> str:
@@ -363,13 +363,13 @@ def cmd_explain(args) -> int:
     doc = explain_model(model, data, methods=methods, use_labels=args.labels, compare=compare,
                         providers=args.provider.split(","), seed=args.seed, repeats=args.repeats,
                         instances=args.instances, background=args.background, max_depth=args.max_depth,
-                        source=str(args.model))
+                        source=str(args.model), threads=args.threads)
     if args.embed:
         from qxc.explain.embed import embed, linear_contributions, tree_to_onnx, verify_tree
         from qxc.explain.predictor import Predictor
         from qxc.explain.surrogates import fit_tree
 
-        pred = Predictor(model, providers=args.provider.split(","))
+        pred = Predictor(model, providers=args.provider.split(","), threads=args.threads)
         x = data.stacked[pred.input]
         tree = fit_tree(pred, x, doc["features"], max_depth=args.max_depth, random_state=args.seed)
         scores = pred.predict(x).scores
@@ -541,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--compare", help="another model (e.g. the compiled one): drift of predictions and explanations")
     e.add_argument("--provider", default="cpu")
     e.add_argument("--strict-provider", action="store_true", help=_STRICT_HELP)
+    e.add_argument("--threads", type=_count, help="onnxruntime intra-op threads (default: onnxruntime's choice)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--repeats", type=_count, default=5)
     e.add_argument("--instances", type=_count, default=10, help="instances explained by shapley/local")

@@ -48,13 +48,15 @@ def _matrix(data: Dataset, predictor: Predictor) -> np.ndarray:
 def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutation", "tree", "local"),
                   use_labels: bool = True, compare=None, providers=("cpu",), seed: int = 0, repeats: int = 5,
                   instances: int = 10, background: int = 100, max_depth: int = 4, local_samples: int = 1000,
-                  source: str = "") -> dict:
+                  source: str = "", threads: int | None = None) -> dict:
+    """Every method in ``methods`` on ``model`` over ``data`` as one ``qxc.explain/1`` document (schema above);
+    ``threads`` caps onnxruntime's intra-op threads (default: onnxruntime's own choice)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UsageError(f"unknown explanation method '{unknown[0]}'; use {', '.join(METHODS)}")
     t0 = time.perf_counter()
     model = qir.coerce_model(model)
-    predictor = Predictor(model, providers=providers)
+    predictor = Predictor(model, providers=providers, threads=threads)
     x = _matrix(data, predictor)
     y = data.labels if use_labels else None  # without labels: prediction change instead of a metric
     features = data.meta.get("feature_names") or [f"x{i}" for i in range(x.shape[1])]
@@ -99,17 +101,17 @@ def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutatio
         doc["layers"] = {"values": activation_stats(model, data, providers=providers)}
     if compare is not None:
         doc["drift"] = _drift(predictor, qir.coerce_model(compare), x, y, perm, tree, features, providers, seed,
-                              repeats, max_depth)
+                              repeats, max_depth, threads)
     doc["timing"] = {"seconds": round(time.perf_counter() - t0, 4), "rows_evaluated": int(predictor.rows_evaluated),
                      "onnxruntime_calls": int(predictor.calls)}
     return doc
 
 
-def _drift(predictor, other, x, y, perm, tree, features, providers, seed, repeats, max_depth) -> dict:
+def _drift(predictor, other, x, y, perm, tree, features, providers, seed, repeats, max_depth, threads=None) -> dict:
     from qxc.explain.drift import drift
     from qxc.explain.surrogates import fit_tree, holdout_split
 
-    cand = Predictor(other, providers=providers)
+    cand = Predictor(other, providers=providers, threads=threads)
     perm_c = permutation_importance(cand, x, y, n_repeats=repeats, random_state=seed)
     perm_r = perm or permutation_importance(predictor, x, y, n_repeats=repeats, random_state=seed)
     tree_r = tree or fit_tree(predictor, x, features, max_depth=max_depth, random_state=seed)

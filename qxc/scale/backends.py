@@ -28,8 +28,8 @@ class Worker:
 class LocalBackend:
     name = "local"
 
-    def __init__(self, model, providers: Sequence[str] = ("cpu",)):
-        self.worker = Worker(_blobs(model), providers)
+    def __init__(self, model, providers: Sequence[str] = ("cpu",), threads: int | None = None):
+        self.worker = Worker(_blobs(model), providers, threads)
 
     def map(self, fn: Callable, chunks: list, *args) -> list:
         return [self.worker.run(fn, c, *args) for c in chunks]
@@ -88,9 +88,10 @@ def _blobs(model) -> bytes | list[bytes]:
 
 
 def make_backend(kind: str, model, providers: Sequence[str] = ("cpu",), *, address: str | None = None,
-                 workers: int | None = None):
+                 workers: int | None = None, threads: int | None = None):
+    """``threads``: onnxruntime's intra-op threads in the local worker (Ray actors run one each, one per CPU)."""
     if kind == "local":
-        return LocalBackend(model, providers)
+        return LocalBackend(model, providers, threads)
     if kind == "ray":
         return RayBackend(model, providers, address=address, workers=workers)
     raise UsageError(f"unknown backend '{kind}'; use local or ray")

@@ -380,3 +380,25 @@ def test_explain_refuses_too_few_rows_and_stays_finite_on_a_constant_target(tmp_
                  "--method", "permutation,ablation", "-o", str(tmp_path / "flat.json")]) == 0
     doc = json.loads((tmp_path / "flat.json").read_text(), parse_constant=pytest.fail)  # no NaN or Infinity
     assert doc["permutation"]["baseline_score"] == 0.0 and set(doc["permutation"]["values"].values()) == {0.0}
+
+
+def test_explain_threads_caps_onnxruntime_threads_and_keeps_the_results(tmp_path, monkeypatch):
+    import qxc.explain.predictor as predictor_mod
+
+    seen = []
+    real = predictor_mod.Predictor.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append(self.session.get_session_options().intra_op_num_threads)
+
+    monkeypatch.setattr(predictor_mod.Predictor, "__init__", spy)
+    docs = []
+    for threads in (["--threads", "1"], []):
+        out = tmp_path / f"e{len(docs)}.json"
+        assert main(["explain", str(MODELS / "diabetes_mlp.onnx"), "--data", str(MODELS / "diabetes_test.npz"),
+                     "--method", "permutation,tree", "-o", str(out), *threads]) == 0
+        docs.append(json.loads(out.read_text()))
+    assert seen[0] == 1 and seen[-1] != 1
+    a, b = docs[0]["permutation"]["values"], docs[1]["permutation"]["values"]
+    assert all(abs(a[k] - b[k]) < 1e-6 for k in a)
