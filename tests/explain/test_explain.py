@@ -402,3 +402,15 @@ def test_explain_threads_caps_onnxruntime_threads_and_keeps_the_results(tmp_path
     assert seen[0] == 1 and seen[-1] != 1
     a, b = docs[0]["permutation"]["values"], docs[1]["permutation"]["values"]
     assert all(abs(a[k] - b[k]) < 1e-6 for k in a)
+
+
+def test_embed_a_regressor_s_tree_surrogate(tmp_path):
+    """A regression tree's float64 leaves become float32 in ONNX: the check compares in float32 (it refused the
+    diabetes MLP's surrogate over a 7.6e-6 rounding difference)."""
+    out = tmp_path / "e.json"
+    assert main(["explain", str(MODELS / "diabetes_mlp.onnx"), "--data", str(MODELS / "diabetes_test.npz"),
+                 "--method", "tree,local", "--embed", str(tmp_path / "emb.onnx"), "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["embedded"]["tree_onnx_max_diff"] == 0.0
+    x = np.load(MODELS / "diabetes_test.npz")["X"][:8]
+    emb, orig = run(tmp_path / "emb.onnx", {"X": x}), run(MODELS / "diabetes_mlp.onnx", {"X": x})
+    np.testing.assert_array_equal(emb[0], orig[0])
