@@ -567,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     _scale_args(k)
     k.set_defaults(func=cmd_calibrate)
 
-    r = sub.add_parser("report", help="render a saved result (report, explain or compile JSON) as HTML")
+    r = sub.add_parser("report", help="render a saved result (report, explain, compare or compile JSON) as HTML")
     r.add_argument("result")
     r.add_argument("-o", "--output", required=True, help="the HTML page to write")
     r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)

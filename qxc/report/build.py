@@ -34,7 +34,8 @@ def build_report(*, title: str, compile: dict | None = None, fidelity: dict | No
 
 
 def coerce_document(doc: dict, source: str = "") -> dict:
-    """A report document from a report, an explain result or compile statistics (``qxc compile --json``)."""
+    """A report document from a report, an explain result, a comparison (``qxc compare --json``) or compile
+    statistics (``qxc compile --json``)."""
     schema = doc.get("schema") if isinstance(doc, dict) else None
     if schema == SCHEMA:
         return doc
@@ -42,9 +43,12 @@ def coerce_document(doc: dict, source: str = "") -> dict:
         return build_report(title=doc.get("model") or source, explain=doc)
     if isinstance(doc, dict) and "passes" in doc and "before" in doc:
         return build_report(title=doc.get("input") or source, compile=doc)
+    if isinstance(doc, dict) and "outputs" in doc and "first_jump" in doc:  # qxc compare --json: the fidelity block
+        return build_report(title=source, fidelity=doc)
     from qxc.errors import UsageError
 
-    raise UsageError(f"{source}: not a qxc result (expected a report, an explain JSON or compile --json statistics)")
+    raise UsageError(f"{source}: not a qxc result (expected a report, an explain JSON, a compare JSON or compile "
+                     "--json statistics)")
 
 
 def _summary(report: dict) -> str:

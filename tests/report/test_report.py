@@ -80,6 +80,17 @@ def test_report_cli_rejects_other_json(tmp_path):
     assert not (tmp_path / "x.html").exists()
 
 
+def test_report_cli_renders_a_saved_comparison(tmp_path):
+    q = compile_model(MODELS / "digits_mlp.onnx", "insert-qdq", data=MODELS / "digits_train.npz")
+    qir.save(q.model, tmp_path / "q.onnx")
+    assert main(["compare", str(MODELS / "digits_mlp.onnx"), str(tmp_path / "q.onnx"), "--data",
+                 str(MODELS / "digits_test.npz"), "--json", str(tmp_path / "cmp.json")]) == 0
+    assert main(["report", str(tmp_path / "cmp.json"), "-o", str(tmp_path / "cmp.html")]) == 0
+    page = (tmp_path / "cmp.html").read_text()
+    first = json.loads((tmp_path / "cmp.json").read_text())["first_jump"]["node"]
+    assert "probabilities" in page and first in page  # the outputs and the first diverging node are on the page
+
+
 def test_render_is_deterministic():
     doc = build_report(title="t", explain=None)
     assert render_html(doc) == render_html(doc)
