@@ -531,16 +531,18 @@ class DumpInstrument(Instrument):
 
 
 class PrintAfterInstrument(Instrument):
-    """``--print-after NAME``: the ONNX text form after the named passes (or 'all')."""
+    """``--print-after NAME``: the ONNX text form after the named passes (or 'all'); tensors of more than
+    ``max_elements`` elements print as their element count."""
 
-    def __init__(self, names: Iterable[str], stream=None):
+    def __init__(self, names: Iterable[str], stream=None, max_elements: int = 16):
         self.names = set(names)
         self.stream = stream or sys.stderr
+        self.max_elements = max_elements
 
     def after_pass(self, index, pass_, model, record):
         if "all" in self.names or pass_.name in self.names:
             print(f"// ----- after {index:02d} {pass_.name}", file=self.stream)
-            print(qir.to_onnx_text(model), file=self.stream)
+            print(qir.to_onnx_text(model, max_elements=self.max_elements), file=self.stream)
 
 
 @dataclass

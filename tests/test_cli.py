@@ -198,3 +198,13 @@ def test_strict_provider_refuses_a_missing_provider_on_every_command(tmp_path, c
     with warnings.catch_warnings():  # without the flag: CPU (with a warning where a session is opened)
         warnings.simplefilter("ignore")
         assert main([*argv, "--provider", "tensorrt"]) == 0
+
+
+def test_print_after_shows_the_graph_with_large_tensors_elided(tmp_path, capsys):
+    assert main(["compile", str(MODELS / "digits_mlp.onnx"), "-o", str(tmp_path / "o.onnx"), "-p",
+                 "fold-constants,cleanup", "--print-after", "cleanup", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "// ----- after 02 cleanup" in err and "MatMul" in err
+    assert '"<8,192 elements>"' in err  # the 64 x 128 weight: its size, not its values
+    assert "{0,1,2,3,4,5,6,7,8,9}" in err  # the 10 class ids are small enough to print
+    assert len(err) < 20_000
