@@ -450,30 +450,16 @@ def to_onnx_text(model: ir.Model, max_elements: int | None = None) -> str:
     ``["location": "<N elements>"]`` instead of every value (a 37M-parameter model is otherwise a 300 MB text)."""
     proto = ir.to_proto(model)
     if max_elements is not None:
-        for graph in _proto_graphs(proto.graph):
-            for t in graph.initializer:
-                count = int(np.prod(t.dims)) if len(t.dims) else 1
-                if count > max_elements:
-                    t.ClearField("raw_data")
-                    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data",
-                                  "string_data", "external_data"):
-                        t.ClearField(field)
-                    t.data_location = onnx.TensorProto.EXTERNAL
-                    entry = t.external_data.add()
-                    entry.key, entry.value = "location", f"<{count:,} elements>"
+        for t, _ in _iter_tensors(proto.graph, ""):  # initializers and Constant tensors, subgraphs included
+            count = int(np.prod(t.dims)) if len(t.dims) else 1
+            if count > max_elements:
+                for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                              "string_data", "external_data"):
+                    t.ClearField(field)
+                t.data_location = onnx.TensorProto.EXTERNAL
+                entry = t.external_data.add()
+                entry.key, entry.value = "location", f"<{count:,} elements>"
     return onnx.printer.to_text(proto)
-
-
-def _proto_graphs(graph: onnx.GraphProto):
-    """The graph and every subgraph (If branches, Loop bodies) in it."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _proto_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _proto_graphs(g)
 
 
 def coerce_model(obj) -> ir.Model:
