@@ -50,9 +50,7 @@ def score(pred: Prediction, y: np.ndarray | None, reference: Prediction | None, 
             return float(np.mean(pred.labels == y))
         out = pred.scores.astype(np.float64)
         yy = np.asarray(y, np.float64)
-        if out.ndim == 2 and out.shape[1] == 1 and yy.ndim == 1:
-            out = out[:, 0]
-        out, yy = out.reshape(len(out), -1), yy.reshape(len(yy), -1)
+        out, yy = out.reshape(len(out), -1), yy.reshape(len(yy), -1)  # (rows, outputs); (n,) and (n, 1) alike
         num = np.sum((yy - out) ** 2, axis=0)
         den = np.sum((yy - yy.mean(axis=0)) ** 2, axis=0)
         # sklearn's r2_score: outputs averaged uniformly; a constant target scores 1 if predicted exactly, else 0
