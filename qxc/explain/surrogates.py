@@ -168,12 +168,12 @@ def sample_neighbourhood(x0: np.ndarray, data: np.ndarray, n: int, rng: np.rando
     """
     if discrete is None:
         discrete, levels = _feature_kinds(data)
-    lo, hi = data.min(axis=0), data.max(axis=0)
+    lo, hi = data.min(axis=0).astype(np.float32), data.max(axis=0).astype(np.float32)
     sd = data.std(axis=0)
     k, f = x0.shape
-    s = rng.standard_normal((k, n, f), dtype=np.float32).astype(np.float64)
-    s *= scale * sd
-    s += x0[:, None, :]
+    s = rng.standard_normal((k, n, f), dtype=np.float32)  # float32, the type the model reads: half the memory
+    s *= (scale * sd).astype(np.float32)
+    s += x0[:, None, :].astype(np.float32)
     # reflect into [lo, hi]: lo + |s - lo| folds what lies below lo, hi - |hi - s| what lies above hi (steps of a
     # quarter sd rarely cross the range twice: what still lies outside is clipped); in place, no masks
     s -= lo
@@ -221,6 +221,7 @@ class _Rep:
         self.discrete, self.levels = discrete, levels
         self.sd = np.where(data.std(axis=0) > 0, data.std(axis=0), 1.0)
         if kind == "binned":
+            self.data32 = data.astype(np.float32)  # the samples are data rows' values, in the type the model reads
             edges = _bins(data)
             self.bin0 = _bin_of(x0, edges)
             self.data_bins = _bin_of(data, edges).astype(np.int8)  # at most 3 edges: bins 0..3
@@ -231,13 +232,16 @@ class _Rep:
         if self.kind == "continuous":
             s = sample_neighbourhood(self.x0, self.data, n, rng, discrete=self.discrete, levels=self.levels)
             s[:, 0, :] = self.x0
-            return s, (s - self.x0[:, None, :]) / self.sd
+            z = s - self.x0[:, None, :].astype(np.float32)
+            z /= self.sd.astype(np.float32)
+            return s, z
         # LIME's tabular sampling: every feature drawn from its observed marginal; a sample's bin is its data row's
-        rows = rng.integers(0, len(self.data), (k, n, f))
-        cols = np.arange(f)
-        s = self.data[rows, cols]
+        at = rng.integers(0, len(self.data), (k, n, f), dtype=np.int64)  # each value's data row, as a flat index:
+        at *= f  # a 1-D take is ~2x faster than indexing rows and columns
+        at += np.arange(f)
+        s = self.data32.take(at)
         s[:, 0, :] = self.x0
-        z = (self.data_bins[rows, cols] == self.bin0[:, None, :]).astype(np.float64)
+        z = (self.data_bins.take(at) == self.bin0[:, None, :]).astype(np.float32)
         z[:, 0, :] = 1.0
         return s, z
 
@@ -247,13 +251,23 @@ class _Rep:
 
 
 def _fit(z, y, w, alpha):
+    """Per instance, the weighted ridge fit of ``y`` on ``[1, z]`` (the intercept not penalised) -> (k, f+1).
+
+    The normal equations are built in float64 from the blocks ``[sum w, sum w z; sum w z', z' W z]``, without
+    materialising the design matrix with its column of ones."""
     k, n, f = z.shape
-    a = np.concatenate([np.ones((k, n, 1)), z], axis=2)
-    aw = a * w[:, :, None]
-    awt = aw.transpose(0, 2, 1)
+    z = z.astype(np.float64, copy=False)
+    zw = z * w[:, :, None]
+    gram = np.empty((k, f + 1, f + 1))
+    rhs = np.empty((k, f + 1))
+    gram[:, 0, 0] = w.sum(axis=1)
+    gram[:, 0, 1:] = gram[:, 1:, 0] = zw.sum(axis=1)
+    rhs[:, 0] = (w * y).sum(axis=1)
     with serial_blas(enabled=n * (f + 1) ** 2 > 1 << 18):  # batched BLAS, per instance
-        gram = awt @ a + alpha * np.eye(f + 1)[None] * np.r_[0, np.ones(f)][None, :, None]
-        return np.linalg.solve(gram, awt @ y[..., None])[..., 0]  # (k, f+1)
+        np.matmul(zw.transpose(0, 2, 1), z, out=gram[:, 1:, 1:])
+        rhs[:, 1:] = (zw.transpose(0, 2, 1) @ y[..., None])[..., 0]
+    gram[:, 1:, 1:] += alpha * np.eye(f)
+    return np.linalg.solve(gram, rhs[..., None])[..., 0]
 
 
 def _r2(beta, z, y, w):
