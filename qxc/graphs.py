@@ -72,13 +72,18 @@ def float_scale(graph: ir.Graph, name: str, scale: np.ndarray, taken: set[str]) 
 
 
 def dequantize_weight(value: ir.Value, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, taken: set[str], *,
-                      axis: int | None = None, block: int | None = None) -> ir.Value:
+                      axis: int | None = None, block: int | None = None, opset: int = 0) -> ir.Value:
     """Replace the initializer ``value`` by integer ``q`` + DequantizeLinear (at the top of its graph); returns the
-    DequantizeLinear output every former consumer now reads."""
+    value every former consumer now reads, of the weight's own type: a float16 weight with float16 scales is
+    dequantized in float16 when the model's ``opset`` allows float16 scales (19); any other pair (float32 scales,
+    a bfloat16 weight, an older opset) is dequantized in float32 and cast to the weight's type."""
     graph = value.graph
     base = value.name
+    target = value.const_value.dtype
     qv = initializer(graph, unique_name(f"{base}_quantized", taken), q)
-    sv = float_scale(graph, unique_name(f"{base}_scale", taken), scale, taken)
+    name = unique_name(f"{base}_scale", taken)
+    native = target == ir.DataType.FLOAT16 and np.asarray(scale).dtype == np.float16 and opset >= 19
+    sv = initializer(graph, name, scale) if native else float_scale(graph, name, scale, taken)
     zv = initializer(graph, unique_name(f"{base}_zero_point", taken), zero_point)
     attrs = []
     if axis is not None and np.ndim(scale):
@@ -87,9 +92,9 @@ def dequantize_weight(value: ir.Value, q: np.ndarray, scale: np.ndarray, zero_po
         attrs.append(ir.AttrInt64("block_size", block))
     dq = ir.Node("", "DequantizeLinear", [qv, sv, zv], attrs, name=unique_name(f"{base}_DequantizeLinear", taken))
     out = dq.outputs[0]
-    out.name = unique_name(f"{base}_dequantized", taken)
-    out.type, out.shape = value.type, value.shape
-    value.replace_all_uses_with(out)
+    dtype = target if native else ir.DataType.FLOAT
+    out.name = unique_name(f"{base}_dequantized" + ("" if dtype == target else "_float"), taken)
+    out.type, out.shape = ir.TensorType(dtype), value.shape
     first = next(iter(graph), None)
     if sv.producer() is not None:  # after the Cast of a float16 scale
         graph.insert_after(sv.producer(), dq)
@@ -97,5 +102,12 @@ def dequantize_weight(value: ir.Value, q: np.ndarray, scale: np.ndarray, zero_po
         graph.append(dq)
     else:
         graph.insert_before(first, dq)
+    if dtype != target:
+        cast = ir.Node("", "Cast", [out], [ir.AttrInt64("to", target)], name=unique_name(f"{base}_Cast", taken))
+        graph.insert_after(dq, cast)
+        out = cast.outputs[0]
+        out.name = unique_name(f"{base}_dequantized", taken)
+        out.type, out.shape = ir.TensorType(target), value.shape
+    value.replace_all_uses_with(out)
     del graph.initializers[value.name]
     return out

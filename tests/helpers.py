@@ -46,6 +46,22 @@ def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref**2) / noise))
 
 
+def as_half(model: onnx.ModelProto, elem_type: int = TensorProto.FLOAT16) -> onnx.ModelProto:
+    """The same float model in float16 (or bfloat16): every float initializer, graph input and output converted."""
+    import ml_dtypes
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    dtype = np.float16 if elem_type == TensorProto.FLOAT16 else ml_dtypes.bfloat16
+    for t in m.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(dtype), t.name))
+    for v in [*m.graph.input, *m.graph.output]:
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+            v.type.tensor_type.elem_type = elem_type
+    return m
+
+
 def wrap_in_if(model: onnx.ModelProto) -> onnx.ModelProto:
     """The same model with its whole body moved into both branches of an If (weights become branch-local)."""
     g = model.graph

@@ -215,6 +215,8 @@ class InsertQdqPass(QxcPass):
         if not o.ranges and self.context.ranges is None and self.context.data is None:
             raise UsageError("pass 'insert-qdq' needs sample data to calibrate; pass --data (or ranges=FILE)")
         needed = 21 if (o.int16 or o.fallback == "int16" and o.max_error) else 13
+        if _holds_float16(model):
+            needed = max(needed, 19)  # float16 activations are quantized with float16 scales, new in opset 19
         upgraded = model.opset_imports.get("", 1) < needed
         if upgraded:
             qir.upgrade_opset(model, needed)
@@ -308,9 +310,11 @@ class InsertQdqPass(QxcPass):
                 continue  # shared weight already rewired
             g = Granularity(axis=axis) if self.options.per_channel else Granularity()
             t = v.const_value
+            half = t.dtype == ir.DataType.FLOAT16
             qt = quantize_tensor(np.asarray(t.numpy(), dtype=np.float32), "int8", symmetric=True, granularity=g,
-                                 name=v.name, keep_dequantized=False)
-            dequantize_weight(v, qt.q, qt.scale, qt.zero_point, taken, axis=g.axis)
+                                 name=v.name, keep_dequantized=False, scale_dtype="float16" if half else "float32")
+            dequantize_weight(v, qt.q, qt.scale.astype(qt.scale_dtype), qt.zero_point, taken, axis=g.axis,
+                              opset=model.opset_imports.get("", 1))
             qir.release_weights(model, [t])  # unmap the float weight: its pages no longer count against us
             weights += 1
         biases = 0
@@ -344,6 +348,8 @@ class InsertQdqPass(QxcPass):
     def _insert_qdq(self, value: ir.Value, scale: np.ndarray, zp: np.ndarray, taken: set[str]) -> None:
         graph = value.graph if value.producer() is None else value.producer().graph
         base = value.name
+        if value.dtype == ir.DataType.FLOAT16:  # the scale is of the quantized tensor's type (opset 19)
+            scale = np.maximum(scale, np.float32(2.0**-24)).astype(np.float16)
         s = initializer(graph, unique_name(f"{base}_scale", taken), scale)
         z = initializer(graph, unique_name(f"{base}_zero_point", taken), zp)
         q = ir.Node("", "QuantizeLinear", [value, s, z], name=unique_name(f"{base}_QuantizeLinear", taken))
@@ -418,6 +424,15 @@ class InsertQdqPass(QxcPass):
                 excluded.add(worst)
         return excluded, wide, {"budget": {"max_error": o.max_error, "history": history,
                                            "node_errors": {k: round(v, 6) for k, v in sorted((scores or {}).items())}}}
+
+
+def _holds_float16(model: ir.Model) -> bool:
+    """Whether any graph input, initializer or typed node output is float16."""
+    for graph in all_graphs(model):
+        values = [*graph.inputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs)]
+        if any(v.dtype == ir.DataType.FLOAT16 for v in values):
+            return True
+    return False
 
 
 def model_is_quantized(model: ir.Model) -> bool:

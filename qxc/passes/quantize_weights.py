@@ -201,6 +201,7 @@ class QuantizeWeightsPass(QxcPass):
             todo.append((value, value_uses))
         bits_for = self._bits_per_weight(model, todo)
         taken = value_names(model)
+        opset = model.opset_imports.get("", 1)
         quantized = []
         for (value, value_uses), (bits, g, qt, layout) in zip(todo, self._quantize_all(todo, bits_for)):
             fmt = self._format_for(value, value_uses)
@@ -209,13 +210,13 @@ class QuantizeWeightsPass(QxcPass):
                      "op": value_uses[0].node.op_type, "shape": list(t.shape), "bits": bits,
                      "granularity": "tensor" if g.axis is None else ("channel" if g.block is None else
                                                                     f"block{g.block}"),
-                     "format": fmt, "scale_dtype": qt.scale_dtype, "sqnr_db": round(qt.sqnr, 3),
+                     "format": fmt, "scale_dtype": self._scale_storage(qt, fmt, opset), "sqnr_db": round(qt.sqnr, 3),
                      "bytes_before": t.nbytes}
             if fmt == "matmulnbits":
                 entry["bytes_after"] = self._emit_nbits(value, value_uses, layout, bits, _nbits_block(g, t.shape[0]),
                                                         taken)
             else:
-                entry["bytes_after"] = self._emit_qdq(value, qt, g, taken)
+                entry["bytes_after"] = self._emit_qdq(value, qt, g, taken, opset)
             qir.release_weights(model, [t])  # unmap the float weight: its pages no longer count against us
             quantized.append(entry)
         if quantized and any(e["format"] == "matmulnbits" for e in quantized):
@@ -244,7 +245,9 @@ class QuantizeWeightsPass(QxcPass):
     def _format_for(self, value: ir.Value, value_uses: list[_Use]) -> str:
         if self.options.format != "matmulnbits":
             return "qdq"
-        if all(u.node.op_type == "MatMul" for u in value_uses) and len(value.const_value.shape) == 2:
+        t = value.const_value
+        if (all(u.node.op_type == "MatMul" for u in value_uses) and len(t.shape) == 2
+                and t.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)):  # onnxruntime's MatMulNBits types
             return "matmulnbits"
         return "qdq"
 
@@ -261,7 +264,8 @@ class QuantizeWeightsPass(QxcPass):
 
         qt = quantize_tensor(lambda: np.asarray(t.numpy(), dtype=np.float32), qt_name, symmetric=o.symmetric,
                              granularity=g, method=o.method, name=value.name, keep_dequantized=keep,
-                             on_copied=None if keep else unmap, scale_dtype=o.scale_dtype)
+                             on_copied=None if keep else unmap,
+                             scale_dtype="float16" if t.dtype == ir.DataType.FLOAT16 else o.scale_dtype)
         if not keep:
             unmap()
         layout = None
@@ -284,9 +288,16 @@ class QuantizeWeightsPass(QxcPass):
                 yield fut.result()
 
     # ------------------------------------------------------------------ emitters
-    def _emit_qdq(self, value: ir.Value, qt: QuantizedTensor, g: Granularity, taken: set[str]) -> int:
-        scale = qt.scale.astype(qt.scale_dtype)
-        dequantize_weight(value, qt.q, scale, qt.zero_point, taken, axis=g.axis, block=g.block)
+    def _scale_storage(self, qt: QuantizedTensor, fmt: str, opset: int) -> str:
+        """The dtype the scales are stored in: a float16 weight's scales are float16 values, stored as float32 in
+        DequantizeLinear before opset 19 (which brought float16 scales) unless float16 storage was asked for."""
+        if fmt == "qdq" and opset < 19 and self.options.scale_dtype == "float32":
+            return "float32"
+        return qt.scale_dtype
+
+    def _emit_qdq(self, value: ir.Value, qt: QuantizedTensor, g: Granularity, taken: set[str], opset: int) -> int:
+        scale = qt.scale.astype(self._scale_storage(qt, "qdq", opset))
+        dequantize_weight(value, qt.q, scale, qt.zero_point, taken, axis=g.axis, block=g.block, opset=opset)
         return _stored_bytes(qt.codes.size, qt.qtype.bits) + scale.nbytes + _stored_bytes(qt.zero_points.size,
                                                                                           qt.qtype.bits)
 
@@ -334,8 +345,16 @@ class QuantizeWeightsPass(QxcPass):
         o = self.options
         k, n = value.const_value.shape
         graph = value.graph
-        vals = [float_scale(graph, unique_name(f"{value.name}_{suffix}", taken), arr, taken) if suffix == "scales"
-                else initializer(graph, unique_name(f"{value.name}_{suffix}", taken), arr) for suffix, arr in layout]
+        half = value.const_value.dtype == ir.DataType.FLOAT16  # the scales are of the activations' type
+        if half and dict(layout)["scales"].dtype != np.float16:
+            raise UsageError(f"pass 'quantize-weights': float16 weight '{value.name}' needs scales outside float16's "
+                             "range, and MatMulNBits keeps its scales in the activations' type; use format=qdq or "
+                             "exclude its node")
+        vals = []
+        for suffix, arr in layout:
+            name = unique_name(f"{value.name}_{suffix}", taken)
+            vals.append(float_scale(graph, name, arr, taken) if suffix == "scales" and not half
+                        else initializer(graph, name, arr))
         for use in value_uses:
             node = use.node
             attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import MODELS, REFERENCE, feeds_for, run, sqnr_db
+from helpers import MODELS, REFERENCE, as_half, feeds_for, mlp_model, run, sqnr_db
 
 from qxc import compile_model
 from qxc import ir as qir
@@ -165,3 +165,17 @@ def test_graph_outputs_stay_float_even_behind_identity_and_are_more_accurate():
         assert ("QuantizeLinear" in users) == (flag == "true")
         got[flag] = sqnr_db(ref, run(qir.to_proto(result.model), feeds)[1])
     assert got["false"] > got["true"] + 0.5
+
+
+@pytest.mark.parametrize("pipeline", ["insert-qdq", "insert-qdq{int16=fc1}"])
+def test_float16_models_get_float16_scales_at_opset_19(pipeline):
+    proto = as_half(mlp_model(sizes=(32, 64, 8), seed=5, opset=17))
+    x = np.random.default_rng(0).normal(size=(128, 32)).astype(np.float16)
+    ref = run(proto, {"x": x})[0]
+    result = compile_model(proto, pipeline, data={"x": x}, verify_runtime=True)
+    assert result.model.opset_imports[""] == (21 if "int16" in pipeline else 19)
+    got = run(qir.to_proto(result.model), {"x": x})[0]
+    assert got.dtype == np.float16
+    assert sqnr_db(ref, got) > 25
+    quant = [n for n in result.model.graph if n.op_type == "QuantizeLinear"]
+    assert quant and all(n.inputs[1].const_value.dtype.name == "FLOAT16" for n in quant)

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from helpers import MODELS, REFERENCE, feeds_for, mlp_model, run, sqnr_db
+from helpers import MODELS, REFERENCE, as_half, feeds_for, mlp_model, run, sqnr_db
 from onnx import TensorProto, helper, numpy_helper
 
 from qxc import compile_model
@@ -256,3 +256,42 @@ def test_float16_scales_shrink_the_file_and_onnxruntime_computes_the_same(tmp_pa
         assert [n.op_type for n in opt.graph.node].count("Cast") == 0
         inits = {t.name for t in opt.graph.initializer}
         assert all(n.input[2] in inits for n in opt.graph.node if n.op_type == "MatMulNBits")
+
+
+@pytest.mark.parametrize("opset", [17, 21])
+@pytest.mark.parametrize("pipeline", ["quantize-weights", "quantize-weights{bits=8,granularity=tensor}",
+                                      "quantize-weights{bits=4}", "quantize-weights{bits=4,symmetric=false}",
+                                      "quantize-weights{bits=4,format=matmulnbits}",
+                                      "quantize-weights{bits=8,format=matmulnbits,symmetric=false}"])
+def test_float16_models_are_dequantized_to_float16(pipeline, opset):
+    proto = as_half(mlp_model(sizes=(64, 32, 8), seed=3, opset=opset))
+    x = np.random.default_rng(0).normal(size=(32, 64)).astype(np.float16)
+    ref = run(proto, {"x": x})[0]
+    result = compile_model(proto, pipeline, verify_runtime=True)
+    got = run(qir.to_proto(result.model), {"x": x})[0]
+    assert got.dtype == np.float16  # every consumer still reads float16
+    assert sqnr_db(ref, got) > (30 if "bits=4" not in pipeline else 14)
+    ops = result.stats_after["ops"]
+    # float16 scales need opset 19 in DequantizeLinear; below it, float32 scales and a Cast back to float16
+    native = "matmulnbits" in pipeline or result.model.opset_imports[""] >= 19
+    assert ops.get("Cast", 0) == (0 if native else 2)
+    scales = {v.const_value.dtype for g in [result.model.graph] for v in g.initializers.values() if "scale" in v.name}
+    assert scales == {ir.DataType.FLOAT16 if native else ir.DataType.FLOAT}
+    assert {e["scale_dtype"] for e in result.records[0].report["quantized"]} == {"float16" if native else "float32"}
+
+
+def test_bfloat16_weights_are_dequantized_in_float32_and_cast_back():
+    """onnxruntime's CPU runs no bfloat16 MatMul: onnx's reference evaluator checks the numbers."""
+    import ml_dtypes
+    from onnx.reference import ReferenceEvaluator
+
+    proto = as_half(mlp_model(sizes=(64, 8), seed=4, opset=21), TensorProto.BFLOAT16)
+    x = np.random.default_rng(0).normal(size=(8, 64)).astype(ml_dtypes.bfloat16)
+    ref = ReferenceEvaluator(proto).run(None, {"x": x})[0].astype(np.float32)
+    for pipeline in ("quantize-weights", "quantize-weights{bits=4,format=matmulnbits}"):
+        out = qir.to_proto(compile_model(proto, pipeline).model)
+        onnx.checker.check_model(out, full_check=True)
+        assert [n.op_type for n in out.graph.node][:2] == ["DequantizeLinear", "Cast"]  # no bfloat16 MatMulNBits
+        got = ReferenceEvaluator(out).run(None, {"x": x})[0]
+        assert got.dtype == ml_dtypes.bfloat16
+        assert sqnr_db(ref, got.astype(np.float32)) > (30 if "bits=4" not in pipeline else 14)
