@@ -295,3 +295,17 @@ def test_bfloat16_weights_are_dequantized_in_float32_and_cast_back():
         got = ReferenceEvaluator(out).run(None, {"x": x})[0]
         assert got.dtype == ml_dtypes.bfloat16
         assert sqnr_db(ref, got.astype(np.float32)) > (30 if "bits=4" not in pipeline else 14)
+
+
+def test_float16_weights_too_small_for_float16_scales():
+    """Scales below float16's precision: QDQ falls back to float32 scales; MatMulNBits, whose scales must be of the
+    activations' type, is refused naming the weight."""
+    proto = as_half(mlp_model(sizes=(64, 8), seed=6, opset=21))
+    w = proto.graph.initializer[0]
+    w.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(w) * np.float16(1e-4)).astype(np.float16), w.name))
+    x = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float16)
+    result = compile_model(proto, "quantize-weights{bits=4}", verify_runtime=True)
+    assert [e["scale_dtype"] for e in result.records[0].report["quantized"]] == ["float32"]
+    assert run(qir.to_proto(result.model), {"x": x})[0].dtype == np.float16
+    with pytest.raises(UsageError, match="float16 weight 'w0'.*format=qdq"):
+        compile_model(proto, "quantize-weights{bits=4,format=matmulnbits}")
