@@ -310,7 +310,7 @@ def cmd_explain_chunked(args, model) -> int:
                 rows += c.stop - c.start
             x = np.concatenate([c.load()[0] for c in sample])
             y = distributed_labels(backend, sample)
-            classifier = y.dtype.kind in "iu"
+            classifier = y.dtype.kind != "f"  # class labels (integers or strings) or a regression's outputs
             train_rows, test_rows = holdout_split(len(x), 0.25, args.seed)
             xtr, xte, ytr, yte = x[train_rows], x[test_rows], y[train_rows], y[test_rows]
             tree = fit_decision_tree(xtr, ytr, classifier, max_depth=args.max_depth, random_state=args.seed)

@@ -35,6 +35,9 @@ KNOWN_DOMAINS = frozenset(
 )
 SOURCE_KEY = "qxc:source"  # model.meta key holding the resolved path a model was loaded from
 EXTERNAL_KEY = "qxc:external-data"  # model.meta key: the model was loaded with external data
+#: model.meta key: {value name: serialized TypeProto} of the values whose type onnx-ir cannot hold (maps, such as
+#: skl2onnx's ZipMap output, a sequence of maps); the values keep no type in the IR and get it back on the way out
+HIDDEN_TYPES_KEY = "qxc:hidden-types"
 
 _ITEMSIZE_BITS = {
     onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4,
@@ -161,6 +164,42 @@ def _validate_proto(proto: onnx.ModelProto, path: Path) -> None:
                 )
 
 
+def _has_map(t: onnx.TypeProto) -> bool:
+    kind = t.WhichOneof("value")
+    if kind == "map_type":
+        return True
+    if kind in ("sequence_type", "optional_type"):
+        return _has_map(getattr(t, kind).elem_type)
+    return False
+
+
+def _graph_value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
+    """Every value info of ``graph`` and its subgraphs: inputs, outputs and value_info."""
+    yield from (*graph.input, *graph.output, *graph.value_info)
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                      attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
+                yield from _graph_value_infos(g)
+
+
+def _deserialize(proto: onnx.ModelProto, *, copy: bool = False) -> ir.Model:
+    """onnx-ir's model of ``proto``; map types, which onnx-ir cannot represent, are taken off their values first
+    and kept in the model's meta (``copy``: leave the caller's proto untouched)."""
+    hidden = {vi.name: vi.type.SerializeToString() for vi in _graph_value_infos(proto.graph) if _has_map(vi.type)}
+    if hidden:
+        if copy:
+            original, proto = proto, onnx.ModelProto()
+            proto.CopyFrom(original)
+        for vi in _graph_value_infos(proto.graph):
+            if vi.name in hidden:
+                vi.ClearField("type")
+    model = ir.serde.deserialize_model(proto)
+    if hidden:
+        model.meta[HIDDEN_TYPES_KEY] = hidden
+    return model
+
+
 def load(path: str | os.PathLike) -> ir.Model:
     """Load and validate a model; external weights stay memory-mapped."""
     path = Path(path)
@@ -178,7 +217,7 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise ModelError(f"{path}: not a readable ONNX protobuf (truncated or another format): {_first_line(e)}") from e
     _validate_proto(proto, path)
     try:
-        model = ir.serde.deserialize_model(proto)
+        model = _deserialize(proto)
     except Exception as e:
         raise ModelError(f"{path}: cannot be read into the IR: {_first_line(e)}") from e
     del proto
@@ -192,14 +231,21 @@ def from_proto(proto: onnx.ModelProto | bytes, base_dir: str | os.PathLike = "")
     """Build an IR model from a ModelProto (or its bytes), e.g. one made with onnx.helper in user code."""
     if isinstance(proto, bytes | bytearray):
         proto = onnx.load_from_string(bytes(proto))
-    model = ir.serde.deserialize_model(proto)
+    model = _deserialize(proto, copy=True)
     if base_dir:
         ir.external_data.set_base_dir(model.graph, str(base_dir))
     return model
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
-    return ir.to_proto(model)
+    """The model as a ModelProto, with the map types ``_deserialize`` held aside put back on their values."""
+    proto = ir.to_proto(model)
+    hidden = model.meta.get(HIDDEN_TYPES_KEY)
+    if hidden:
+        for vi in _graph_value_infos(proto.graph):
+            if vi.name in hidden and not vi.HasField("type"):
+                vi.type.ParseFromString(hidden[vi.name])
+    return proto
 
 
 def external_files(model: ir.Model) -> set[Path]:
@@ -261,14 +307,32 @@ def save(model: ir.Model, path: str | os.PathLike, *, force: bool = False, exter
     try:
         tmp_model = tmpdir / path.name
         if external_data:
-            ir.save(model, tmp_model, external_data=data_name)
+            _save_external(model, tmp_model, data_name)
             os.replace(tmpdir / data_name, data_target)
         else:
-            ir.save(model, tmp_model)
+            onnx.save(to_proto(model), tmp_model)
         os.replace(tmp_model, target)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path
+
+
+def _save_external(model: ir.Model, path: Path, data_name: str) -> None:
+    """``ir.save(model, path, external_data=data_name)`` through :func:`to_proto`: the weights go to the data file,
+    the model is left as it was."""
+    values = [v for g in model.graphs() for v in g.initializers.values()]
+    tensors = [v.const_value for v in values]
+    strings = [(v, t) for v, t in zip(values, tensors) if t is not None and t.dtype == ir.DataType.STRING]
+    try:
+        for value, _ in strings:  # onnx-ir cannot write strings to a data file: they stay in the model
+            value.const_value = None
+        unloaded = ir.external_data.unload_from_model(model, str(path.parent), data_name, size_threshold_bytes=256)
+        for value, tensor in strings:
+            value.const_value = tensor
+        onnx.save(to_proto(unloaded), path)
+    finally:
+        for value, tensor in zip(values, tensors, strict=True):
+            value.const_value = tensor
 
 
 def _first_line(e: BaseException) -> str:
@@ -321,7 +385,7 @@ def skeleton(model: ir.Model, min_bytes: int = 1024, only: set[str] | None = Non
 def check(model: ir.Model, full: bool = True) -> None:
     """Run onnx.checker (full check with strict shape inference) on the model's skeleton; raises ModelError."""
     with skeleton(model):
-        proto = ir.to_proto(model)
+        proto = to_proto(model)
     try:
         onnx.checker.check_model(proto, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
@@ -349,7 +413,7 @@ def infer_shapes(model: ir.Model) -> list[tuple[ir.Value, object, object]]:
     (value, old type, old shape), so a pass that ends up changing nothing can undo it (``undo_inference``).
     """
     with skeleton(model):
-        proto = ir.to_proto(model)
+        proto = to_proto(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # inference is best effort: a model it cannot follow keeps what it has
@@ -390,12 +454,12 @@ def upgrade_opset(model: ir.Model, version: int) -> ir.Model:
         return model
     tensors = {n: v.const_value for n, v in model.graph.initializers.items()}
     with skeleton(model) as moved:
-        proto = ir.to_proto(model)
+        proto = to_proto(model)
     try:
         converted = onnx.version_converter.convert_version(proto, version)
     except Exception as e:
         raise ModelError(f"cannot convert the model from opset {current} to {version}: {_first_line(e)}") from e
-    new = ir.serde.deserialize_model(converted)
+    new = _deserialize(converted)
     moved_set = set(moved)
     graph = new.graph
     for value in list(graph.inputs):
@@ -413,14 +477,14 @@ _IR_FOR_OPSET = {21: 10, 22: 10, 23: 11, 24: 11, 25: 12}
 
 def model_bytes(model: ir.Model) -> bytes:
     """Serialized bytes with external tensors kept as references (for sessions and fingerprints)."""
-    return ir.to_proto(model).SerializeToString(deterministic=True)
+    return to_proto(model).SerializeToString(deterministic=True)
 
 
 def fingerprint(model: ir.Model) -> str:
     """A digest of the whole model, weights included (external ones read through their memory map)."""
     h = hashlib.sha256()
     with skeleton(model, min_bytes=0) as moved:  # every weight hashed by content, wherever it is stored
-        h.update(ir.to_proto(model).SerializeToString(deterministic=True))
+        h.update(to_proto(model).SerializeToString(deterministic=True))
     for name in sorted(moved):
         h.update(name.encode())
         h.update(np.ascontiguousarray(model.graph.initializers[name].const_value.numpy()).view(np.uint8).tobytes())
@@ -431,24 +495,24 @@ def to_graphsurgeon(model: ir.Model):
     """Interop edge: an onnx-graphsurgeon Graph of the model (holds every weight in memory)."""
     import onnx_graphsurgeon as gs
 
-    return gs.import_onnx(ir.to_proto(model))
+    return gs.import_onnx(to_proto(model))
 
 
 def from_graphsurgeon(graph) -> ir.Model:
     import onnx_graphsurgeon as gs
 
-    return ir.serde.deserialize_model(gs.export_onnx(graph))
+    return _deserialize(gs.export_onnx(graph))
 
 
 def from_onnx_text(text: str) -> ir.Model:
     """Parse ONNX textual syntax (used by golden tests)."""
-    return ir.serde.deserialize_model(onnx.parser.parse_model(text))
+    return _deserialize(onnx.parser.parse_model(text))
 
 
 def to_onnx_text(model: ir.Model, max_elements: int | None = None) -> str:
     """ONNX textual syntax; with ``max_elements``, tensors holding more elements print as
     ``["location": "<N elements>"]`` instead of every value (a 37M-parameter model is otherwise a 300 MB text)."""
-    proto = ir.to_proto(model)
+    proto = to_proto(model)
     if max_elements is not None:
         for t, _ in _iter_tensors(proto.graph, ""):  # initializers and Constant tensors, subgraphs included
             count = int(np.prod(t.dims)) if len(t.dims) else 1

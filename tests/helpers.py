@@ -97,3 +97,22 @@ def mlp_model(sizes=(8, 16, 4), seed=0, opset=17, act: str | None = "Relu") -> o
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     return m
+
+
+def iris_classifier(kind: str = "logistic", zipmap: bool = True, string_labels: bool = True):
+    """An skl2onnx iris classifier as skl2onnx exports it by default (ZipMap: a sequence-of-maps output), its
+    classes strings or integers; returns (ModelProto, X float32, labels)."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_iris
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = load_iris(return_X_y=True)
+    x = x.astype(np.float32)
+    labels = np.array(["setosa", "versicolor", "virginica"])[y] if string_labels else y
+    est = {"logistic": lambda: LogisticRegression(max_iter=500),
+           "forest": lambda: RandomForestClassifier(n_estimators=5, max_depth=3, random_state=0),
+           "mlp": lambda: MLPClassifier((32,), max_iter=2000, random_state=0)}[kind]().fit(x, labels)
+    proto = to_onnx(est, x[:1], options={id(est): {"zipmap": zipmap}}, target_opset={"": 17, "ai.onnx.ml": 3})
+    return proto, x, labels

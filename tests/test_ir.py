@@ -7,7 +7,7 @@ import os
 import numpy as np
 import onnx
 import pytest
-from helpers import MODELS, mlp_model, run
+from helpers import MODELS, iris_classifier, mlp_model, run
 from onnx import TensorProto, helper, numpy_helper
 
 from qxc import ir as qir
@@ -48,7 +48,7 @@ def test_save_is_atomic_when_serialization_fails(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(qir.ir, "save", boom)
+    monkeypatch.setattr(qir.onnx, "save", boom)
     with pytest.raises(RuntimeError):
         qir.save(model, tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx").read_bytes() == b"previous"
@@ -188,3 +188,50 @@ def test_nan_weights_are_loadable_but_named_by_quantization_later(tmp_path):
     m.graph.initializer[0].CopyFrom(numpy_helper.from_array(arr, "w0"))
     onnx.save(m, tmp_path / "m.onnx")
     assert qir.load(tmp_path / "m.onnx").graph.initializers["w0"].const_value.numpy()[0, 0] != 0
+
+
+@pytest.mark.parametrize("kind", ["mlp", "forest"])
+def test_zipmap_outputs_survive_load_compile_and_save(tmp_path, kind):
+    """onnx-ir holds no map types: skl2onnx's default ZipMap output (a sequence of maps) is carried around it."""
+    import onnxruntime as ort
+
+    from qxc import compile_model
+
+    proto, x, _ = iris_classifier(kind, string_labels=kind == "mlp")
+    onnx.save(proto, tmp_path / "m.onnx")
+    model = qir.load(tmp_path / "m.onnx")
+    assert [o.type for o in model.graph.outputs][1] is None  # held aside, not lost
+    result = compile_model(model, "cleanup,quantize-weights", verify_runtime=True)
+    assert result.records[1].report["weights_quantized"] == (2 if kind == "mlp" else 0)
+    qir.save(result.model, tmp_path / "q.onnx")
+    qir.save(result.model, tmp_path / "q_ext.onnx", external_data=True)
+    ref = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for name in ("q.onnx", "q_ext.onnx"):
+        sess = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        assert [o.type for o in sess.get_outputs()] == [o.type for o in ref.get_outputs()]
+        got, want = sess.run(None, {"X": x}), ref.run(None, {"X": x})
+        assert (got[0] == want[0]).mean() >= 0.97  # the labels, and the probabilities still dicts per class
+        prob = np.array([[row[c] for c in sorted(row)] for row in got[1]])
+        prob_ref = np.array([[row[c] for c in sorted(row)] for row in want[1]])
+        assert set(got[1][0]) == set(want[1][0]) and np.abs(prob - prob_ref).max() <= (0.05 if kind == "mlp" else 0)
+    onnx.checker.check_model(onnx.load(tmp_path / "q.onnx"), full_check=True)
+    assert qir.from_proto(proto).meta[qir.HIDDEN_TYPES_KEY]  # a user's proto is read without being changed
+    assert proto.graph.output[1].type.HasField("sequence_type")
+
+
+def test_external_data_save_keeps_string_tensors_in_the_model(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    names = np.array([f"class_{i:03d}" for i in range(100)], dtype=object)  # 900 bytes of strings
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["wy"]), helper.make_node("Identity", ["names"], ["y"])], "g", [],
+        [helper.make_tensor_value_info("y", TensorProto.STRING, [100]),
+         helper.make_tensor_value_info("wy", TensorProto.FLOAT, [64, 64])],
+        [numpy_helper.from_array(names, "names"), numpy_helper.from_array(np.ones((64, 64), np.float32), "w")])
+    model = qir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    qir.save(model, tmp_path / "m.onnx", external_data=True)
+    saved = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    where = {t.name: t.data_location for t in saved.graph.initializer}
+    assert where == {"names": onnx.TensorProto.DEFAULT, "w": onnx.TensorProto.EXTERNAL}
+    out = run(str(tmp_path / "m.onnx"), {})
+    assert list(out[0]) == list(names) and out[1].sum() == 64 * 64

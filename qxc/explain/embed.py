@@ -39,8 +39,11 @@ def verify_tree(model: ir.Model, tree, x: np.ndarray, classifier: bool) -> float
     got = np.asarray(out[0]).reshape(-1)
     leaf_ref = tree.apply(np.asarray(x, np.float32))
     leaf_got = np.asarray(out[-1]).reshape(-1)
-    mismatch = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) if len(x) else 0.0
-    return max(mismatch, float(np.max(leaf_got != leaf_ref)) if len(x) else 0.0)
+    if not len(x):
+        return 0.0
+    # class labels (numbers or strings) must be equal; a regression's outputs are compared by their difference
+    mismatch = float(np.max(got != ref)) if classifier else float(np.max(np.abs(got.astype(np.float64) - ref)))
+    return max(mismatch, float(np.max(leaf_got != leaf_ref)))
 
 
 def linear_contributions(data: np.ndarray, targets: np.ndarray, alpha: float = 1e-3):

@@ -51,7 +51,9 @@ class Predictor:
         self.batch_size = batch_size
         outs = self.session.get_outputs()
         self.output_names = [o.name for o in outs]
-        self.label_out = next((o.name for o in outs if "int" in o.type and len(o.shape or []) == 1), None)
+        # a classifier's label output: 1-D integer or string labels (skl2onnx keeps the classes' own type)
+        self.label_out = next((o.name for o in outs if ("int" in o.type or o.type == "tensor(string)")
+                               and len(o.shape or []) == 1), None)
         floats = [o for o in outs if "float" in o.type or o.type == "seq(map(int64,tensor(float)))"
                   or "map" in o.type]
         if not floats:

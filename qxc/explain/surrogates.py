@@ -43,10 +43,11 @@ class TreeSurrogate:
                 "seconds": round(self.seconds, 4), "settings": self.settings}
 
 
-def _targets(predictor: Predictor, x: np.ndarray) -> np.ndarray:
+def surrogate_targets(predictor: Predictor, x: np.ndarray) -> np.ndarray:
+    """What a surrogate learns: the model's class labels (classifiers) or its outputs (regressors)."""
     p = predictor.predict(x)
-    if predictor.is_classifier:
-        return np.argmax(p.scores, axis=1)
+    if predictor.is_classifier:  # the model's own labels: the rules then name its classes (strings, 3 and 7, ...)
+        return p.labels
     return p.scores.astype(np.float64)
 
 
@@ -115,7 +116,7 @@ def fit_tree(predictor: Predictor, x: np.ndarray, features: list[str], *, max_de
     train, test = x[train_rows], x[test_rows]
     if perturbations:
         train = np.concatenate([train, perturb_marginal(train, perturbations, rng)])
-    y_train, y_test = _targets(predictor, train), _targets(predictor, test)
+    y_train, y_test = surrogate_targets(predictor, train), surrogate_targets(predictor, test)
     tree = fit_decision_tree(train, y_train, predictor.is_classifier, max_depth=max_depth,
                              max_leaf_nodes=max_leaf_nodes, random_state=random_state)
     fid = tree_fidelity(tree, test, y_test, predictor.is_classifier)

@@ -184,15 +184,15 @@ def distributed_compare(backend, chunks: Sequence[Chunk], ref, cand, *, layers: 
 
 
 def predict_task(worker, chunk: Chunk):
-    """The model's class (classifiers) or output (regressors) for every row of a chunk: surrogate labels."""
+    """The model's class label (classifiers) or output (regressors) for every row of a chunk: surrogate targets."""
     from qxc.explain.predictor import Predictor
+    from qxc.explain.surrogates import surrogate_targets
 
     if "predictor" not in worker.cache:
         worker.cache["predictor"] = Predictor(worker.model, providers=worker.providers, threads=worker.threads)
     pred = worker.cache["predictor"]
     x, _ = chunk.load()
-    p = pred.predict(np.ascontiguousarray(x, dtype=pred.dtype))
-    return np.argmax(p.scores, axis=1) if pred.is_classifier else p.scores.astype(np.float64)
+    return surrogate_targets(pred, np.ascontiguousarray(x, dtype=pred.dtype))
 
 
 def distributed_labels(backend, chunks: Sequence[Chunk]) -> np.ndarray:

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import MODELS, mlp_model, run
+from helpers import MODELS, iris_classifier, mlp_model, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -414,3 +414,35 @@ def test_embed_a_regressor_s_tree_surrogate(tmp_path):
     x = np.load(MODELS / "diabetes_test.npz")["X"][:8]
     emb, orig = run(tmp_path / "emb.onnx", {"X": x}), run(MODELS / "diabetes_mlp.onnx", {"X": x})
     np.testing.assert_array_equal(emb[0], orig[0])
+
+
+def test_skl2onnx_default_export_with_string_classes_is_explained_as_a_classifier(tmp_path):
+    """skl2onnx's defaults: a ZipMap output and the classes' own labels (here strings)."""
+    import onnx
+    from sklearn.inspection import permutation_importance as sk_perm
+
+    proto, x, labels = iris_classifier("mlp")
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", X=x, labels=labels)
+    pred = Predictor(qir.load(tmp_path / "m.onnx"))
+    assert pred.is_classifier and pred.predict(x[:2]).labels.dtype.kind in "OU"
+    ours = permutation_importance(pred, x, labels, n_repeats=3, random_state=1)
+    theirs = sk_perm(SklearnView(pred), x, labels, n_repeats=3, random_state=1)
+    np.testing.assert_allclose(ours.importances, theirs.importances, atol=1e-6)
+    out = tmp_path / "e.json"
+    assert main(["explain", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--labels",
+                 "--method", "permutation,tree", "--embed", str(tmp_path / "emb.onnx"), "-o", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["task"] == "classification" and doc["permutation"]["metric"] == "accuracy"
+    assert "class: setosa" in doc["tree"]["rules"]  # the rules name the model's classes
+    assert doc["embedded"]["tree_onnx_max_diff"] == 0.0
+    emb = run(tmp_path / "emb.onnx", {"X": x[:5]})
+    assert list(emb[2]) == list(pred.predict(x[:5]).labels)  # the embedded tree's labels: the model's own
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(3):  # the chunked path (a folder of shards) labels the tree's rows in tasks: the same tree
+        np.savez(shards / f"p{i}.npz", X=x[i::3], labels=labels[i::3])
+    assert main(["explain", str(tmp_path / "m.onnx"), "--data", str(shards), "--method", "tree", "--workers", "2",
+                 "-o", str(tmp_path / "c.json")]) == 0
+    tree = json.loads((tmp_path / "c.json").read_text())["tree"]
+    assert tree["metric"] == "agreement" and "class: setosa" in tree["rules"]
