@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qxc.explain.importance import spearman
+from qxc.explain.importance import r2_score, spearman
 from qxc.explain.predictor import Predictor
 
 
@@ -23,7 +23,7 @@ def drift(ref: Predictor, cand: Predictor, x: np.ndarray, *, importance_ref: np.
         out["probability_max_abs_diff"] = float(np.max(np.abs(pr.scores - pc.scores)))
     else:
         a, b = pr.scores.astype(np.float64), pc.scores.astype(np.float64)
-        out["prediction_r2"] = float(1 - np.sum((a - b) ** 2) / max(np.sum((a - a.mean()) ** 2), 1e-30))
+        out["prediction_r2"] = r2_score(a, b)  # of the candidate against the reference, every output
         out["prediction_mean_abs_diff"] = float(np.mean(np.abs(a - b)))
     if importance_ref is not None and importance_cand is not None:
         out["importance_spearman"] = spearman(importance_ref, importance_cand)
@@ -31,6 +31,5 @@ def drift(ref: Predictor, cand: Predictor, x: np.ndarray, *, importance_ref: np.
         out["top_k"] = top_k
     if tree_ref is not None and tree_cand is not None and holdout is not None:
         a, b = tree_ref.predict(holdout), tree_cand.predict(holdout)
-        out["surrogate_agreement"] = float(np.mean(a == b)) if ref.is_classifier else float(
-            1 - np.sum((a - b) ** 2) / max(np.sum((a - a.mean()) ** 2), 1e-30))
+        out["surrogate_agreement"] = float(np.mean(a == b)) if ref.is_classifier else r2_score(a, b)
     return out

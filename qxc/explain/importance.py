@@ -48,18 +48,22 @@ def score(pred: Prediction, y: np.ndarray | None, reference: Prediction | None, 
     if y is not None:
         if classifier:
             return float(np.mean(pred.labels == y))
-        out = pred.scores.astype(np.float64)
-        yy = np.asarray(y, np.float64)
-        out, yy = out.reshape(len(out), -1), yy.reshape(len(yy), -1)  # (rows, outputs); (n,) and (n, 1) alike
-        num = np.sum((yy - out) ** 2, axis=0)
-        den = np.sum((yy - yy.mean(axis=0)) ** 2, axis=0)
-        # sklearn's r2_score: outputs averaged uniformly; a constant target scores 1 if predicted exactly, else 0
-        r2 = np.where(den > 0, 1 - num / np.where(den > 0, den, 1), np.where(num == 0, 1.0, 0.0))
-        return float(r2.mean())
+        return r2_score(y, pred.scores)
     a, b = pred.scores.astype(np.float64), reference.scores.astype(np.float64)
-    if a.ndim == 2:
+    if classifier and a.ndim == 2:  # probabilities: total variation
         return -float(np.mean(0.5 * np.abs(a - b).sum(axis=1)))
-    return -float(np.mean(np.abs(a - b)))
+    return -float(np.mean(np.abs(a - b)))  # outputs (all of a multi-output regressor's)
+
+
+def r2_score(y_true, y_pred) -> float:
+    """scikit-learn's ``r2_score``: outputs averaged uniformly; a constant target scores 1 if predicted exactly,
+    else 0. (n,) and (n, 1) alike."""
+    yy, out = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64)
+    out, yy = out.reshape(len(out), -1), yy.reshape(len(yy), -1)  # (rows, outputs)
+    num = np.sum((yy - out) ** 2, axis=0)
+    den = np.sum((yy - yy.mean(axis=0)) ** 2, axis=0)
+    r2 = np.where(den > 0, 1 - num / np.where(den > 0, den, 1), np.where(num == 0, 1.0, 0.0))
+    return float(r2.mean())
 
 
 @dataclass

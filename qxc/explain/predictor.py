@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qxc.data import input_specs
-from qxc.errors import DataError, UsageError
+from qxc.errors import DataError, ModelError, UsageError
 
 # Rows per onnxruntime run. Small enough that a run's intermediates stay in cache: on the digits MLP 8,192-row runs
 # take 231 ns a row against 327 ns for 65,536-row runs (same on a tree ensemble and the 10-feature MLP), and a fresh
@@ -34,7 +34,7 @@ class Prediction:
 
 class Predictor:
     def __init__(self, model: ir.Model, *, providers: Sequence[str] = ("cpu",), batch_size: int = BATCH_ROWS,
-                 threads: int | None = None):
+                 threads: int | None = None, output: int = 0):
         from qxc.runtime import make_session
 
         specs = input_specs(model)
@@ -54,11 +54,11 @@ class Predictor:
         # a classifier's label output: 1-D integer or string labels (skl2onnx keeps the classes' own type)
         self.label_out = next((o.name for o in outs if ("int" in o.type or o.type == "tensor(string)")
                                and len(o.shape or []) == 1), None)
-        floats = [o for o in outs if "float" in o.type or o.type == "seq(map(int64,tensor(float)))"
-                  or "map" in o.type]
+        floats = [o for o in outs if "float" in o.type or "double" in o.type or "map" in o.type]
         if not floats:
             raise UsageError("the model has no float output to explain")
         self.score_out = floats[0].name
+        self.output = output  # the column of a multi-output regressor that ``value`` explains
         self.rows_evaluated = 0
         self.calls = 0
 
@@ -79,6 +79,9 @@ class Predictor:
             scores.append(normalize_output(out[-1]))
         self.rows_evaluated += len(x)
         sc = np.concatenate(scores) if scores else np.zeros((0,), np.float32)
+        if len(sc) != len(x):
+            raise ModelError(f"output '{self.score_out}' gave {len(sc)} rows for {len(x)} input rows; explanations "
+                             "need one output row per input row (check the exporter's output shape)")
         if sc.ndim == 2 and sc.shape[1] == 1 and self.label_out is None:
             sc = sc[:, 0]
         return (np.concatenate(labels) if labels else None), sc
@@ -91,10 +94,16 @@ class Predictor:
         return Prediction(labels, scores)
 
     def value(self, x: np.ndarray, classes: np.ndarray | None = None) -> np.ndarray:
-        """The scalar explained per row: the regression output, or the probability of ``classes`` (per row)."""
+        """The scalar explained per row: the regression output (column ``output`` of a multi-output regressor), or
+        the probability of ``classes`` (per row)."""
         p = self.predict(x)
         if p.scores.ndim == 1:
             return p.scores.astype(np.float64)
+        if not self.is_classifier:
+            if not 0 <= self.output < p.scores.shape[1]:
+                raise UsageError(f"output {self.output} to explain: the model's '{self.score_out}' has "
+                                 f"{p.scores.shape[1]} columns (0..{p.scores.shape[1] - 1})")
+            return p.scores[:, self.output].astype(np.float64)
         cls = classes if classes is not None else np.argmax(p.scores, axis=1)
         return p.scores[np.arange(len(x)), cls].astype(np.float64)
 

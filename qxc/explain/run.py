@@ -3,6 +3,7 @@
 Schema ``qxc.explain/1``::
 
     {"schema", "model", "features": [names], "task": "classification"|"regression", "rows",
+     "outputs", "explained_output": (multi-output regressors) how many outputs, and the one explained,
      "permutation" | "ablation": {"values": {feature: mean}, "std", "stability", "metric", "seconds", "settings"},
      "shapley": {"values": [[instance x feature]], "std_error": [[same shape; 0 where exact]], "mean_abs",
                  "base_value", "method": "exact"|"kernel", "settings": {..., "rows_evaluated"}, ...},
@@ -45,25 +46,41 @@ def _matrix(data: Dataset, predictor: Predictor) -> np.ndarray:
     return x
 
 
+def _output_columns(predictor: Predictor, x: np.ndarray, output: int) -> int:
+    """How many outputs a regressor has (1 for classifiers); ``output`` must name one of them."""
+    scores = predictor.predict(x[:1]).scores
+    columns = 1 if predictor.is_classifier or scores.ndim == 1 else scores.shape[1]
+    if not 0 <= output < columns:
+        what = "a classifier explains its predicted class" if predictor.is_classifier else \
+            f"the model's '{predictor.score_out}' has {columns} column(s)"
+        raise UsageError(f"output {output} to explain: {what}; use 0" + (f"..{columns - 1}" if columns > 1 else ""))
+    return columns
+
+
 def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutation", "tree", "local"),
                   use_labels: bool = True, compare=None, providers=("cpu",), seed: int = 0, repeats: int = 5,
                   instances: int = 10, background: int = 100, max_depth: int = 4, local_samples: int = 1000,
-                  source: str = "", threads: int | None = None) -> dict:
+                  source: str = "", threads: int | None = None, output: int = 0) -> dict:
     """Every method in ``methods`` on ``model`` over ``data`` as one ``qxc.explain/1`` document (schema above);
-    ``threads`` caps onnxruntime's intra-op threads (default: onnxruntime's own choice)."""
+    ``threads`` caps onnxruntime's intra-op threads (default: onnxruntime's own choice); ``output``: the column of
+    a multi-output regressor that Shapley values and the surrogates explain (permutation and ablation score every
+    output, as scikit-learn's ``score`` does)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UsageError(f"unknown explanation method '{unknown[0]}'; use {', '.join(METHODS)}")
     t0 = time.perf_counter()
     model = qir.coerce_model(model)
-    predictor = Predictor(model, providers=providers, threads=threads)
+    predictor = Predictor(model, providers=providers, threads=threads, output=output)
     x = _matrix(data, predictor)
+    columns = _output_columns(predictor, x, output)
     y = data.labels if use_labels else None  # without labels: prediction change instead of a metric
     features = data.meta.get("feature_names") or [f"x{i}" for i in range(x.shape[1])]
     if len(features) != x.shape[1]:
         features = [f"x{i}" for i in range(x.shape[1])]
     doc: dict = {"schema": SCHEMA, "model": source, "features": list(features),
                  "task": "classification" if predictor.is_classifier else "regression", "rows": int(len(x))}
+    if columns > 1:
+        doc["outputs"], doc["explained_output"] = columns, output
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(x), size=min(instances, len(x)), replace=False))
     bg = x[np.sort(rng.choice(len(x), size=min(background, len(x)), replace=False))]
@@ -101,17 +118,18 @@ def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutatio
         doc["layers"] = {"values": activation_stats(model, data, providers=providers)}
     if compare is not None:
         doc["drift"] = _drift(predictor, qir.coerce_model(compare), x, y, perm, tree, features, providers, seed,
-                              repeats, max_depth, threads)
+                              repeats, max_depth, threads, output)
     doc["timing"] = {"seconds": round(time.perf_counter() - t0, 4), "rows_evaluated": int(predictor.rows_evaluated),
                      "onnxruntime_calls": int(predictor.calls)}
     return doc
 
 
-def _drift(predictor, other, x, y, perm, tree, features, providers, seed, repeats, max_depth, threads=None) -> dict:
+def _drift(predictor, other, x, y, perm, tree, features, providers, seed, repeats, max_depth, threads=None,
+           output=0) -> dict:
     from qxc.explain.drift import drift
     from qxc.explain.surrogates import fit_tree, holdout_split
 
-    cand = Predictor(other, providers=providers, threads=threads)
+    cand = Predictor(other, providers=providers, threads=threads, output=output)
     perm_c = permutation_importance(cand, x, y, n_repeats=repeats, random_state=seed)
     perm_r = perm or permutation_importance(predictor, x, y, n_repeats=repeats, random_state=seed)
     tree_r = tree or fit_tree(predictor, x, features, max_depth=max_depth, random_state=seed)

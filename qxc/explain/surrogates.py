@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qxc.explain.importance import r2_score
 from qxc.explain.predictor import Predictor
 from qxc.runtime.threads import serial_blas
 
@@ -45,10 +46,9 @@ class TreeSurrogate:
 
 def surrogate_targets(predictor: Predictor, x: np.ndarray) -> np.ndarray:
     """What a surrogate learns: the model's class labels (classifiers) or its outputs (regressors)."""
-    p = predictor.predict(x)
     if predictor.is_classifier:  # the model's own labels: the rules then name its classes (strings, 3 and 7, ...)
-        return p.labels
-    return p.scores.astype(np.float64)
+        return predictor.predict(x).labels
+    return predictor.value(x)  # a multi-output regressor's explained column
 
 
 def perturb_marginal(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -90,9 +90,7 @@ def tree_fidelity(tree, x: np.ndarray, y: np.ndarray, classifier: bool) -> float
     pred = tree.predict(x, check_input=not _checked(x))
     if classifier:
         return float(np.mean(pred == y))
-    y = np.asarray(y, np.float64)
-    total = ((y - y.mean()) ** 2).sum()
-    return float(1 - ((y - pred) ** 2).sum() / total) if total > 0 else float(np.all(pred == y))
+    return r2_score(y, pred)
 
 
 def tree_rules(tree, features: list[str]) -> str:
@@ -161,7 +159,7 @@ def _feature_kinds(x: np.ndarray, max_levels: int = 10) -> tuple[np.ndarray, lis
 
 
 def sample_neighbourhood(x0: np.ndarray, data: np.ndarray, n: int, rng: np.random.Generator, *, scale: float = 0.25,
-                         discrete=None, levels=None) -> np.ndarray:
+                         discrete=None, levels=None, dtype=np.float32) -> np.ndarray:
     """``n`` samples around each row of ``x0`` (instances, features) -> (instances, n, features).
 
     Continuous features: Gaussian steps of ``scale`` x the feature's standard deviation, reflected back into the
@@ -169,12 +167,12 @@ def sample_neighbourhood(x0: np.ndarray, data: np.ndarray, n: int, rng: np.rando
     """
     if discrete is None:
         discrete, levels = _feature_kinds(data)
-    lo, hi = data.min(axis=0).astype(np.float32), data.max(axis=0).astype(np.float32)
+    lo, hi = data.min(axis=0).astype(dtype), data.max(axis=0).astype(dtype)
     sd = data.std(axis=0)
     k, f = x0.shape
-    s = rng.standard_normal((k, n, f), dtype=np.float32)  # float32, the type the model reads: half the memory
-    s *= (scale * sd).astype(np.float32)
-    s += x0[:, None, :].astype(np.float32)
+    s = rng.standard_normal((k, n, f), dtype=np.float32).astype(dtype, copy=False)  # the type the model reads
+    s *= (scale * sd).astype(dtype)
+    s += x0[:, None, :].astype(dtype)
     # reflect into [lo, hi]: lo + |s - lo| folds what lies below lo, hi - |hi - s| what lies above hi (steps of a
     # quarter sd rarely cross the range twice: what still lies outside is clipped); in place, no masks
     s -= lo
@@ -217,12 +215,13 @@ def _bin_of(values: np.ndarray, edges: list[np.ndarray]) -> np.ndarray:
 class _Rep:
     """One neighbourhood: how samples are drawn, the design matrix a linear model sees, and the sample weights."""
 
-    def __init__(self, kind: str, x0: np.ndarray, data: np.ndarray, width: float, discrete, levels):
-        self.kind, self.x0, self.data, self.width = kind, x0, data, width
+    def __init__(self, kind: str, x0: np.ndarray, data: np.ndarray, width: float, discrete, levels,
+                 dtype=np.float32):
+        self.kind, self.x0, self.data, self.width, self.dtype = kind, x0, data, width, dtype
         self.discrete, self.levels = discrete, levels
         self.sd = np.where(data.std(axis=0) > 0, data.std(axis=0), 1.0)
         if kind == "binned":
-            self.data32 = data.astype(np.float32)  # the samples are data rows' values, in the type the model reads
+            self.data_t = data.astype(dtype)  # the samples are data rows' values, in the type the model reads
             edges = _bins(data)
             self.bin0 = _bin_of(x0, edges)
             self.data_bins = _bin_of(data, edges).astype(np.int8)  # at most 3 edges: bins 0..3
@@ -231,18 +230,19 @@ class _Rep:
         """``n`` samples per instance (the first is the instance itself) and the design matrix a linear model sees."""
         k, f = self.x0.shape
         if self.kind == "continuous":
-            s = sample_neighbourhood(self.x0, self.data, n, rng, discrete=self.discrete, levels=self.levels)
+            s = sample_neighbourhood(self.x0, self.data, n, rng, discrete=self.discrete, levels=self.levels,
+                                     dtype=self.dtype)
             s[:, 0, :] = self.x0
-            z = s - self.x0[:, None, :].astype(np.float32)
-            z /= self.sd.astype(np.float32)
+            z = s - self.x0[:, None, :].astype(self.dtype)
+            z /= self.sd.astype(self.dtype)
             return s, z
         # LIME's tabular sampling: every feature drawn from its observed marginal; a sample's bin is its data row's
         at = rng.integers(0, len(self.data), (k, n, f), dtype=np.int64)  # each value's data row, as a flat index:
         at *= f  # a 1-D take is ~2x faster than indexing rows and columns
         at += np.arange(f)
-        s = self.data32.take(at)
+        s = self.data_t.take(at)
         s[:, 0, :] = self.x0
-        z = (self.data_bins.take(at) == self.bin0[:, None, :]).astype(np.float32)
+        z = (self.data_bins.take(at) == self.bin0[:, None, :]).astype(self.dtype)
         z[:, 0, :] = 1.0
         return s, z
 
@@ -295,6 +295,7 @@ def fit_local(predictor: Predictor, x0: np.ndarray, data: np.ndarray, *, n_sampl
     x0 = np.asarray(x0, np.float64)
     k, f = x0.shape
     discrete, levels = _feature_kinds(data)
+    dtype = np.float64 if predictor.dtype == np.float64 else np.float32  # samples in the type the model reads
     width = kernel_width or 0.75 * np.sqrt(f)
     classes = np.argmax(predictor.predict(x0.astype(predictor.dtype)).scores, axis=1) \
         if predictor.is_classifier else None
@@ -312,7 +313,7 @@ def fit_local(predictor: Predictor, x0: np.ndarray, data: np.ndarray, *, n_sampl
     n_fit = n_samples if len(kinds) == 1 else max(100, n_samples // 2)
     fits = {}
     for kind in kinds:
-        rep = _Rep(kind, x0, data, width, discrete, levels)
+        rep = _Rep(kind, x0, data, width, discrete, levels, dtype)
         z, y, w = evaluate(rep, n_fit)
         beta = _fit(z, y, w, alpha)
         val = _r2(beta, *evaluate(rep, max(50, n_samples // 4))) if len(kinds) > 1 else np.zeros(k)
@@ -324,7 +325,7 @@ def fit_local(predictor: Predictor, x0: np.ndarray, data: np.ndarray, *, n_sampl
     for kind in kinds:  # the held-out draw, in the neighbourhood each instance's chosen surrogate lives in
         rows = pick == kind
         if rows.any():
-            rep = _Rep(kind, x0[rows], data, width, discrete, levels)
+            rep = _Rep(kind, x0[rows], data, width, discrete, levels, dtype)
             held[rows] = _r2(fits[kind][1][rows], *evaluate(rep, max(100, n_samples // 2), rows))
     values = np.empty((k, f))
     coef = np.empty((k, f))

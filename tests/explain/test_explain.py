@@ -14,10 +14,11 @@ from qxc import compile_model
 from qxc import ir as qir
 from qxc.cli import main
 from qxc.data import load_data
-from qxc.errors import UsageError
+from qxc.errors import ModelError, UsageError
 from qxc.explain import PermutationImportance, ShapleyExplainer, SklearnView
 from qxc.explain.importance import ablation_importance, permutation_importance, shuffled_columns
 from qxc.explain.predictor import Predictor
+from qxc.explain.run import explain_model
 from qxc.explain.shapley import shapley_values
 from qxc.explain.surrogates import fit_local, fit_tree, sample_neighbourhood
 
@@ -446,3 +447,64 @@ def test_skl2onnx_default_export_with_string_classes_is_explained_as_a_classifie
                  "-o", str(tmp_path / "c.json")]) == 0
     tree = json.loads((tmp_path / "c.json").read_text())["tree"]
     assert tree["metric"] == "agreement" and "class: setosa" in tree["rules"]
+
+
+def _diabetes_regressor(targets: int, dtype=np.float32):
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_diabetes
+    from sklearn.linear_model import LinearRegression
+
+    x, y = load_diabetes(return_X_y=True)
+    x = x.astype(dtype)
+    y = np.stack([y, np.sqrt(y) * 10], axis=1)[:, :targets].squeeze()
+    est = LinearRegression().fit(x, y)
+    return qir.from_proto(to_onnx(est, x[:1])), x, y, est
+
+
+def test_multi_output_regressors_explain_the_chosen_output():
+    model, x, y, est = _diabetes_regressor(2)
+    data = load_data({"X": x, "labels": y}, model)
+    for output in (0, 1):
+        doc = explain_model(model, data, methods=("permutation", "shapley", "tree", "local"), output=output,
+                            instances=4)
+        assert doc["outputs"] == 2 and doc["explained_output"] == output
+        phi = np.array(doc["shapley"]["values"])
+        fx = est.predict(x[doc["shapley"]["instances"]])[:, output]
+        # exact Shapley values of the chosen output: they add up to its prediction less the base value
+        np.testing.assert_allclose(phi.sum(axis=1) + doc["shapley"]["base_value"], fx, rtol=1e-4)
+        assert doc["tree"]["fidelity"] > 0.5 and doc["local"]["fidelity_mean"] > 0.99  # a linear model, locally
+        assert doc["permutation"]["baseline_score"] == pytest.approx(est.score(x, y), abs=1e-5)  # both outputs
+    with pytest.raises(UsageError, match="output 2 to explain.*2 column"):
+        explain_model(model, data, methods=("shapley",), output=2)
+
+
+def test_float64_models_are_explained_in_float64():
+    model, x, y, est = _diabetes_regressor(1, np.float64)
+    doc = explain_model(model, load_data({"X": x, "labels": y}, model), methods=("shapley", "local"), instances=3)
+    phi = np.array(doc["shapley"]["values"])
+    fx = est.predict(x[doc["shapley"]["instances"]])
+    np.testing.assert_allclose(phi.sum(axis=1) + doc["shapley"]["base_value"], fx, rtol=1e-9)
+    assert min(doc["local"]["fidelity"]) > 0.999
+
+
+def test_an_output_with_more_rows_than_inputs_is_a_model_error():
+    """skl2onnx's MLPRegressor export of two targets flattens them into one column: twice the rows."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).normal(size=(4, 2)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "w"], ["m"]), helper.make_node("Reshape", ["m", "shape"], ["y"])], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([-1, 1]), "shape")])
+    model = qir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(ModelError, match="output 'y' gave 6 rows for 3 input rows"):
+        Predictor(model).predict(np.ones((3, 4), np.float32))
+
+
+def test_explain_output_is_refused_on_the_chunked_path(tmp_path, capsys):
+    x, _ = _xy("diabetes")
+    np.savez(tmp_path / "p0.npz", X=x)
+    assert main(["explain", str(MODELS / "diabetes_mlp.onnx"), "--data", str(tmp_path), "--method", "shapley",
+                 "--explain-output", "1"]) == 2
+    assert "--explain-output needs the rows in one process" in capsys.readouterr().err
