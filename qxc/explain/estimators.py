@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from sklearn.base import BaseEstimator
 
 from qxc import ir as qir
 from qxc.explain import importance as _imp
@@ -37,17 +38,16 @@ class SklearnView:
         return (accuracy_score if self.predictor.is_classifier else r2_score)(y, self.predict(X))
 
 
-class _Base:
+class _Base(BaseEstimator):
+    """scikit-learn's BaseEstimator gives ``get_params``/``set_params``, ``clone`` and the repr from ``__init__``."""
+
     def __init__(self, model: Any, *, providers=("cpu",), random_state: int = 0):
         self.model = model
         self.providers = providers
         self.random_state = random_state
 
     def _predictor(self) -> Predictor:
-        return Predictor(qir.coerce_model(self.model), providers=self.providers)
-
-    def get_params(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if not k.endswith("_")}
+        return Predictor(qir.coerce_model(self.model), providers=self.providers, output=getattr(self, "output", 0))
 
 
 class PermutationImportance(_Base):
@@ -85,10 +85,12 @@ class ShapleyExplainer(_Base):
     their standard errors ``std_error_``: 0 where exact). ``n_samples`` is the row budget per instance of the
     estimate used above ``max_exact`` features."""
 
-    def __init__(self, model, *, max_exact: int = 12, n_samples: int = 24576, providers=("cpu",), random_state: int = 0):
+    def __init__(self, model, *, max_exact: int = 12, n_samples: int = 24576, output: int = 0, providers=("cpu",),
+                 random_state: int = 0):
         super().__init__(model, providers=providers, random_state=random_state)
         self.max_exact = max_exact
         self.n_samples = n_samples
+        self.output = output
 
     def fit(self, X, y=None):
         self.background_ = np.asarray(X)
@@ -106,10 +108,12 @@ class ShapleyExplainer(_Base):
 
 
 class TreeSurrogateExplainer(_Base):
-    def __init__(self, model, *, max_depth: int = 4, perturbations: int = 0, providers=("cpu",), random_state: int = 0):
+    def __init__(self, model, *, max_depth: int = 4, perturbations: int = 0, output: int = 0, providers=("cpu",),
+                 random_state: int = 0):
         super().__init__(model, providers=providers, random_state=random_state)
         self.max_depth = max_depth
         self.perturbations = perturbations
+        self.output = output
 
     def fit(self, X, y=None, feature_names=None):
         from qxc.explain.surrogates import fit_tree
@@ -123,9 +127,10 @@ class TreeSurrogateExplainer(_Base):
 
 
 class LocalSurrogate(_Base):
-    def __init__(self, model, *, n_samples: int = 1000, providers=("cpu",), random_state: int = 0):
+    def __init__(self, model, *, n_samples: int = 1000, output: int = 0, providers=("cpu",), random_state: int = 0):
         super().__init__(model, providers=providers, random_state=random_state)
         self.n_samples = n_samples
+        self.output = output
 
     def fit(self, X, y=None):
         self.data_ = np.asarray(X)

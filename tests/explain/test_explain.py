@@ -508,3 +508,32 @@ def test_explain_output_is_refused_on_the_chunked_path(tmp_path, capsys):
     assert main(["explain", str(MODELS / "diabetes_mlp.onnx"), "--data", str(tmp_path), "--method", "shapley",
                  "--explain-output", "1"]) == 2
     assert "--explain-output needs the rows in one process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["PermutationImportance", "AblationImportance", "ShapleyExplainer",
+                                  "TreeSurrogateExplainer", "LocalSurrogate"])
+def test_explainers_follow_scikit_learns_estimator_api(name):
+    from sklearn.base import clone
+    from sklearn.utils.estimator_checks import (
+        check_get_params_invariance,
+        check_no_attributes_set_in_init,
+        check_set_params,
+    )
+
+    import qxc.explain.estimators as est
+
+    e = getattr(est, name)(str(MODELS / "diabetes_mlp.onnx"), random_state=2)
+    for check in (check_no_attributes_set_in_init, check_get_params_invariance, check_set_params):
+        check(name, e)
+    c = clone(e).set_params(random_state=5)
+    assert c.get_params()["random_state"] == 5 and e.get_params(deep=False)["random_state"] == 2
+    assert repr(c).startswith(name + "(")
+    x, _ = _xy("diabetes")
+    assert c.fit(x[:30]) is c
+
+
+def test_shapley_explainer_explains_a_chosen_output():
+    model, x, _, est = _diabetes_regressor(2)
+    shap = ShapleyExplainer(model, output=1).fit(x[:50])
+    phi = shap.explain(x[:3])
+    np.testing.assert_allclose(phi.sum(axis=1) + shap.base_values_, est.predict(x[:3])[:, 1], rtol=1e-4)
