@@ -228,7 +228,7 @@ def make_options(pass_cls: type[QxcPass], values: dict[str, Any]) -> Any:
 
 # --------------------------------------------------------------------------------------------------- text form
 
-_SPECIAL = set(',{}[]="\\') | {" ", "\t", "\n"}
+_SPECIAL = set(',{}[]="\\\'') | {" ", "\t", "\n"}
 
 
 @dataclass(frozen=True)
@@ -310,7 +310,7 @@ class _Parser:
                     continue
                 self.expect("]")
                 return items
-        if ch == '"':
+        if ch in ('"', "'"):  # a quoted string (regexes with brackets, commas): double or single quotes
             self.i += 1
             out = []
             while self.i < len(self.text):
@@ -319,7 +319,7 @@ class _Parser:
                     out.append(self.text[self.i + 1])
                     self.i += 2
                     continue
-                if c == '"':
+                if c == ch:
                     self.i += 1
                     return "".join(out)
                 out.append(c)

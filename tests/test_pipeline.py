@@ -68,6 +68,8 @@ def test_parse_types_and_round_trips(toy_pass):
     text = format_pipeline(steps)
     assert text == 'cleanup,toy-pass{bits=4,ratio=0.25,flag=true,mode="x, {y}",names=[a,"b c"]}'
     assert parse_pipeline(text) == steps
+    # single quotes too (a shell's double-quoted argument holds them without escapes)
+    assert parse_pipeline("toy-pass{mode='a, [b]',names=['x',\"y's\"]}")[0].options.names == ("x", "y's")
 
 
 _text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=12)
@@ -102,6 +104,8 @@ def test_text_round_trip_property(bits, ratio, flag, mode, names):
     ("cleanup,,fold-constants", "expected a pass name"),
     ('cleanup{dedup="x}', "unterminated string"),
     ("cleanup{dedup=true,dedup=false}", "given twice"),
+    ("quantize-weights{ops=[]}", "ops is empty"),
+    ("insert-qdq{ops=[]}", "ops is empty"),
 ])
 def test_bad_pipelines_name_the_problem(text, match):
     with pytest.raises(UsageError, match=match):

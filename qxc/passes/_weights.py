@@ -47,6 +47,8 @@ class Selection:
 def select_weights(model: ir.Model, pass_name: str, ops: tuple[str, ...], include: tuple[str, ...] = (),
                    exclude: tuple[str, ...] = (), min_elements: int = 0) -> Selection:
     """Constant float weights of the selected nodes; patterns that match no node are UsageErrors."""
+    if not ops:
+        raise UsageError(f"pass '{pass_name}': ops is empty; give at least one op type")
     matched = {p: False for p in include + exclude}
     found: dict[ir.Value, WeightUse] = {}
     sel = Selection()

@@ -63,6 +63,8 @@ class InsertQdqOptions:
     fallback: Literal["float", "int16"] = opt("float", "what max-error does with a harmful node")
 
     def __post_init__(self):
+        if not self.ops:
+            raise ValueError("ops is empty; give at least one op type")
         if not 50 < self.percentile <= 100:
             raise ValueError("percentile must be in (50, 100]")
         if self.batch_size < 0 or self.samples < 0 or self.max_error < 0:

@@ -60,6 +60,8 @@ class QuantizeWeightsOptions:
     def __post_init__(self):
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block-size must be a power of two >= 16, got {self.block_size}")
+        if not self.ops:
+            raise ValueError("ops is empty; give at least one op type")
         unknown = [o for o in self.ops if o not in DEFAULT_OPS + OPTIONAL_OPS]
         if unknown:
             raise ValueError(f"ops: '{unknown[0]}' has no weight rule; use {', '.join(DEFAULT_OPS + OPTIONAL_OPS)}")

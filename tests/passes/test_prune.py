@@ -95,6 +95,9 @@ def test_pruning_needs_data_for_sensitivity_and_checks_patterns():
         compile_model(MODELS / "digits_mlp.onnx", "prune-magnitude{sensitivity=true}")
     with pytest.raises(UsageError, match="pattern 'nothing' matched no"):
         compile_model(MODELS / "digits_mlp.onnx", "prune-channels{include=[nothing]}")
+    for name in ("prune-magnitude", "prune-nm", "prune-channels"):
+        with pytest.raises(UsageError, match=f"pass '{name}': ops is empty"):
+            compile_model(MODELS / "digits_mlp.onnx", f"{name}{{ops=[]}}")
 
 
 def test_prune_then_quantize_recipe_keeps_digits_accuracy():
