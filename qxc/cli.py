@@ -215,16 +215,18 @@ def cmd_compare(args) -> int:
     if args.json:
         _emit_json(doc, args.json)
     if args.json != "-":
+        def db(x) -> str:  # "inf" / "-inf" stay words
+            return x if isinstance(x, str) else f"{x:.2f}"
+
         for name, o in doc["outputs"].items():
-            print(f"output {name}: SQNR {o['sqnr_db'] if isinstance(o['sqnr_db'], str) else round(o['sqnr_db'], 2)} dB,"
-                  f" cosine {o['cosine']:.6f}, max abs {o['max_abs']:.4g}")
+            print(f"output {name}: SQNR {db(o['sqnr_db'])} dB, cosine {o['cosine']:.6f}, max abs {o['max_abs']:.4g}")
         if doc["accuracy"]:
             print("accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in doc["accuracy"].items()))
         for key in ("first_jump", "largest_drop"):
             e = doc[key]
             if e:
-                print(f"{key.replace('_', ' ')}: {e['tensor']} ({e['op']} {e['node'] or ''}) SQNR {e['sqnr_db']} dB, "
-                      f"drop {e['drop_db']} dB")
+                print(f"{key.replace('_', ' ')}: {e['tensor']} ({e['op']} {e['node'] or ''}) SQNR {db(e['sqnr_db'])} "
+                      f"dB, drop {db(e['drop_db'])} dB")
         for u in doc["unfused"]:
             print(f"{'kept float' if u.get('expected') else 'not fused'}: {u['node']} ({u['op']}): {u['reason']}")
     return _fail_below(doc, args.fail_below)

@@ -103,7 +103,7 @@ class Comparison:
 
 def _predictions(outs: list[np.ndarray]) -> np.ndarray | None:
     for o in outs:
-        if o.dtype.kind in "iu" and o.ndim == 1:
+        if o.dtype.kind in "iuUO" and o.ndim == 1:  # class labels: integers or strings
             return o
     for o in outs:
         if o.dtype.kind == "f" and o.ndim == 2 and o.shape[1] > 1:
@@ -159,11 +159,14 @@ class Accumulator:
                 "correct_cand": 0, "predicted": 0, "labeled": 0}
 
     def update(self, state: dict, feed: dict, labels: np.ndarray | None) -> None:
-        r_out = self.ref_sess.run(self.out_names, feed)
-        c_out = self.cand_sess.run(self.out_names, feed)
+        from qxc.runtime.session import normalize_output
+
+        r_out = [normalize_output(a) for a in self.ref_sess.run(self.out_names, feed)]  # ZipMap: a float matrix
+        c_out = [normalize_output(b) for b in self.cand_sess.run(self.out_names, feed)]
         for n, a, b in zip(self.out_names, r_out, c_out):
-            state["outputs"][n].update(np.asarray(a).astype(np.float64), np.asarray(b).astype(np.float64))
-        pr, pc = _predictions([np.asarray(a) for a in r_out]), _predictions([np.asarray(b) for b in c_out])
+            if a.dtype.kind in "fiub":  # string labels are compared as predictions, below
+                state["outputs"][n].update(a.astype(np.float64), b.astype(np.float64))
+        pr, pc = _predictions(r_out), _predictions(c_out)
         if pr is not None and pc is not None:
             state["predicted"] += len(pr)
             state["agree"] += int(np.sum(pr == pc))
@@ -192,7 +195,7 @@ def merge_states(states: list[dict]) -> dict:
 
 def finish(state: dict, order, mapping, *, layers: bool, jump_db: float, settings: dict) -> Comparison:
     result = Comparison(settings=settings)
-    result.outputs = {n: s.to_json() for n, s in state["outputs"].items()}
+    result.outputs = {n: s.to_json() for n, s in state["outputs"].items() if s.count}  # numbers, not labels
     if state["predicted"]:
         result.accuracy = {"agreement": state["agree"] / state["predicted"]}
         if state["labeled"] == state["predicted"]:

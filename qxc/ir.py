@@ -183,6 +183,31 @@ def _graph_value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
                 yield from _graph_value_infos(g)
 
 
+def _type_text(t: onnx.TypeProto) -> str:
+    """onnxruntime's spelling of a type: ``seq(map(string,tensor(float)))``."""
+    kind = t.WhichOneof("value")
+    if kind == "tensor_type":
+        return f"tensor({onnx.TensorProto.DataType.Name(t.tensor_type.elem_type).lower()})"
+    if kind == "sequence_type":
+        return f"seq({_type_text(t.sequence_type.elem_type)})"
+    if kind == "optional_type":
+        return f"optional({_type_text(t.optional_type.elem_type)})"
+    if kind == "map_type":
+        key = onnx.TensorProto.DataType.Name(t.map_type.key_type).lower()
+        return f"map({key},{_type_text(t.map_type.value_type)})"
+    return str(kind)
+
+
+def hidden_types(model: ir.Model) -> dict[str, str]:
+    """The values whose type onnx-ir cannot hold (see :data:`HIDDEN_TYPES_KEY`) and their types, spelled out."""
+    out = {}
+    for name, blob in model.meta.get(HIDDEN_TYPES_KEY, {}).items():
+        t = onnx.TypeProto()
+        t.ParseFromString(blob)
+        out[name] = _type_text(t)
+    return out
+
+
 def _deserialize(proto: onnx.ModelProto, *, copy: bool = False) -> ir.Model:
     """onnx-ir's model of ``proto``; map types, which onnx-ir cannot represent, are taken off their values first
     and kept in the model's meta (``copy``: leave the caller's proto untouched)."""

@@ -7,6 +7,8 @@ from typing import Any
 
 import onnx_ir as ir
 
+from qxc import ir as qir
+
 QUANT_OPS = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd",
     "QLinearMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulNBits", "DynamicQuantizeMatMul",
@@ -14,10 +16,11 @@ QUANT_OPS = frozenset({
 })
 
 
-def value_info(value: ir.Value) -> dict[str, Any]:
+def value_info(value: ir.Value, hidden: dict[str, str] | None = None) -> dict[str, Any]:
+    """Name, dtype and shape; ``hidden``: the types onnx-ir cannot hold (maps), by value name."""
     shape = None if value.shape is None else [d if isinstance(d, int) else getattr(d, "value", None)
                                                for d in value.shape]
-    dtype = value.dtype.name.lower() if value.dtype is not None else None
+    dtype = value.dtype.name.lower() if value.dtype is not None else (hidden or {}).get(value.name)
     return {"name": value.name, "dtype": dtype, "shape": shape}
 
 
@@ -54,9 +57,10 @@ def model_stats(model: ir.Model) -> dict[str, Any]:
             by_dtype[t.dtype.name.lower()] += t.size
     init = set(model.graph.initializers)
     quant_nodes = sum(n for op, n in ops.items() if op.split("::")[-1] in QUANT_OPS)
+    hidden = qir.hidden_types(model)
     return {
-        "inputs": [value_info(v) for v in model.graph.inputs if v.name not in init],
-        "outputs": [value_info(v) for v in model.graph.outputs],
+        "inputs": [value_info(v, hidden) for v in model.graph.inputs if v.name not in init],
+        "outputs": [value_info(v, hidden) for v in model.graph.outputs],
         "opsets": dict(sorted(model.opset_imports.items())),
         "ir_version": model.ir_version,
         "nodes": sum(ops.values()),

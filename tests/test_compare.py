@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from helpers import MODELS
+from helpers import MODELS, iris_classifier
 
 from qxc import compile_model
 from qxc import ir as qir
@@ -69,3 +69,28 @@ def test_bench_cli(capsys):
                  "--json", "-"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert len(doc["models"]) == 2 and all(m["median_ms"] > 0 for m in doc["models"])
+
+
+def test_compare_and_inspect_a_string_label_classifier_with_zipmap(tmp_path, capsys):
+    """skl2onnx's defaults: string labels are compared as predictions, the ZipMap probabilities as numbers."""
+    import onnx
+
+    proto, x, labels = iris_classifier("mlp")
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", X=x, labels=labels)
+    q = compile_model(tmp_path / "m.onnx", "insert-qdq", data=tmp_path / "d.npz")
+    qir.save(q.model, tmp_path / "q.onnx")
+    res = compare_models(qir.load(tmp_path / "m.onnx"), qir.load(tmp_path / "q.onnx"),
+                         load_data(tmp_path / "d.npz", q.model)).to_json()
+    assert list(res["outputs"]) == ["output_probability"]  # the labels are strings: no SQNR for them
+    assert res["outputs"]["output_probability"]["sqnr_db"] > 25
+    acc = res["accuracy"]
+    assert acc["agreement"] > 0.95 and acc["reference"] == np.mean(_labels_of(tmp_path / "m.onnx", x) == labels)
+    assert main(["inspect", str(tmp_path / "q.onnx")]) == 0
+    assert "output_probability: seq(map(string,tensor(float)))" in capsys.readouterr().out
+
+
+def _labels_of(path, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["output_label"], {"X": x})[0]
