@@ -273,6 +273,14 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
+def clone(model: ir.Model) -> ir.Model:
+    """A copy of the model's graph that shares its weights (onnx-ir's ``clone``), carrying the held-aside types."""
+    new = model.clone()
+    if HIDDEN_TYPES_KEY in model.meta:
+        new.meta[HIDDEN_TYPES_KEY] = dict(model.meta[HIDDEN_TYPES_KEY])
+    return new
+
+
 def external_files(model: ir.Model) -> set[Path]:
     """The resolved paths of every external data file the model's tensors still read from."""
     files = set()

@@ -398,7 +398,7 @@ class InsertQdqPass(QxcPass):
                       if n.name and self._selected(n, set())]
         scores = None
         for _ in range(2 * len(candidates) + 1):
-            trial = model.clone()
+            trial = qir.clone(model)
             plan = self._plan(trial, excluded, wide)
             self._apply(trial, plan, ranges)
             err = meter.error(trial)
@@ -408,7 +408,7 @@ class InsertQdqPass(QxcPass):
             if scores is None:  # one pass: each node quantized alone
                 scores = {}
                 for name in candidates:
-                    single = model.clone()
+                    single = qir.clone(model)
                     others = {c for c in candidates if c != name}
                     p = self._plan(single, others, set())
                     self._apply(single, p, ranges)

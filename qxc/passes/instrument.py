@@ -92,7 +92,7 @@ class InstrumentPass(QxcPass):
         return not o.names or re.search(o.names, v.name) is not None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        new = model.clone()
+        new = qir.clone(model)
         qir.infer_shapes(new)
         manifest = Manifest()
         graph = new.graph

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from helpers import REFERENCE, feeds_for, run
+from helpers import REFERENCE, feeds_for, iris_classifier, run
 from onnx import TensorProto, helper, numpy_helper
 
+from qxc import compile_model
 from qxc import ir as qir
 from qxc.passes.instrument import InstrumentOptions, InstrumentPass
 
@@ -79,3 +80,12 @@ def test_loop_body_tensors_come_out_per_iteration():
     outs = dict(zip([o.name for o in qir.to_proto(inst).graph.output], run(qir.to_proto(inst), feeds)))
     np.testing.assert_array_equal(outs[taps["doubled"].output], [[2, -2], [4, 0], [8, 0]])
     np.testing.assert_array_equal(outs["y"], [8, 0])
+
+
+def test_instrumented_copy_keeps_a_zipmap_output():
+    proto, x, _ = iris_classifier("mlp")
+    result = compile_model(proto, "instrument", verify_runtime=True)
+    out = qir.to_proto(result.model)
+    assert out.graph.output[1].type.HasField("sequence_type")  # the held-aside type came along with the copy
+    got = run(out, {"X": x[:4]})
+    assert len(got) > 2 and isinstance(got[1][0], dict)
