@@ -14,6 +14,8 @@ import onnx_ir as ir
 
 from qxc import ir as qir
 from qxc.data import Dataset
+from qxc.errors import UsageError
+from qxc.runtime.session import normalize_output
 
 
 class WeightSwapEvaluator:
@@ -37,15 +39,26 @@ class WeightSwapEvaluator:
         outs: list[list[np.ndarray]] = [[] for _ in self.outputs]
         for feed in self.feeds:
             for i, y in enumerate(self.session.run(self.outputs, {**feed, **weights})):
-                outs[i].append(np.asarray(y))
-        return [np.concatenate(o) if o[0].ndim else np.stack(o) for o in outs]
+                outs[i].append(normalize_output(y))
+        return _joined(outs)
 
     def error(self, replacements: dict[ir.Value, np.ndarray]) -> float:
         return relative_error(self.reference, self.run(replacements))
 
 
+def _joined(outs: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Each output's batches as one array; an output with no float values to measure (labels) is a usage error
+    when no output has any."""
+    joined = [np.concatenate(o) if o[0].ndim else np.stack(o) for o in outs]
+    if not any(y.dtype.kind == "f" for y in joined):
+        raise UsageError("sensitivity is measured on the model's float outputs, and this model has none "
+                         f"(its outputs are {', '.join(str(y.dtype) for y in joined)}); leave sensitivity off")
+    return joined
+
+
 def relative_error(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
-    """Relative RMS error over every float output: sqrt(sum (y - y0)^2 / sum y0^2)."""
+    """Relative RMS error over every float output (skl2onnx's ZipMap probabilities as a float matrix):
+    sqrt(sum (y - y0)^2 / sum y0^2)."""
     num = den = 0.0
     for ref, y in zip(reference, got):
         if ref.dtype.kind != "f":
@@ -72,8 +85,8 @@ class OutputErrorMeter:
             for i, y in enumerate(session.run(None, feed)):
                 if len(outs) <= i:
                     outs.append([])
-                outs[i].append(np.asarray(y))
-        return [np.concatenate(o) if o[0].ndim else np.stack(o) for o in outs]
+                outs[i].append(normalize_output(y))
+        return _joined(outs)
 
     def error(self, candidate: ir.Model) -> float:
         return relative_error(self.reference, self._run(candidate))

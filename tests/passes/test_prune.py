@@ -108,3 +108,36 @@ def test_prune_then_quantize_recipe_keeps_digits_accuracy():
     base = float((run(MODELS / "digits_mlp.onnx", {"X": x})[0] == y).mean())
     acc = float((run(qir.to_proto(result.model), {"X": x})[0] == y).mean())
     assert base - acc <= 0.01
+
+
+def test_sensitivity_is_measured_on_zipmap_probabilities():
+    """skl2onnx's default classifier: string labels and ZipMap probabilities (a list of dicts). The error was
+    measured on no output at all (0 at every level), so the allocation was arbitrary."""
+    from helpers import iris_classifier
+
+    proto, x, labels = iris_classifier("mlp")
+    data = {"X": x}
+    guided = compile_model(proto, "prune-magnitude{sparsity=0.5,sensitivity=true}", data=data)
+    sens = guided.records[0].report["sensitivity"]
+    assert all(max(errs) > 0 for errs in sens["errors"].values())
+    assert sens["joint_error"]["guided"] <= sens["joint_error"]["uniform_global"]
+    uniform = compile_model(proto, "prune-magnitude{sparsity=0.5}")
+
+    def accuracy(model):
+        return float(np.mean(run(qir.to_proto(model), data)[0] == labels))
+
+    assert accuracy(guided.model) >= accuracy(uniform.model) - 0.02
+
+
+def test_sensitivity_needs_a_float_output():
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("ArgMax", ["m"], ["y"], axis=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [None, 1])], [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)
+    with pytest.raises(UsageError, match="float outputs, and this model has none"):
+        compile_model(proto, "prune-magnitude{sensitivity=true}", data={"x": x})
