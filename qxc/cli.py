@@ -442,7 +442,8 @@ def cmd_bench(args) -> int:
     if args.json:
         _emit_json(doc, args.json)
     if args.json != "-":
-        print(f"batch {args.batch}, {args.threads} thread(s), {args.runs} interleaved runs, providers "
+        note = "" if doc["batch"] == args.batch else f" (asked {args.batch}; the model's or the data's batch is fixed)"
+        print(f"batch {doc['batch']}{note}, {args.threads} thread(s), {args.runs} interleaved runs, providers "
               f"{doc['providers']}")
         base = doc["models"][0]["median_ms"]
         for m in doc["models"]:

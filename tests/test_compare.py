@@ -71,6 +71,19 @@ def test_bench_cli(capsys):
     assert len(doc["models"]) == 2 and all(m["median_ms"] > 0 for m in doc["models"])
 
 
+def test_bench_says_the_batch_it_ran(tmp_path, capsys):
+    """A model whose batch dimension is fixed at 1 runs one row, whatever --batch asks."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    assert main(["bench", str(tmp_path / "m.onnx"), "--batch", "8", "--runs", "3"]) == 0
+    assert capsys.readouterr().out.startswith("batch 1 (asked 8;")
+
+
 def test_compare_and_inspect_a_string_label_classifier_with_zipmap(tmp_path, capsys):
     """skl2onnx's defaults: string labels are compared as predictions, the ZipMap probabilities as numbers."""
     import onnx
