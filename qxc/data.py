@@ -123,32 +123,38 @@ def _read(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np
 
 
 def _read_csv(path: Path, name: str) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict]:
-    lines = path.read_text().splitlines()
-    lines = [ln for ln in lines if ln.strip()]
+    """Numeric feature columns; a header column named label/labels/target/y becomes the labels, which may be
+    class names (strings)."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     if not lines:
         raise DataError(f"{path}: CSV file has no rows")
-    first = [c.strip() for c in lines[0].split(",")]
+    rows = [[c.strip() for c in ln.split(",")] for ln in lines]
     header = None
     try:
-        [float(c) for c in first]
+        [float(c) for c in rows[0]]
     except ValueError:
-        header = first
-        lines = lines[1:]
-    try:
-        table = np.array([[float(c) for c in ln.split(",")] for ln in lines], dtype=np.float64)
-    except ValueError as e:
-        raise DataError(f"{path}: non-numeric CSV cell ({e}); qxc reads numeric tabular data") from None
-    if table.ndim != 2 or table.shape[0] == 0:
+        header, rows = rows[0], rows[1:]
+    if not rows:
         raise DataError(f"{path}: CSV file has no data rows")
+    width = len(header) if header is not None else len(rows[0])
+    bad = next((i for i, r in enumerate(rows) if len(r) != width), None)
+    if bad is not None:
+        raise DataError(f"{path}: row {bad + 1 + (header is not None)} has {len(rows[bad])} cells, "
+                        f"{'the header' if header is not None else 'the first row'} {width}")
+    label_col = next((i for i, h in enumerate(header or []) if h.lower() in LABEL_KEYS), None)
     labels = None
-    if header is not None:
-        if len(header) != table.shape[1]:
-            raise DataError(f"{path}: header has {len(header)} columns, rows have {table.shape[1]}")
-        label_cols = [i for i, h in enumerate(header) if h.lower() in LABEL_KEYS]
-        if label_cols:
-            labels = table[:, label_cols[0]]
-            table = np.delete(table, label_cols[0], axis=1)
-            header = [h for i, h in enumerate(header) if i != label_cols[0]]
+    if label_col is not None:
+        cells = [r.pop(label_col) for r in rows]
+        try:
+            labels = np.array([float(c) for c in cells])
+        except ValueError:
+            labels = np.array(cells)  # class names
+        header = [h for i, h in enumerate(header) if i != label_col]
+    try:
+        table = np.array([[float(c) for c in r] for r in rows], dtype=np.float64).reshape(len(rows), -1)
+    except ValueError as e:
+        raise DataError(f"{path}: non-numeric CSV cell ({e}); features must be numbers (a label column may hold "
+                        "class names: name it label, labels, target or y)") from None
     return {name: table}, labels, ({"feature_names": header} if header else {})
 
 

@@ -36,6 +36,19 @@ def test_csv_header_label_column_and_float64_cast(tmp_path, mlp):
     assert ds.meta["feature_names"] == [f"f{i}" for i in range(8)]
 
 
+def test_csv_label_column_of_class_names_anywhere_and_ragged_rows(tmp_path, mlp):
+    rows = np.random.default_rng(0).normal(size=(3, 8))
+    header = ",".join(["label"] + [f"f{i}" for i in range(8)])
+    body = "\n".join(",".join([name, *map(str, r)]) for name, r in zip(["setosa", "virginica", "setosa"], rows))
+    (tmp_path / "d.csv").write_text(header + "\n" + body + "\n")
+    ds = load_data(tmp_path / "d.csv", mlp)
+    assert ds.labels.tolist() == ["setosa", "virginica", "setosa"]
+    np.testing.assert_allclose(ds.stacked["x"], rows.astype(np.float32))
+    (tmp_path / "r.csv").write_text(header + "\n" + body + "\nsetosa,1,2\n")
+    with pytest.raises(DataError, match="r.csv: row 5 has 3 cells, the header 9"):
+        load_data(tmp_path / "r.csv", mlp)
+
+
 def test_npy_and_batches(tmp_path, mlp):
     np.save(tmp_path / "d.npy", np.zeros((10, 8), np.float32))
     ds = load_data(tmp_path / "d.npy", mlp)
