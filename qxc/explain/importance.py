@@ -61,9 +61,57 @@ def r2_score(y_true, y_pred) -> float:
     yy, out = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64)
     out, yy = out.reshape(len(out), -1), yy.reshape(len(yy), -1)  # (rows, outputs)
     num = np.sum((yy - out) ** 2, axis=0)
-    den = np.sum((yy - yy.mean(axis=0)) ** 2, axis=0)
-    r2 = np.where(den > 0, 1 - num / np.where(den > 0, den, 1), np.where(num == 0, 1.0, 0.0))
-    return float(r2.mean())
+    return _r2_from_sums(num, np.sum((yy - yy.mean(axis=0)) ** 2, axis=0))
+
+
+def _r2_from_sums(ss_res: np.ndarray, ss_tot: np.ndarray) -> float:
+    r2 = np.where(ss_tot > 0, 1 - ss_res / np.where(ss_tot > 0, ss_tot, 1), np.where(ss_res == 0, 1.0, 0.0))
+    return float(np.mean(r2))
+
+
+class RowTerms:
+    """A score as a sum of per-row terms, so that a copy of the data whose predictions changed on a few rows is
+    scored from those rows alone, and chunks' sums add up (the distributed run's): correct labels (accuracy),
+    squared residuals per output (R^2), or the prediction change against ``base`` (total variation of
+    probabilities, absolute change of each regression output)."""
+
+    def __init__(self, base: Prediction, y: np.ndarray | None, classifier: bool):
+        self.base, self.classifier = base, classifier
+        self.y = None if y is None else np.asarray(y)
+        self.n = len(base.scores)
+        self.base_terms = self.terms(base, slice(None))
+        self.base_sum = self.base_terms.sum(axis=0)
+
+    def terms(self, p: Prediction, rows) -> np.ndarray:
+        """(rows,) or (rows, outputs) terms of prediction ``p`` for the data's ``rows``."""
+        if self.y is not None:
+            if self.classifier:
+                return (p.labels == self.y[rows]).astype(np.float64)
+            y = self.y[rows].astype(np.float64)
+            return (y.reshape(len(y), -1) - p.scores.astype(np.float64).reshape(len(y), -1)) ** 2
+        d = np.abs(p.scores.astype(np.float64) - self.base.scores[rows].astype(np.float64))
+        return 0.5 * d.sum(axis=1) if self.classifier and d.ndim == 2 else d.reshape(len(d), -1)
+
+    def changed(self, rows: np.ndarray, part: Prediction) -> np.ndarray:
+        """The sums with ``rows``' predictions replaced by ``part``."""
+        return self.base_sum - self.base_terms[rows].sum(axis=0) + self.terms(part, rows).sum(axis=0)
+
+    def label_sums(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per output, the sum of the labels and of their squares (R^2's total sum of squares, chunk by chunk)."""
+        if self.y is None or self.classifier:
+            return None
+        y = self.y.astype(np.float64).reshape(self.n, -1)
+        return y.sum(axis=0), (y * y).sum(axis=0)
+
+
+def score_from_sums(sums: np.ndarray, n: int, classifier: bool, labeled: bool, ss_tot: np.ndarray | None = None
+                    ) -> float:
+    """What :func:`score` gives, from :class:`RowTerms` sums over ``n`` rows (``ss_tot``: per-output total sum of
+    squares of the labels, for R^2)."""
+    sums = np.asarray(sums, np.float64)
+    if labeled:
+        return float(sums / n) if classifier else _r2_from_sums(sums, ss_tot)
+    return -float(sums / n) if classifier else -float(np.mean(sums) / n)  # the mean over rows (and outputs)
 
 
 @dataclass
@@ -107,14 +155,24 @@ def with_changed(base: Prediction, run: Prediction, row_sets):
 
 def _changed_scores(predictor: Predictor, blocks, base: Prediction, y, classifier: bool, rows_per_run: int):
     """Score a stream of perturbed copies of the data, each given as ``(rows, values)``: the rows whose input
-    changed and their new inputs (the other rows keep the base prediction: identical rows are not run again).
-    The changed rows of many copies are packed into one reused buffer per onnxruntime run."""
+    changed and their new inputs (the other rows keep the base prediction: identical rows are not run again, and
+    the score is updated from the changed rows' terms alone). The changed rows of many copies are packed into one
+    reused buffer per onnxruntime run."""
     out, pending, buf, filled = [], [], None, 0
+    terms = RowTerms(base, y, classifier)
+    ss_tot = None
+    if y is not None and not classifier:
+        yy = np.asarray(y, np.float64).reshape(len(y), -1)
+        ss_tot = np.sum((yy - yy.mean(axis=0)) ** 2, axis=0)
 
     def flush():
         nonlocal filled
         run = predictor.predict(buf[:filled]) if filled else base
-        out.extend(score(whole, y, base, classifier) for whole in with_changed(base, run, pending))
+        at = 0
+        for rows in pending:
+            sums = terms.changed(rows, run.take(slice(at, at + len(rows))))
+            out.append(score_from_sums(sums, terms.n, classifier, y is not None, ss_tot))
+            at += len(rows)
         pending.clear()
         filled = 0
 

@@ -93,8 +93,8 @@ def _chunk_seed(random_state: int, index: int) -> int:
 
 
 def permutation_task(worker, chunk: Chunk, n_repeats: int, random_state: int, use_labels: bool):
-    """Sufficient statistics of one chunk: per (feature, repeat) correct counts, squared errors or changes."""
-    from qxc.explain.importance import shuffled_rows, shuffles, with_changed
+    """Sums of one chunk's per-row score terms (:class:`RowTerms`), unshuffled and per (feature, repeat)."""
+    from qxc.explain.importance import RowTerms, shuffled_rows, shuffles
     from qxc.explain.predictor import Predictor
 
     if "predictor" not in worker.cache:
@@ -104,34 +104,26 @@ def permutation_task(worker, chunk: Chunk, n_repeats: int, random_state: int, us
     x = np.ascontiguousarray(x, dtype=pred.dtype)
     y = y if use_labels else None
     n, f = x.shape
-    base = pred.predict(x)
-
-    def stat(p):
-        if y is not None:
-            if pred.is_classifier:
-                return float(np.sum(p.labels == y))
-            return float(np.sum((np.asarray(y, np.float64) - p.scores.astype(np.float64)) ** 2))
-        a, b = p.scores.astype(np.float64), base.scores.astype(np.float64)
-        return float(np.sum(0.5 * np.abs(a - b).sum(axis=1))) if a.ndim == 2 else float(np.sum(np.abs(a - b)))
-
+    terms = RowTerms(pred.predict(x), y, pred.is_classifier)
     seed = _chunk_seed(random_state, chunk.index)
     orders = shuffles(n, n_repeats, seed)  # the same for every feature
-    out = np.zeros((f, n_repeats))
+    out = np.zeros((f, n_repeats, *terms.base_sum.shape))
     for col in range(f):  # one run per feature, of the rows whose value the shuffles moved (the rest keep base's)
         moved, parts = zip(*shuffled_rows(x, col, n_repeats, seed, orders))
-        run = pred.predict(np.concatenate(parts)) if sum(map(len, moved)) else base
-        out[col] = [stat(whole) for whole in with_changed(base, run, moved)]
-    extra = {}
-    if y is not None and not pred.is_classifier:
-        yy = np.asarray(y, np.float64)
-        extra = {"sum_y": float(yy.sum()), "sum_y2": float((yy * yy).sum())}
-    return {"n": n, "base": stat(base), "perm": out, "classifier": pred.is_classifier, "labeled": y is not None,
-            **extra}
+        run = pred.predict(np.concatenate(parts)) if sum(map(len, moved)) else terms.base
+        at = 0
+        for r, rows in enumerate(moved):
+            out[col, r] = terms.changed(rows, run.take(slice(at, at + len(rows))))
+            at += len(rows)
+    return {"n": n, "base": terms.base_sum, "perm": out, "classifier": pred.is_classifier, "labeled": y is not None,
+            "label_sums": terms.label_sums()}
 
 
 def distributed_permutation(backend, chunks: Sequence[Chunk], *, n_repeats: int = 5, random_state: int = 0,
                             use_labels: bool = True) -> dict:
     """Permutation importance from per-chunk sums (each chunk shuffles its own rows; one chunk = sklearn's)."""
+    from qxc.explain.importance import score_from_sums
+
     parts = backend.map(permutation_task, list(chunks), n_repeats, random_state, use_labels)
     n = sum(p["n"] for p in parts)
     base = sum(p["base"] for p in parts)
@@ -139,15 +131,15 @@ def distributed_permutation(backend, chunks: Sequence[Chunk], *, n_repeats: int 
     for p in parts:  # chunk order
         perm = perm + p["perm"]
     classifier = parts[0]["classifier"]
-    has_labels = all(p["labeled"] for p in parts)
-    if has_labels and classifier:
-        imp, metric, baseline = (base - perm) / n, "accuracy", base / n
-    elif has_labels:
-        sy, sy2 = sum(p["sum_y"] for p in parts), sum(p["sum_y2"] for p in parts)
-        sst = sy2 - sy * sy / n
-        imp, metric, baseline = (perm - base) / sst, "r2", 1 - base / sst
-    else:
-        imp, metric, baseline = perm / n, "prediction_change", 0.0
+    labeled = all(p["labeled"] for p in parts)
+    ss_tot = None
+    if labeled and not classifier:  # per output: sum y^2 - (sum y)^2 / n
+        sy, sy2 = sum(p["label_sums"][0] for p in parts), sum(p["label_sums"][1] for p in parts)
+        ss_tot = sy2 - sy * sy / n
+    baseline = score_from_sums(base, n, classifier, labeled, ss_tot)
+    imp = np.array([[baseline - score_from_sums(perm[c, r], n, classifier, labeled, ss_tot)
+                     for r in range(perm.shape[1])] for c in range(perm.shape[0])])
+    metric = ("accuracy" if classifier else "r2") if labeled else "prediction_change"
     return {"importances": imp, "metric": metric, "baseline_score": float(baseline), "rows": int(n),
             "chunks": len(chunks)}
 

@@ -199,3 +199,21 @@ def test_ray_backend_without_ray_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(UsageError, match=r"needs Ray: pip install 'qxc\[ray\]'"):
         RayBackend(qir.load(MODELS / "digits_mlp.onnx"))
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_single_chunk_permutation_of_a_multi_output_regressor_equals_the_in_memory_one(tmp_path, labels):
+    """R^2 averaged over the outputs, and the absolute change of each output: the chunks' sums reproduce them."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_diabetes
+    from sklearn.linear_model import LinearRegression
+
+    x, y = load_diabetes(return_X_y=True)
+    x, y = x.astype(np.float32), np.stack([y, np.sqrt(y) * 10], axis=1)
+    model = qir.from_proto(to_onnx(LinearRegression().fit(x, y), x[:1]))
+    np.savez(tmp_path / "d.npz", X=x, labels=y)
+    res = distributed_permutation(LocalBackend(model), chunks_of(tmp_path / "d.npz", "X", 10_000), n_repeats=2,
+                                  random_state=3, use_labels=labels)
+    ref = permutation_importance(Predictor(model), x, y if labels else None, n_repeats=2, random_state=3)
+    assert res["metric"] == ref.metric
+    np.testing.assert_allclose(res["importances"], ref.importances, rtol=1e-6, atol=1e-9)
