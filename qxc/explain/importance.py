@@ -137,22 +137,6 @@ class ImportanceResult:
                 "baseline_score": self.baseline_score, "seconds": round(self.seconds, 4), "settings": self.settings}
 
 
-def with_changed(base: Prediction, run: Prediction, row_sets):
-    """For each set of changed rows, ``base`` with those rows' predictions taken, in turn, from ``run`` (the
-    changed rows of every set, run one after the other); the other rows' inputs are unchanged."""
-    at = 0
-    for rows in row_sets:
-        part = run.take(slice(at, at + len(rows)))
-        labels = None
-        if base.labels is not None:
-            labels = base.labels.copy()
-            labels[rows] = part.labels
-        scores = base.scores.copy()
-        scores[rows] = part.scores
-        yield Prediction(labels, scores)
-        at += len(rows)
-
-
 def _changed_scores(predictor: Predictor, blocks, base: Prediction, y, classifier: bool, rows_per_run: int):
     """Score a stream of perturbed copies of the data, each given as ``(rows, values)``: the rows whose input
     changed and their new inputs (the other rows keep the base prediction: identical rows are not run again, and
@@ -282,17 +266,25 @@ def ablation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | Non
         parts.append(x[rows])
         parts[-1][:, col] = ref_val[col]
     pred_all = predictor.predict(np.concatenate(parts))
-    base = pred_all.take(slice(0, n))
-    ablated = list(with_changed(base, pred_all.take(slice(n, None)), changed))
+    classifier, labeled = predictor.is_classifier, y is not None
+    terms = RowTerms(pred_all.take(slice(0, n)), y, classifier)  # each row's score term, unablated
+    ablated = np.empty((f, *terms.base_terms.shape))  # ... and with each feature ablated
+    at = n
+    for col, rows in enumerate(changed):
+        ablated[col] = terms.base_terms
+        ablated[col, rows] = terms.terms(pred_all.take(slice(at, at + len(rows))), rows)
+        at += len(rows)
     imp = np.zeros((f, len(subsets)))
     baseline_scores = []
-    for r, rows in enumerate(subsets):
-        b = base.take(rows)
-        yy = None if y is None else np.asarray(y)[rows]
-        bs = score(b, yy, b, predictor.is_classifier)
+    for r, rows in enumerate(subsets):  # a bootstrap sample's score: its rows' terms summed
+        ss_tot = None
+        if labeled and not classifier:
+            yy = np.asarray(y, np.float64)[rows].reshape(len(rows), -1)
+            ss_tot = np.sum((yy - yy.mean(axis=0)) ** 2, axis=0)
+        bs = score_from_sums(terms.base_terms[rows].sum(axis=0), len(rows), classifier, labeled, ss_tot)
         baseline_scores.append(bs)
-        for col in range(f):
-            imp[col, r] = bs - score(ablated[col].take(rows), yy, b, predictor.is_classifier)
+        sums = ablated[:, rows].sum(axis=1)  # (features, ...) at once
+        imp[:, r] = [bs - score_from_sums(sums[col], len(rows), classifier, labeled, ss_tot) for col in range(f)]
     metric = ("accuracy" if predictor.is_classifier else "r2") if y is not None else "prediction_change"
     return ImportanceResult(imp, float(np.mean(baseline_scores)), metric, time.perf_counter() - t,
                             {"baseline": baseline, "n_repeats": n_repeats, "random_state": random_state, "rows": n,
