@@ -73,6 +73,9 @@ def cmd_compile(args) -> int:
         _emit_json(summary, args.json)
     if args.report:
         _compile_report(args, summary)
+    for r in result.records:  # what a pass could not do as asked (printed even with -q)
+        for w in (r.report or {}).get("warnings", []):
+            print(f"qxc: warning: pass '{r.name}': {w}", file=sys.stderr)
     if not args.quiet:
         b, a = result.stats_before, result.stats_after
         print(f"qxc: {args.model} -> {args.output}: {result.pipeline}", file=sys.stderr)

@@ -228,10 +228,14 @@ class InsertQdqPass(QxcPass):
         plan = self._plan(model, excluded, wide_nodes)
         ranges = self._ranges(model, plan)
         qir.release_weights(model)  # calibration touched every weight page; read them again one at a time
-        report_extra = {}
+        report_extra: dict = {}
         if o.max_error:
             excluded, wide_nodes, report_extra = self._budget(model, ranges)
             plan = self._plan(model, excluded, wide_nodes)
+            budget = report_extra["budget"]
+            if not budget["met"]:
+                report_extra["warnings"] = [f"max-error {o.max_error:g} not reached: the outputs' relative RMS error "
+                                            f"is {budget['achieved']:g} with every quantized node taken out in turn"]
         inserted = self._apply(model, plan, ranges)
         if not plan.nodes and not upgraded:
             qir.undo_inference(inferred)
@@ -424,7 +428,9 @@ class InsertQdqPass(QxcPass):
                 worst = max(in16, key=lambda c: (scores[c], c))
                 wide.discard(worst)
                 excluded.add(worst)
-        return excluded, wide, {"budget": {"max_error": o.max_error, "history": history,
+        achieved = history[-1]["error"]
+        return excluded, wide, {"budget": {"max_error": o.max_error, "achieved": achieved,
+                                           "met": achieved <= o.max_error, "history": history,
                                            "node_errors": {k: round(v, 6) for k, v in sorted((scores or {}).items())}}}
 
 

@@ -229,6 +229,12 @@ class QuantizeWeightsPass(QxcPass):
                        "bytes_after": sum(e["bytes_after"] for e in quantized)}
         if getattr(self, "sensitivity", None):
             self.report["sensitivity"] = self.sensitivity
+        budget = getattr(self, "budget", None)
+        if budget:
+            self.report["max_error"] = budget
+            if not budget["met"]:
+                self.report["warnings"] = [f"max-error {budget['target']:g} not reached: the outputs' relative RMS "
+                                           f"error is {budget['achieved']:g} with every weight at int8"]
         return ir.passes.PassResult(model, modified=bool(quantized) or upgraded)
 
     def _plan(self, model: ir.Model) -> dict[ir.Value, dict]:
@@ -393,11 +399,16 @@ class QuantizeWeightsPass(QxcPass):
         order = sorted(scores, key=lambda v: (-scores[v], v.name))
         promoted = set(order[: o.keep_sensitive])
         if o.max_error:
-            for value in order:
-                current = {v: (fake8[v] if v in promoted else fake4[v]) for v, _ in todo}
-                if ev.error(current) <= o.max_error:
+            def error() -> float:
+                return ev.error({v: (fake8[v] if v in promoted else fake4[v]) for v, _ in todo})
+
+            achieved = error()
+            for value in order:  # most sensitive first, until the outputs' error is within the budget
+                if achieved <= o.max_error:
                     break
                 promoted.add(value)
+                achieved = error()
+            self.budget = {"target": o.max_error, "achieved": round(achieved, 6), "met": achieved <= o.max_error}
         for v in promoted:
             bits[v] = 8
         self.sensitivity = {v.name: {"int4_error": round(s, 6), "bits": bits[v]} for v, s in scores.items()}

@@ -143,6 +143,8 @@ def test_max_error_budget_is_met_by_falling_back():
     budget = result.records[0].report["budget"]
     assert budget["history"][0]["error"] > 0.01 >= budget["history"][-1]["error"]
     assert budget["history"][-1]["float"]
+    assert budget["met"] and budget["achieved"] == budget["history"][-1]["error"]
+    assert "warnings" not in result.records[0].report
 
 
 def test_already_quantized_model_is_left_alone():

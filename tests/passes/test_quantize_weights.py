@@ -309,3 +309,17 @@ def test_float16_weights_too_small_for_float16_scales():
     assert run(qir.to_proto(result.model), {"x": x})[0].dtype == np.float16
     with pytest.raises(UsageError, match="float16 weight 'w0'.*format=qdq"):
         compile_model(proto, "quantize-weights{bits=4,format=matmulnbits}")
+
+
+def test_an_unreachable_max_error_is_reported_and_warned(tmp_path, capsys):
+    from qxc.cli import main
+
+    path, data = REFERENCE["ffn_small"]
+    ok = compile_model(path, "quantize-weights{bits=4,max-error=0.05}", data=data).records[0].report
+    assert ok["max_error"]["met"] and ok["max_error"]["achieved"] <= 0.05 and "warnings" not in ok
+    spec = "quantize-weights{bits=4,max-error=0.000001}"
+    report = compile_model(path, spec, data=data).records[0].report
+    assert not report["max_error"]["met"] and report["max_error"]["achieved"] > 1e-6
+    assert all(e["bits"] == 8 for e in report["quantized"])  # every weight promoted, still above the budget
+    assert main(["compile", str(path), "-p", spec, "--data", str(data), "-o", str(tmp_path / "q.onnx"), "-q"]) == 0
+    assert "warning: pass 'quantize-weights': max-error 1e-06 not reached" in capsys.readouterr().err
