@@ -6,7 +6,8 @@ Schema ``qxc.explain/1``::
      "outputs", "explained_output": (multi-output regressors) how many outputs, and the one explained,
      "permutation" | "ablation": {"values": {feature: mean}, "std", "stability", "metric", "seconds", "settings"},
      "shapley": {"values": [[instance x feature]], "std_error": [[same shape; 0 where exact]], "mean_abs",
-                 "base_value", "method": "exact"|"kernel", "settings": {..., "rows_evaluated"}, ...},
+                 "base_value", "method": "exact"|"kernel", "stability" (rank correlation of mean |value| between
+                 two half-budget estimates; 1 where exact), "settings": {..., "rows_evaluated"}, ...},
      "tree": {"fidelity", "metric", "rules", "nodes", "depth", "leaves", "seconds", "settings"},
      "local": {"values": [[instance x feature contributions]], "fidelity" (held-out, per instance), ...},
      "layers": {"values": [per-tensor activation statistics]},

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qxc.explain.importance import spearman
 from qxc.explain.predictor import BATCH_ROWS, Predictor
 from qxc.runtime.threads import serial_blas
 
@@ -36,6 +37,17 @@ class ShapleyResult:
     settings: dict = field(default_factory=dict)
     # (instances, features) standard error of each value: 0 where exact, NaN where too few samples to tell
     std_error: np.ndarray | None = None
+    # (2, features): |value| summed over the instances in two independent estimates, each from half of the
+    # samples (None where exact, or too few samples); sums, so that tasks' results add up
+    halves_abs: np.ndarray | None = None
+
+    @property
+    def stability(self) -> float | None:
+        """Spearman rank correlation of the features' mean |value| between the two half-budget estimates (what two
+        seeds at half the budget agree on: a lower bound for the whole estimate's); 1 where exact."""
+        if self.method == "exact":
+            return 1.0
+        return None if self.halves_abs is None else spearman(self.halves_abs[0], self.halves_abs[1])
 
     def to_json(self, features: list[str]) -> dict:
         err = np.abs(self.values.sum(axis=1) + self.base_value - self.outputs)
@@ -45,6 +57,7 @@ class ShapleyResult:
                 "mean_abs": dict(zip(features, np.round(np.abs(self.values).mean(axis=0), 8).tolist())),
                 "base_value": np.round(self.base_value, 8).tolist(), "outputs": np.round(self.outputs, 8).tolist(),
                 "efficiency_gap_max": float(err.max()) if len(err) else 0.0, "method": self.method,
+                "stability": None if self.stability is None else round(float(self.stability), 6),
                 "seconds": round(self.seconds, 4), "settings": self.settings}
 
 
@@ -210,19 +223,21 @@ def shapley_values(predictor: Predictor, x: np.ndarray, background: np.ndarray, 
         settings = {"coalitions": int(2**m), "rows_evaluated": evaluated,
                     "rows_deduplicated": int(n * len(background) * 2**m - evaluated)}
         std_error = np.zeros_like(phi)
+        halves_abs = None
     else:
         # each background row's output (per class for classifiers), each row run once
         bg_out = _background_scores(predictor, background)
         base = _background_outputs(bg_out, classes, n).mean(axis=1)
         before = predictor.rows_evaluated
         with serial_blas():  # the Gram matrices alternate with onnxruntime runs
-            phi, std_error = _kernel(predictor, x, background, classes, fx, bg_out, n_samples, random_state,
-                                     rows_per_run, allocation=allocation)
+            phi, std_error, halves = _kernel(predictor, x, background, classes, fx, bg_out, n_samples,
+                                             random_state, rows_per_run, allocation=allocation)
         method = "kernel"
         settings = {"n_samples": n_samples, "random_state": random_state,
                     "rows_evaluated": int(predictor.rows_evaluated - before + len(background))}
+        halves_abs = None if halves is None else np.stack([np.abs(h).sum(axis=0) for h in halves])
     settings.update({"background": len(background), "instances": n})
-    return ShapleyResult(phi, base, fx, method, time.perf_counter() - t, settings, std_error)
+    return ShapleyResult(phi, base, fx, method, time.perf_counter() - t, settings, std_error, halves_abs)
 
 
 def _pair_mass(m: int, k: np.ndarray) -> np.ndarray:
@@ -332,11 +347,15 @@ def _kernel(predictor, x, background, classes, fx, bg_out, n_samples, random_sta
     shares = [(aw[p:q].T @ a[p:q], 0.5 * (aw[p:q].T @ y[:, p:q].T), q - p) for p, q in zip(bounds[:-1], bounds[1:])]
     phi = solve(gram_e + sum(g for g, _, _ in shares), rhs_e + sum(r for _, r, _ in shares))
     if not pairs:
-        return phi, np.zeros_like(phi)  # every coalition enumerated: exact
+        return phi, np.zeros_like(phi), None  # every coalition enumerated: exact
     if use == 1:
-        return phi, np.full_like(phi, np.nan)  # too few pairs per batch for a fit of its own
+        return phi, np.full_like(phi, np.nan), None  # too few pairs per batch for a fit of its own
     parts = np.stack([solve(gram_e + pairs / k * g, rhs_e + pairs / k * r) for g, r, k in shares])
-    return phi, parts.std(axis=0, ddof=1) / np.sqrt(use)
+    # two independent estimates, each from half of the batches (half the budget): what two seeds would give
+    halves = [solve(gram_e + pairs / sum(k for _, _, k in h) * sum(g for g, _, _ in h),
+                    rhs_e + pairs / sum(k for _, _, k in h) * sum(r for _, r, _ in h))
+              for h in (shares[: use // 2], shares[use // 2 :])]
+    return phi, parts.std(axis=0, ddof=1) / np.sqrt(use), halves
 
 
 def _pair_plan(m: int, b: int, n_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:

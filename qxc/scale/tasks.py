@@ -230,4 +230,5 @@ def distributed_shapley(backend, x: np.ndarray, background: np.ndarray, *, seed:
     return ShapleyResult(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("values", "base_value", "outputs")),
                          parts[0].method, sum(p.seconds for p in parts),
                          {**parts[0].settings, "instances": len(x), "rows_evaluated": rows, "tasks": len(parts)},
-                         np.concatenate([p.std_error for p in parts]))
+                         np.concatenate([p.std_error for p in parts]),
+                         None if any(p.halves_abs is None for p in parts) else sum(p.halves_abs for p in parts))

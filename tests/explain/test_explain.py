@@ -537,3 +537,19 @@ def test_shapley_explainer_explains_a_chosen_output():
     shap = ShapleyExplainer(model, output=1).fit(x[:50])
     phi = shap.explain(x[:3])
     np.testing.assert_allclose(phi.sum(axis=1) + shap.base_values_, est.predict(x[:3])[:, 1], rtol=1e-4)
+
+
+def test_shapley_stability_is_the_agreement_of_two_half_budget_estimates():
+    x, _ = _xy("digits")
+    pred = Predictor(qir.load(MODELS / "digits_mlp.onnx"))
+    res = shapley_values(pred, x[:6], x[100:200], random_state=0)
+    assert res.method == "kernel" and 0.5 < res.stability < 1  # sampled: the halves agree, not perfectly
+    # a lower bound: two whole estimates from different seeds agree at least as well, give or take their noise
+    other = shapley_values(pred, x[:6], x[100:200], random_state=1)
+    from qxc.explain.importance import spearman
+
+    assert spearman(np.abs(res.values).mean(0), np.abs(other.values).mean(0)) > res.stability - 0.05
+    assert res.to_json([f"x{i}" for i in range(64)])["stability"] == round(res.stability, 6)
+    xd, _ = _xy("diabetes")
+    exact = shapley_values(Predictor(qir.load(MODELS / "diabetes_mlp.onnx")), xd[:3], xd[50:80])
+    assert exact.method == "exact" and exact.stability == 1.0

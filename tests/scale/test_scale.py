@@ -57,6 +57,8 @@ def test_distributed_shapley_runs_the_pilot_once_and_equals_one_local_call():
     dist = distributed_shapley(LocalBackend(model), x[100:110], bg, seed=3, per_task=4)  # 3 tasks
     np.testing.assert_array_equal(dist.values, local.values)
     np.testing.assert_array_equal(dist.std_error, local.std_error)
+    np.testing.assert_allclose(dist.halves_abs, local.halves_abs, rtol=1e-12)  # the tasks' sums add up
+    assert dist.stability == local.stability
     # one pilot in all: each task (and the pilot's) runs the background's outputs, nothing else twice
     assert dist.settings["rows_evaluated"] == local.settings["rows_evaluated"] + 3 * len(bg)
 
