@@ -274,9 +274,9 @@ def cmd_explain_chunked(args, model) -> int:
     if unsupported:
         raise UsageError(f"method '{unsupported[0]}' needs the rows in one process; with --backend ray or a folder "
                          "of shards use permutation, shapley, tree")
-    if args.explain_output:
-        raise UsageError("--explain-output needs the rows in one process; with --backend ray or a folder of shards "
-                         "a multi-output regressor's output 0 is explained")
+    if args.explain_output or args.task != "auto":
+        raise UsageError("--explain-output and --task need the rows in one process; with --backend ray or a folder "
+                         "of shards output 0 is explained and the task is found as --task auto finds it")
     t0 = time.perf_counter()
     backend = _backend(args, model)
     doc: dict = {"schema": "qxc.explain/1", "model": str(args.model)}
@@ -371,13 +371,14 @@ def cmd_explain(args) -> int:
     doc = explain_model(model, data, methods=methods, use_labels=args.labels, compare=compare,
                         providers=args.provider.split(","), seed=args.seed, repeats=args.repeats,
                         instances=args.instances, background=args.background, max_depth=args.max_depth,
-                        source=str(args.model), threads=args.threads, output=args.explain_output)
+                        source=str(args.model), threads=args.threads, output=args.explain_output, task=args.task)
     if args.embed:
         from qxc.explain.embed import embed, linear_contributions, tree_to_onnx, verify_tree
         from qxc.explain.predictor import Predictor
         from qxc.explain.surrogates import fit_tree
 
-        pred = Predictor(model, providers=args.provider.split(","), threads=args.threads, output=args.explain_output)
+        pred = Predictor(model, providers=args.provider.split(","), threads=args.threads, output=args.explain_output,
+                         task=args.task)
         x = data.stacked[pred.input]
         tree = fit_tree(pred, x, doc["features"], max_depth=args.max_depth, random_state=args.seed)
         scores = pred.predict(x).scores
@@ -554,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--explain-output", type=int, default=0, metavar="N",
                    help="the output column of a multi-output regressor that shapley, tree and local explain "
                         "(default 0; permutation and ablation score every output)")
+    e.add_argument("--task", choices=["auto", "classification", "regression"], default="auto",
+                   help="auto: a label output or a probability-matrix output (Softmax) makes a classifier; "
+                        "classification: the argmax of a (rows, classes) output (logits) is the label")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--repeats", type=_count, default=5)
     e.add_argument("--instances", type=_count, default=10, help="instances explained by shapley/local")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -34,7 +35,12 @@ class Prediction:
 
 class Predictor:
     def __init__(self, model: ir.Model, *, providers: Sequence[str] = ("cpu",), batch_size: int = BATCH_ROWS,
-                 threads: int | None = None, output: int = 0):
+                 threads: int | None = None, output: int = 0,
+                 task: Literal["auto", "classification", "regression"] = "auto"):
+        """``task``: ``auto`` takes a model with a label output (skl2onnx) for a classifier, and one whose only
+        float output is a probability matrix (rows in [0, 1] summing to 1, e.g. a Softmax; one probe row tells)
+        too, its label the most probable class; ``classification`` takes any (rows, classes) score output's argmax
+        for the label (logits); ``regression`` explains the outputs as numbers."""
         from qxc.runtime import make_session
 
         specs = input_specs(model)
@@ -61,10 +67,32 @@ class Predictor:
         self.output = output  # the column of a multi-output regressor that ``value`` explains
         self.rows_evaluated = 0
         self.calls = 0
+        self.argmax_labels = False  # labels are the argmax of the scores (no label output)
+        if task not in ("auto", "classification", "regression"):
+            raise UsageError(f"unknown task '{task}'; use auto, classification or regression")
+        if task == "regression" and self.label_out is not None:
+            raise UsageError(f"the model has a label output '{self.label_out}': it is a classifier; use task auto "
+                             "or classification")
+        if self.label_out is None and task != "regression":
+            self._argmax_task(task)
+
+    def _argmax_task(self, task: str) -> None:
+        if self.n_features is None:
+            if task == "classification":
+                raise UsageError(f"input '{self.input}' has no fixed feature count to probe the model with")
+            return
+        probe = self.session.run([self.score_out], {self.input: np.zeros((1, self.n_features), self.dtype)})[0]
+        probe = np.asarray(probe, np.float64)
+        matrix = probe.ndim == 2 and probe.shape[1] >= 2
+        if task == "classification" and not matrix:
+            raise UsageError(f"output '{self.score_out}' gives shape {list(probe.shape)} for one row; a classifier "
+                             "without a label output needs a (rows, classes) score output")
+        probabilities = matrix and bool(np.all((probe >= 0) & (probe <= 1))) and abs(probe.sum() - 1) < 1e-3
+        self.argmax_labels = task == "classification" or probabilities
 
     @property
     def is_classifier(self) -> bool:
-        return self.label_out is not None
+        return self.label_out is not None or self.argmax_labels
 
     def _run(self, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         from qxc.runtime.session import normalize_output
@@ -79,6 +107,8 @@ class Predictor:
             scores.append(normalize_output(out[-1]))
         self.rows_evaluated += len(x)
         sc = np.concatenate(scores) if scores else np.zeros((0,), np.float32)
+        if self.argmax_labels:
+            labels = [np.argmax(sc, axis=1)] if len(sc) else []
         if len(sc) != len(x):
             raise ModelError(f"output '{self.score_out}' gave {len(sc)} rows for {len(x)} input rows; explanations "
                              "need one output row per input row (check the exporter's output shape)")

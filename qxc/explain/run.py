@@ -61,17 +61,18 @@ def _output_columns(predictor: Predictor, x: np.ndarray, output: int) -> int:
 def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutation", "tree", "local"),
                   use_labels: bool = True, compare=None, providers=("cpu",), seed: int = 0, repeats: int = 5,
                   instances: int = 10, background: int = 100, max_depth: int = 4, local_samples: int = 1000,
-                  source: str = "", threads: int | None = None, output: int = 0) -> dict:
+                  source: str = "", threads: int | None = None, output: int = 0, task: str = "auto") -> dict:
     """Every method in ``methods`` on ``model`` over ``data`` as one ``qxc.explain/1`` document (schema above);
     ``threads`` caps onnxruntime's intra-op threads (default: onnxruntime's own choice); ``output``: the column of
     a multi-output regressor that Shapley values and the surrogates explain (permutation and ablation score every
-    output, as scikit-learn's ``score`` does)."""
+    output, as scikit-learn's ``score`` does); ``task``: see :class:`Predictor` (auto: skl2onnx label outputs and
+    probability-matrix outputs make classifiers)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UsageError(f"unknown explanation method '{unknown[0]}'; use {', '.join(METHODS)}")
     t0 = time.perf_counter()
     model = qir.coerce_model(model)
-    predictor = Predictor(model, providers=providers, threads=threads, output=output)
+    predictor = Predictor(model, providers=providers, threads=threads, output=output, task=task)
     x = _matrix(data, predictor)
     columns = _output_columns(predictor, x, output)
     y = data.labels if use_labels else None  # without labels: prediction change instead of a metric
@@ -119,18 +120,18 @@ def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutatio
         doc["layers"] = {"values": activation_stats(model, data, providers=providers)}
     if compare is not None:
         doc["drift"] = _drift(predictor, qir.coerce_model(compare), x, y, perm, tree, features, providers, seed,
-                              repeats, max_depth, threads, output)
+                              repeats, max_depth, threads, output, task)
     doc["timing"] = {"seconds": round(time.perf_counter() - t0, 4), "rows_evaluated": int(predictor.rows_evaluated),
                      "onnxruntime_calls": int(predictor.calls)}
     return doc
 
 
 def _drift(predictor, other, x, y, perm, tree, features, providers, seed, repeats, max_depth, threads=None,
-           output=0) -> dict:
+           output=0, task="auto") -> dict:
     from qxc.explain.drift import drift
     from qxc.explain.surrogates import fit_tree, holdout_split
 
-    cand = Predictor(other, providers=providers, threads=threads, output=output)
+    cand = Predictor(other, providers=providers, threads=threads, output=output, task=task)
     perm_c = permutation_importance(cand, x, y, n_repeats=repeats, random_state=seed)
     perm_r = perm or permutation_importance(predictor, x, y, n_repeats=repeats, random_state=seed)
     tree_r = tree or fit_tree(predictor, x, features, max_depth=max_depth, random_state=seed)

@@ -507,7 +507,7 @@ def test_explain_output_is_refused_on_the_chunked_path(tmp_path, capsys):
     np.savez(tmp_path / "p0.npz", X=x)
     assert main(["explain", str(MODELS / "diabetes_mlp.onnx"), "--data", str(tmp_path), "--method", "shapley",
                  "--explain-output", "1"]) == 2
-    assert "--explain-output needs the rows in one process" in capsys.readouterr().err
+    assert "--explain-output and --task need the rows in one process" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["PermutationImportance", "AblationImportance", "ShapleyExplainer",
@@ -553,3 +553,50 @@ def test_shapley_stability_is_the_agreement_of_two_half_budget_estimates():
     xd, _ = _xy("diabetes")
     exact = shapley_values(Predictor(qir.load(MODELS / "diabetes_mlp.onnx")), xd[:3], xd[50:80])
     assert exact.method == "exact" and exact.stability == 1.0
+
+
+def _iris_linear(softmax: bool):
+    """A PyTorch-style classifier: no label output, only (rows, classes) probabilities (Softmax) or logits."""
+    from onnx import TensorProto, helper, numpy_helper
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_iris(return_X_y=True)
+    x = x.astype(np.float32)
+    lr = LogisticRegression(max_iter=500).fit(x, y)
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["m"]), helper.make_node("Add", ["m", "b"], ["z"])]
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["z"], ["out"], axis=1))
+    else:
+        nodes.append(helper.make_node("Identity", ["z"], ["out"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 3])],
+                              [numpy_helper.from_array(lr.coef_.T.astype(np.float32), "W"),
+                               numpy_helper.from_array(lr.intercept_.astype(np.float32), "b")])
+    return qir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])), x, y, lr
+
+
+def test_probability_and_logit_outputs_are_classifiers_by_the_argmax():
+    from sklearn.inspection import permutation_importance as sk_perm
+
+    model, x, y, lr = _iris_linear(softmax=True)
+    pred = Predictor(model)  # auto: a probability matrix
+    assert pred.is_classifier
+    np.testing.assert_array_equal(pred.predict(x).labels, lr.predict(x))
+    ours = permutation_importance(pred, x, y, n_repeats=3, random_state=0)
+    theirs = sk_perm(SklearnView(pred), x, y, n_repeats=3, random_state=0)
+    np.testing.assert_allclose(ours.importances, theirs.importances, atol=1e-6)
+    assert ours.metric == "accuracy" and ours.baseline_score == pytest.approx(lr.score(x, y))
+    logits, *_ = _iris_linear(softmax=False)
+    assert not Predictor(logits).is_classifier  # logits are numbers unless told
+    doc = explain_model(logits, load_data({"X": x, "labels": y}, logits), methods=("permutation", "tree"),
+                        task="classification")
+    assert doc["task"] == "classification" and doc["permutation"]["metric"] == "accuracy"
+    assert doc["tree"]["metric"] == "agreement"
+
+
+def test_a_task_the_model_cannot_have_is_refused():
+    with pytest.raises(UsageError, match="label output 'label': it is a classifier"):
+        Predictor(qir.load(MODELS / "digits_mlp.onnx"), task="regression")
+    with pytest.raises(UsageError, match=r"gives shape \[1, 1\] for one row"):
+        Predictor(qir.load(MODELS / "diabetes_mlp.onnx"), task="classification")
