@@ -166,7 +166,9 @@ class Accumulator:
         for n, a, b in zip(self.out_names, r_out, c_out):
             if a.dtype.kind in "fiub":  # string labels are compared as predictions, below
                 state["outputs"][n].update(a.astype(np.float64), b.astype(np.float64))
-        pr, pc = _predictions(r_out), _predictions(c_out)
+        # class predictions (a label output, or a score matrix's argmax), unless the labels say regression targets
+        regression = labels is not None and np.ndim(labels) > 1
+        pr, pc = (None, None) if regression else (_predictions(r_out), _predictions(c_out))
         if pr is not None and pc is not None:
             state["predicted"] += len(pr)
             state["agree"] += int(np.sum(pr == pc))

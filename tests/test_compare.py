@@ -107,3 +107,16 @@ def _labels_of(path, x):
     import onnxruntime as ort
 
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["output_label"], {"X": x})[0]
+
+
+def test_compare_a_multi_output_regressor_with_its_targets(tmp_path):
+    """Two-column regression targets are not class labels: no accuracy (it crashed broadcasting them)."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_diabetes
+    from sklearn.linear_model import LinearRegression
+
+    x, y = load_diabetes(return_X_y=True)
+    x, y = x.astype(np.float32), np.stack([y, np.sqrt(y) * 10], axis=1)
+    model = qir.from_proto(to_onnx(LinearRegression().fit(x, y), x[:1]))  # a (rows, 2) output
+    res = compare_models(model, qir.clone(model), load_data({"X": x, "labels": y}, model)).to_json()
+    assert not res["accuracy"] and res["outputs"]["variable"]["sqnr_db"] == "inf"
