@@ -45,14 +45,9 @@ def stability(per_repeat: np.ndarray) -> float:
 def score(pred: Prediction, y: np.ndarray | None, reference: Prediction | None, classifier: bool) -> float:
     """With labels: accuracy (classifiers) or R^2 (regressors), as sklearn's ``estimator.score``.
     Without: minus the mean prediction change against ``reference`` (total variation for probabilities)."""
-    if y is not None:
-        if classifier:
-            return float(np.mean(pred.labels == y))
-        return r2_score(y, pred.scores)
-    a, b = pred.scores.astype(np.float64), reference.scores.astype(np.float64)
-    if classifier and a.ndim == 2:  # probabilities: total variation
-        return -float(np.mean(0.5 * np.abs(a - b).sum(axis=1)))
-    return -float(np.mean(np.abs(a - b)))  # outputs (all of a multi-output regressor's)
+    terms = RowTerms(pred if y is not None else reference, y, classifier)
+    sums = terms.base_sum if y is not None else terms.terms(pred, slice(None)).sum(axis=0)
+    return score_from_sums(sums, terms.n, classifier, y is not None, terms.ss_tot)
 
 
 def r2_score(y_true, y_pred) -> float:
@@ -60,8 +55,14 @@ def r2_score(y_true, y_pred) -> float:
     else 0. (n,) and (n, 1) alike."""
     yy, out = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64)
     out, yy = out.reshape(len(out), -1), yy.reshape(len(yy), -1)  # (rows, outputs)
-    num = np.sum((yy - out) ** 2, axis=0)
-    return _r2_from_sums(num, np.sum((yy - yy.mean(axis=0)) ** 2, axis=0))
+    return _r2_from_sums(np.sum((yy - out) ** 2, axis=0), _ss_tot(yy))
+
+
+def _ss_tot(y) -> np.ndarray:
+    """Per output, the labels' total sum of squares about their mean."""
+    yy = np.asarray(y, np.float64)
+    yy = yy.reshape(len(yy), -1)
+    return np.sum((yy - yy.mean(axis=0)) ** 2, axis=0)
 
 
 def _r2_from_sums(ss_res: np.ndarray, ss_tot: np.ndarray) -> float:
@@ -81,6 +82,7 @@ class RowTerms:
         self.n = len(base.scores)
         self.base_terms = self.terms(base, slice(None))
         self.base_sum = self.base_terms.sum(axis=0)
+        self.ss_tot = _ss_tot(self.y) if self.y is not None and not classifier else None  # R^2's denominators
 
     def terms(self, p: Prediction, rows) -> np.ndarray:
         """(rows,) or (rows, outputs) terms of prediction ``p`` for the data's ``rows``."""
@@ -144,10 +146,6 @@ def _changed_scores(predictor: Predictor, blocks, base: Prediction, y, classifie
     reused buffer per onnxruntime run."""
     out, pending, buf, filled = [], [], None, 0
     terms = RowTerms(base, y, classifier)
-    ss_tot = None
-    if y is not None and not classifier:
-        yy = np.asarray(y, np.float64).reshape(len(y), -1)
-        ss_tot = np.sum((yy - yy.mean(axis=0)) ** 2, axis=0)
 
     def flush():
         nonlocal filled
@@ -155,7 +153,7 @@ def _changed_scores(predictor: Predictor, blocks, base: Prediction, y, classifie
         at = 0
         for rows in pending:
             sums = terms.changed(rows, run.take(slice(at, at + len(rows))))
-            out.append(score_from_sums(sums, terms.n, classifier, y is not None, ss_tot))
+            out.append(score_from_sums(sums, terms.n, classifier, y is not None, terms.ss_tot))
             at += len(rows)
         pending.clear()
         filled = 0
@@ -277,10 +275,7 @@ def ablation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | Non
     imp = np.zeros((f, len(subsets)))
     baseline_scores = []
     for r, rows in enumerate(subsets):  # a bootstrap sample's score: its rows' terms summed
-        ss_tot = None
-        if labeled and not classifier:
-            yy = np.asarray(y, np.float64)[rows].reshape(len(rows), -1)
-            ss_tot = np.sum((yy - yy.mean(axis=0)) ** 2, axis=0)
+        ss_tot = _ss_tot(np.asarray(y)[rows]) if labeled and not classifier else None
         bs = score_from_sums(terms.base_terms[rows].sum(axis=0), len(rows), classifier, labeled, ss_tot)
         baseline_scores.append(bs)
         sums = ablated[:, rows].sum(axis=1)  # (features, ...) at once
