@@ -54,14 +54,18 @@ def r2_score(y_true, y_pred) -> float:
     """scikit-learn's ``r2_score``: outputs averaged uniformly; a constant target scores 1 if predicted exactly,
     else 0. (n,) and (n, 1) alike."""
     yy, out = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64)
-    out, yy = out.reshape(len(out), -1), yy.reshape(len(yy), -1)  # (rows, outputs)
+    out, yy = _columns(out), _columns(yy)  # (rows, outputs)
     return _r2_from_sums(np.sum((yy - out) ** 2, axis=0), _ss_tot(yy))
+
+
+def _columns(a: np.ndarray) -> np.ndarray:
+    """(rows,) or (rows, outputs) as (rows, outputs), zero rows included."""
+    return a[:, None] if a.ndim == 1 else a
 
 
 def _ss_tot(y) -> np.ndarray:
     """Per output, the labels' total sum of squares about their mean."""
-    yy = np.asarray(y, np.float64)
-    yy = yy.reshape(len(yy), -1)
+    yy = _columns(np.asarray(y, np.float64))
     return np.sum((yy - yy.mean(axis=0)) ** 2, axis=0)
 
 
@@ -90,9 +94,9 @@ class RowTerms:
             if self.classifier:
                 return (p.labels == self.y[rows]).astype(np.float64)
             y = self.y[rows].astype(np.float64)
-            return (y.reshape(len(y), -1) - p.scores.astype(np.float64).reshape(len(y), -1)) ** 2
+            return (_columns(y) - _columns(p.scores.astype(np.float64))) ** 2
         d = np.abs(p.scores.astype(np.float64) - self.base.scores[rows].astype(np.float64))
-        return 0.5 * d.sum(axis=1) if self.classifier and d.ndim == 2 else d.reshape(len(d), -1)
+        return 0.5 * d.sum(axis=1) if self.classifier and d.ndim == 2 else _columns(d)
 
     def changed(self, rows: np.ndarray, part: Prediction) -> np.ndarray:
         """The sums with ``rows``' predictions replaced by ``part``."""
@@ -102,7 +106,7 @@ class RowTerms:
         """Per output, the sum of the labels and of their squares (R^2's total sum of squares, chunk by chunk)."""
         if self.y is None or self.classifier:
             return None
-        y = self.y.astype(np.float64).reshape(self.n, -1)
+        y = _columns(self.y.astype(np.float64))
         return y.sum(axis=0), (y * y).sum(axis=0)
 
 

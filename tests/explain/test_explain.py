@@ -600,3 +600,48 @@ def test_a_task_the_model_cannot_have_is_refused():
         Predictor(qir.load(MODELS / "digits_mlp.onnx"), task="regression")
     with pytest.raises(UsageError, match=r"gives shape \[1, 1\] for one row"):
         Predictor(qir.load(MODELS / "diabetes_mlp.onnx"), task="classification")
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 40), outputs=st.integers(1, 3), classifier=st.booleans(),
+       labeled=st.booleans(), changed=st.integers(0, 40))
+def test_row_terms_score_a_changed_copy_as_scoring_it_whole(seed, n, outputs, classifier, labeled, changed):
+    """The incremental score (the changed rows' terms only) equals scoring the whole copy."""
+    from qxc.explain.importance import RowTerms, score, score_from_sums
+    from qxc.explain.predictor import Prediction
+
+    rng = np.random.default_rng(seed)
+    k = outputs + 1 if classifier else outputs
+
+    def prediction(m):
+        s = rng.random((m, k)) if classifier or k > 1 else rng.normal(size=m)
+        return Prediction(np.argmax(s, axis=1) if classifier else None, s.astype(np.float32))
+
+    base = prediction(n)
+    y = None
+    if labeled:
+        y = rng.integers(0, k, n) if classifier else rng.normal(size=(n, k) if k > 1 else n)
+    rows = np.sort(rng.choice(n, size=min(changed, n), replace=False))
+    part = prediction(len(rows))
+    whole = Prediction(None if base.labels is None else base.labels.copy(), base.scores.copy())
+    whole.scores[rows] = part.scores
+    if whole.labels is not None:
+        whole.labels[rows] = part.labels
+    terms = RowTerms(base, y, classifier)
+    got = score_from_sums(terms.changed(rows, part), n, classifier, labeled, terms.ss_tot)
+    assert got == pytest.approx(score(whole, y, base, classifier), rel=1e-9, abs=1e-12)
+
+
+def test_a_constant_feature_of_a_regressor_has_no_importance():
+    """Its shuffles move no row (an empty change), which the scoring handles."""
+    from sklearn.inspection import permutation_importance as sk_perm
+
+    x, y = _xy("diabetes")
+    x = x.copy()
+    x[:, 0] = 0.5
+    pred = Predictor(qir.load(MODELS / "diabetes_mlp.onnx"))
+    ours = permutation_importance(pred, x, y, n_repeats=3, random_state=0)
+    theirs = sk_perm(SklearnView(pred), x, y, n_repeats=3, random_state=0)
+    np.testing.assert_allclose(ours.importances, theirs.importances, atol=1e-6)
+    assert ours.mean[0] == 0 and permutation_importance(pred, x, None, n_repeats=2).mean[0] == 0
+    assert ablation_importance(pred, x, y).mean[0] == 0
