@@ -249,8 +249,9 @@ def _fail_below(doc: dict, threshold: float | None) -> int:
 def _backend(args, model):
     from qxc.scale import make_backend
 
+    options = {k: getattr(args, a) for k, a in (("output", "explain_output"), ("task", "task")) if hasattr(args, a)}
     return make_backend(args.backend, model, args.provider.split(","), address=args.ray_address,
-                        workers=args.workers, threads=getattr(args, "threads", None))
+                        workers=args.workers, threads=getattr(args, "threads", None), predictor_options=options)
 
 
 def _input_key(model) -> str:
@@ -274,12 +275,11 @@ def cmd_explain_chunked(args, model) -> int:
     if unsupported:
         raise UsageError(f"method '{unsupported[0]}' needs the rows in one process; with --backend ray or a folder "
                          "of shards use permutation, shapley, tree")
-    if args.explain_output or args.task != "auto":
-        raise UsageError("--explain-output and --task need the rows in one process; with --backend ray or a folder "
-                         "of shards output 0 is explained and the task is found as --task auto finds it")
     t0 = time.perf_counter()
     backend = _backend(args, model)
     doc: dict = {"schema": "qxc.explain/1", "model": str(args.model)}
+    if args.explain_output:
+        doc["explained_output"] = args.explain_output
     try:
         chunks = chunks_of(args.data, _input_key(model), args.chunk_rows)
         first, _ = chunks[0].load()

@@ -11,7 +11,8 @@ from qxc.errors import QxcError, UsageError
 class Worker:
     """Holds the model(s) and their sessions per process; runs ``fn(worker, chunk, *args)`` for a chunk."""
 
-    def __init__(self, model_bytes: bytes | list[bytes], providers: Sequence[str], threads: int | None = None):
+    def __init__(self, model_bytes: bytes | list[bytes], providers: Sequence[str], threads: int | None = None,
+                 predictor_options: dict | None = None):
         from qxc import ir as qir
 
         blobs = model_bytes if isinstance(model_bytes, list) else [model_bytes]
@@ -19,6 +20,7 @@ class Worker:
         self.model = self.models[0]
         self.providers = tuple(providers)
         self.threads = threads  # Ray runs one actor per CPU: one onnxruntime thread each
+        self.predictor_options = dict(predictor_options or {})  # explain's output and task, as run locally
         self.cache: dict[str, Any] = {}
 
     def run(self, fn: Callable, chunk, *args):
@@ -28,8 +30,9 @@ class Worker:
 class LocalBackend:
     name = "local"
 
-    def __init__(self, model, providers: Sequence[str] = ("cpu",), threads: int | None = None):
-        self.worker = Worker(_blobs(model), providers, threads)
+    def __init__(self, model, providers: Sequence[str] = ("cpu",), threads: int | None = None,
+                 predictor_options: dict | None = None):
+        self.worker = Worker(_blobs(model), providers, threads, predictor_options)
 
     def map(self, fn: Callable, chunks: list, *args) -> list:
         return [self.worker.run(fn, c, *args) for c in chunks]
@@ -44,7 +47,7 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, model, providers: Sequence[str] = ("cpu",), *, address: str | None = None,
-                 workers: int | None = None, max_retries: int = 3):
+                 workers: int | None = None, max_retries: int = 3, predictor_options: dict | None = None):
         try:
             import ray
         except ImportError:
@@ -58,7 +61,7 @@ class RayBackend:
         n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         remote = ray.remote(num_cpus=1, max_restarts=max_retries, max_task_retries=max_retries)(Worker)
         blob = _blobs(model)  # inline argument: a restarted actor can always be rebuilt from it
-        self.actors = [remote.remote(blob, tuple(providers), 1) for _ in range(n)]
+        self.actors = [remote.remote(blob, tuple(providers), 1, predictor_options) for _ in range(n)]
 
     def map(self, fn: Callable, chunks: list, *args) -> list:
         ray = self.ray
@@ -88,10 +91,11 @@ def _blobs(model) -> bytes | list[bytes]:
 
 
 def make_backend(kind: str, model, providers: Sequence[str] = ("cpu",), *, address: str | None = None,
-                 workers: int | None = None, threads: int | None = None):
-    """``threads``: onnxruntime's intra-op threads in the local worker (Ray actors run one each, one per CPU)."""
+                 workers: int | None = None, threads: int | None = None, predictor_options: dict | None = None):
+    """``threads``: onnxruntime's intra-op threads in the local worker (Ray actors run one each, one per CPU);
+    ``predictor_options``: what the workers' explanation Predictors take (``output``, ``task``)."""
     if kind == "local":
-        return LocalBackend(model, providers, threads)
+        return LocalBackend(model, providers, threads, predictor_options)
     if kind == "ray":
-        return RayBackend(model, providers, address=address, workers=workers)
+        return RayBackend(model, providers, address=address, workers=workers, predictor_options=predictor_options)
     raise UsageError(f"unknown backend '{kind}'; use local or ray")

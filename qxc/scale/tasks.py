@@ -95,11 +95,8 @@ def _chunk_seed(random_state: int, index: int) -> int:
 def permutation_task(worker, chunk: Chunk, n_repeats: int, random_state: int, use_labels: bool):
     """Sums of one chunk's per-row score terms (:class:`RowTerms`), unshuffled and per (feature, repeat)."""
     from qxc.explain.importance import RowTerms, shuffled_rows, shuffles
-    from qxc.explain.predictor import Predictor
 
-    if "predictor" not in worker.cache:
-        worker.cache["predictor"] = Predictor(worker.model, providers=worker.providers, threads=worker.threads)
-    pred = worker.cache["predictor"]
+    pred = _predictor(worker)
     x, y = chunk.load()
     x = np.ascontiguousarray(x, dtype=pred.dtype)
     y = y if use_labels else None
@@ -177,12 +174,9 @@ def distributed_compare(backend, chunks: Sequence[Chunk], ref, cand, *, layers: 
 
 def predict_task(worker, chunk: Chunk):
     """The model's class label (classifiers) or output (regressors) for every row of a chunk: surrogate targets."""
-    from qxc.explain.predictor import Predictor
     from qxc.explain.surrogates import surrogate_targets
 
-    if "predictor" not in worker.cache:
-        worker.cache["predictor"] = Predictor(worker.model, providers=worker.providers, threads=worker.threads)
-    pred = worker.cache["predictor"]
+    pred = _predictor(worker)
     x, _ = chunk.load()
     return surrogate_targets(pred, np.ascontiguousarray(x, dtype=pred.dtype))
 
@@ -195,7 +189,8 @@ def _predictor(worker):
     if "predictor" not in worker.cache:
         from qxc.explain.predictor import Predictor
 
-        worker.cache["predictor"] = Predictor(worker.model, providers=worker.providers, threads=worker.threads)
+        worker.cache["predictor"] = Predictor(worker.model, providers=worker.providers, threads=worker.threads,
+                                              **worker.predictor_options)
     return worker.cache["predictor"]
 
 

@@ -502,12 +502,30 @@ def test_an_output_with_more_rows_than_inputs_is_a_model_error():
         Predictor(model).predict(np.ones((3, 4), np.float32))
 
 
-def test_explain_output_is_refused_on_the_chunked_path(tmp_path, capsys):
-    x, _ = _xy("diabetes")
-    np.savez(tmp_path / "p0.npz", X=x)
-    assert main(["explain", str(MODELS / "diabetes_mlp.onnx"), "--data", str(tmp_path), "--method", "shapley",
-                 "--explain-output", "1"]) == 2
-    assert "--explain-output and --task need the rows in one process" in capsys.readouterr().err
+def test_explain_output_and_task_reach_the_chunked_path(tmp_path):
+    """The workers' Predictors take --explain-output and --task as the local run does."""
+    model, x, y, est = _diabetes_regressor(2)
+    qir.save(model, tmp_path / "m.onnx")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(2):
+        np.savez(shards / f"p{i}.npz", X=x[i::2], labels=y[i::2])
+    for output in (0, 1):
+        out = tmp_path / f"c{output}.json"
+        assert main(["explain", str(tmp_path / "m.onnx"), "--data", str(shards), "--method", "shapley,tree",
+                     "--instances", "3", "--explain-output", str(output), "-o", str(out)]) == 0
+        doc = json.loads(out.read_text())
+        fx = np.array(doc["shapley"]["outputs"])
+        gap = np.abs(fx[:, None] - est.predict(x)[None, :, output]).min(axis=1)
+        assert (gap < 1e-3).all()  # each explained output is a row's prediction in the chosen column
+        assert doc["tree"]["metric"] == "r2"
+    logits, xl, yl, _ = _iris_linear(softmax=False)
+    qir.save(logits, tmp_path / "l.onnx")
+    np.savez(shards / "p0.npz", X=xl, labels=yl)
+    (shards / "p1.npz").unlink()
+    assert main(["explain", str(tmp_path / "l.onnx"), "--data", str(shards), "--method", "tree",
+                 "--task", "classification", "-o", str(tmp_path / "t.json")]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["tree"]["metric"] == "agreement"
 
 
 @pytest.mark.parametrize("name", ["PermutationImportance", "AblationImportance", "ShapleyExplainer",
