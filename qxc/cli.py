@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 import warnings
@@ -623,6 +624,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qxc: interrupted; no output written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`qxc compare ... | head`): stop quietly, as a SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not raise again
+        return 141
     except QxcError as e:
         if debug:
             traceback.print_exc()

@@ -101,13 +101,16 @@ class Comparison:
                 "settings": self.settings}
 
 
-def _predictions(outs: list[np.ndarray]) -> np.ndarray | None:
+def _predictions(outs: list[np.ndarray], class_labels: bool) -> np.ndarray | None:
+    """Class predictions: a label output, or the argmax of a score matrix that holds probabilities (rows in [0, 1]
+    summing to 1) or whose data come with class labels (``class_labels``: logits); None for regressors."""
     for o in outs:
         if o.dtype.kind in "iuUO" and o.ndim == 1:  # class labels: integers or strings
             return o
     for o in outs:
         if o.dtype.kind == "f" and o.ndim == 2 and o.shape[1] > 1:
-            return o.argmax(axis=1)
+            probabilities = bool(np.all((o >= 0) & (o <= 1))) and np.allclose(o.sum(axis=1), 1, atol=1e-3)
+            return o.argmax(axis=1) if class_labels or probabilities else None
     return None
 
 
@@ -166,9 +169,10 @@ class Accumulator:
         for n, a, b in zip(self.out_names, r_out, c_out):
             if a.dtype.kind in "fiub":  # string labels are compared as predictions, below
                 state["outputs"][n].update(a.astype(np.float64), b.astype(np.float64))
-        # class predictions (a label output, or a score matrix's argmax), unless the labels say regression targets
+        # class predictions, unless the labels say regression targets (two columns)
         regression = labels is not None and np.ndim(labels) > 1
-        pr, pc = (None, None) if regression else (_predictions(r_out), _predictions(c_out))
+        class_labels = labels is not None and np.ndim(labels) == 1
+        pr, pc = (None, None) if regression else (_predictions(r_out, class_labels), _predictions(c_out, class_labels))
         if pr is not None and pc is not None:
             state["predicted"] += len(pr)
             state["agree"] += int(np.sum(pr == pc))

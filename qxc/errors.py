@@ -45,4 +45,5 @@ EXIT_CODES = {
     5: "bad data file",
     6: "fidelity below the threshold given with --fail-below (qxc compare)",
     130: "interrupted (SIGINT); no output written",
+    141: "the output pipe closed early (e.g. piped into head)",
 }

@@ -208,3 +208,13 @@ def test_print_after_shows_the_graph_with_large_tensors_elided(tmp_path, capsys)
     assert '"<8,192 elements>"' in err  # the 64 x 128 weight: its size, not its values
     assert "{0,1,2,3,4,5,6,7,8,9}" in err  # the 10 class ids are small enough to print
     assert len(err) < 20_000
+
+
+def test_a_reader_that_stops_early_is_not_an_internal_error(monkeypatch, capsys):
+    """`qxc passes | head -1`: the pipe closes, qxc stops quietly with 141 (what a SIGPIPE death reports)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone: every write now fails with EPIPE
+    closed = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", closed)
+    assert main(["passes"]) == 141
+    assert "error" not in capsys.readouterr().err
