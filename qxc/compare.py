@@ -101,16 +101,16 @@ class Comparison:
                 "settings": self.settings}
 
 
-def _predictions(outs: list[np.ndarray], class_labels: bool) -> np.ndarray | None:
-    """Class predictions: a label output, or the argmax of a score matrix that holds probabilities (rows in [0, 1]
-    summing to 1) or whose data come with class labels (``class_labels``: logits); None for regressors."""
+def _predictions(outs: list[np.ndarray]) -> np.ndarray | None:
+    """Class predictions: a label output, or the argmax of a score matrix (probabilities or logits: top-1
+    agreement is what a classifier's users compare; a multi-output regressor's columns get it too, meaninglessly,
+    unless its two-column targets are given)."""
     for o in outs:
         if o.dtype.kind in "iuUO" and o.ndim == 1:  # class labels: integers or strings
             return o
     for o in outs:
         if o.dtype.kind == "f" and o.ndim == 2 and o.shape[1] > 1:
-            probabilities = bool(np.all((o >= 0) & (o <= 1))) and np.allclose(o.sum(axis=1), 1, atol=1e-3)
-            return o.argmax(axis=1) if class_labels or probabilities else None
+            return o.argmax(axis=1)
     return None
 
 
@@ -171,8 +171,7 @@ class Accumulator:
                 state["outputs"][n].update(a.astype(np.float64), b.astype(np.float64))
         # class predictions, unless the labels say regression targets (two columns)
         regression = labels is not None and np.ndim(labels) > 1
-        class_labels = labels is not None and np.ndim(labels) == 1
-        pr, pc = (None, None) if regression else (_predictions(r_out, class_labels), _predictions(c_out, class_labels))
+        pr, pc = (None, None) if regression else (_predictions(r_out), _predictions(c_out))
         if pr is not None and pc is not None:
             state["predicted"] += len(pr)
             state["agree"] += int(np.sum(pr == pc))
