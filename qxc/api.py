@@ -27,6 +27,8 @@ def compile_model(model: Any, pipeline: str | os.PathLike | Sequence[Step], *, d
     model = qir.coerce_model(model)
     if check_input:
         qir.check(model)
+    ir_before = model.ir_version
+    moved = qir.detach_initializer_inputs(model)
     dataset = None
     if data is not None:
         dataset = data if isinstance(data, Dataset) else load_data(data, model)
@@ -37,4 +39,8 @@ def compile_model(model: Any, pipeline: str | os.PathLike | Sequence[Step], *, d
     context = PassContext(data=dataset, ranges=ranges, providers=tuple(providers), seed=seed)
     extra = [VerifierInstrument(runtime=verify_runtime, providers=providers)] if verify else []
     manager = PassManager(steps, context=context, instruments=[*extra, *instruments], failure_path=failure_path)
-    return manager.run(model)
+    result = manager.run(model)
+    if moved:
+        result.notes.append(f"IR version raised from {ir_before} to 4: {len(moved)} initializers that IR {ir_before} "
+                            "had to list as graph inputs are constants now (the passes may rewrite them)")
+    return result

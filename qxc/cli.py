@@ -77,6 +77,8 @@ def cmd_compile(args) -> int:
     for r in result.records:  # what a pass could not do as asked (printed even with -q)
         for w in (r.report or {}).get("warnings", []):
             print(f"qxc: warning: pass '{r.name}': {w}", file=sys.stderr)
+    for note in result.notes if not args.quiet else []:
+        print(f"qxc: note: {note}", file=sys.stderr)
     if not args.quiet:
         b, a = result.stats_before, result.stats_after
         print(f"qxc: {args.model} -> {args.output}: {result.pipeline}", file=sys.stderr)

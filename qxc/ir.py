@@ -273,6 +273,21 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
+def detach_initializer_inputs(model: ir.Model) -> list[str]:
+    """An IR < 4 model lists every initializer as a graph input too: the format required it, and weights listed so
+    are not constants a pass may rewrite. Take them off the inputs and raise the IR version to 4 (what the format
+    allows since); returns the names taken off. Models of IR >= 4 are left as they are: there, an initializer
+    listed as an input is a default the caller may override."""
+    if model.ir_version >= 4:
+        return []
+    graph = model.graph
+    moved = [v for v in graph.inputs if v.name in graph.initializers]
+    for value in moved:
+        graph.inputs.remove(value)
+    model.ir_version = 4
+    return [v.name for v in moved]
+
+
 def clone(model: ir.Model) -> ir.Model:
     """A copy of the model's graph that shares its weights (onnx-ir's ``clone``), carrying the held-aside types."""
     new = model.clone()

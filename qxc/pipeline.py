@@ -552,6 +552,7 @@ class CompileResult:
     stats_before: dict[str, Any]
     stats_after: dict[str, Any]
     pipeline: str
+    notes: list[str] = field(default_factory=list)  # what was done to the model besides the passes
 
     @property
     def modified(self) -> bool:
@@ -559,7 +560,8 @@ class CompileResult:
 
     def to_json(self, timings: bool = True) -> dict[str, Any]:
         return {"pipeline": self.pipeline, "modified": self.modified, "before": self.stats_before,
-                "after": self.stats_after, "passes": [r.to_json(timings) for r in self.records]}
+                "after": self.stats_after, "passes": [r.to_json(timings) for r in self.records],
+                **({"notes": self.notes} if self.notes else {})}
 
 
 class PassManager:

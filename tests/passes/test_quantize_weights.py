@@ -323,3 +323,22 @@ def test_an_unreachable_max_error_is_reported_and_warned(tmp_path, capsys):
     assert all(e["bits"] == 8 for e in report["quantized"])  # every weight promoted, still above the budget
     assert main(["compile", str(path), "-p", spec, "--data", str(data), "-o", str(tmp_path / "q.onnx"), "-q"]) == 0
     assert "warning: pass 'quantize-weights': max-error 1e-06 not reached" in capsys.readouterr().err
+
+
+def test_ir3_weights_listed_as_inputs_are_quantized():
+    """IR 3 had to list every initializer as a graph input; such weights are constants (IR >= 4 keeps them as
+    overridable inputs, and they are skipped with that reason)."""
+    proto = mlp_model(sizes=(16, 8, 4), opset=8)
+    proto.ir_version = 3
+    proto.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in proto.graph.initializer)
+    onnx.checker.check_model(proto)
+    x = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
+    result = compile_model(proto, "quantize-weights", verify_runtime=True)
+    assert result.records[0].report["weights_quantized"] == 2 and "IR version raised from 3 to 4" in result.notes[0]
+    out = qir.to_proto(result.model)
+    assert [i.name for i in out.graph.input] == ["x"]
+    assert sqnr_db(run(proto, {"x": x})[0], run(out, {"x": x})[0]) > 30
+    proto.ir_version = 4  # the same listing in IR 4: deliberate, overridable inputs
+    report = compile_model(proto, "quantize-weights").records[0].report
+    assert report["weights_quantized"] == 0 and "also a graph input" in report["skipped"][0]["reason"]
