@@ -556,7 +556,7 @@ class CompileResult:
 
     @property
     def modified(self) -> bool:
-        return any(r.modified for r in self.records)
+        return any(r.modified for r in self.records) or bool(self.notes)  # a note is a change made outside them
 
     def to_json(self, timings: bool = True) -> dict[str, Any]:
         return {"pipeline": self.pipeline, "modified": self.modified, "before": self.stats_before,

@@ -338,6 +338,8 @@ def test_ir3_weights_listed_as_inputs_are_quantized():
     assert result.records[0].report["weights_quantized"] == 2 and "IR version raised from 3 to 4" in result.notes[0]
     out = qir.to_proto(result.model)
     assert [i.name for i in out.graph.input] == ["x"]
+    unchanged = compile_model(proto, "fold-constants")  # nothing to fold, but the inputs did change
+    assert not unchanged.records[0].modified and unchanged.modified
     assert sqnr_db(run(proto, {"x": x})[0], run(out, {"x": x})[0]) > 30
     proto.ir_version = 4  # the same listing in IR 4: deliberate, overridable inputs
     report = compile_model(proto, "quantize-weights").records[0].report
