@@ -1,12 +1,17 @@
 """``prune-channels``: remove whole output channels/neurons, so the matrices really shrink.
 
-For each MatMul/Gemm/Conv whose output reaches exactly one next layer through channel-wise ops only (bias Add/Mul/
-Sub/Div with constants, BatchNormalization, elementwise activations, pooling, Flatten before a Gemm/MatMul), the
-channels with the smallest L1/L2 weight norm are removed from its weight and bias, from every channel-wise constant
-on the way, and from the next layer's input channels. Anything else that touches the channels — a graph output, a
-residual Add between two computed tensors, Concat, Reshape, a value with several consumers — keeps the layer whole,
-and the report says which and why. With ``sensitivity=true`` and data, per-layer fractions come from measured
-output error (the next layer's input rows are zeroed, which is exactly equivalent to removal).
+A layer's output channels (MatMul/Gemm/Conv/ConvTranspose) are followed through channel-wise ops — constants
+broadcast per channel or as scalars (bias Add, Mul, Sub, Div, PRelu, Pow), BatchNormalization, elementwise
+activations (also com.microsoft Gelu/FastGelu/BiasGelu/QuickGelu), Cast, Dropout, pooling, Flatten before a
+Gemm/MatMul — to every layer that reads them. The ops may form a DAG: an exported erf-Gelu reads its input twice, a
+SiLU is x * Sigmoid(x), and a SwiGLU multiplies two layers' outputs (gate * up), which ties those two layers' channels
+into one group that shrinks together. The channels with the smallest L1/L2 weight norm (summed over tied layers,
+each scaled to mean 1) are removed from every writer's weight and bias, from every per-channel constant on the way,
+and from every reader's input channels. Anything else that touches the channels — a graph output, a residual Add
+with a tensor from outside the group (LayerNorm, an embedding), attention's MatMul of two computed tensors, Concat,
+Reshape, Softmax — keeps the layer whole, and the report says which and why. With ``sensitivity=true`` and data,
+per-group fractions come from measured output error (the readers' input rows are zeroed, which is exactly
+equivalent to removal).
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ from qxc.passes._weights import select_weights, weight_rule
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.sparsity import allocate, channel_norms, keep_channels
 
-UNARY = ("Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Softplus", "Gelu", "HardSigmoid", "HardSwish",
-         "Clip", "Identity", "Abs", "Neg", "Erf", "Exp", "Softsign")
+UNARY = ("Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Celu", "Softplus", "Gelu", "Mish", "HardSigmoid",
+         "HardSwish", "ThresholdedRelu", "Clip", "Identity", "Abs", "Neg", "Erf", "Exp", "Log", "Sqrt",
+         "Reciprocal", "Softsign", "Sin", "Cos", "Cast", "Dropout")
 POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool")
-ARITH = ("Add", "Mul", "Sub", "Div")
+BINARY = ("Add", "Mul", "Sub", "Div", "PRelu", "Pow")
+MS_UNARY = ("Gelu", "QuickGelu", "FastGelu", "BiasGelu")  # com.microsoft: x [, per-channel bias]
+LAYERS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 LEVELS = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
 
 
@@ -45,112 +53,240 @@ class PruneChannelsOptions:
 
 
 @dataclass
-class _Chain:
-    producer: ir.Node
+class _Layer:
+    node: ir.Node
     weight: ir.Value
-    axis: int  # output-channel axis of the producer's weight
+    axis: int  # the weight's axis that runs over the group's channels
+    block: int = 1  # consumers after a Flatten: each channel is this many consecutive features
+    bias: ir.Value | None = None  # producers: a per-channel bias input (Gemm, Conv)
+
+
+@dataclass
+class _Group:
+    """Layers whose output channels are tied (one channel space) and everything that must shrink with them."""
+
     channels: int
-    bias: ir.Value | None = None
-    consts: list[tuple[ir.Value, int]] = field(default_factory=list)  # constant + its channel axis
+    producers: list[_Layer] = field(default_factory=list)
+    consumers: list[_Layer] = field(default_factory=list)
+    consts: list[tuple[ir.Value, int]] = field(default_factory=list)  # per-channel constant + its channel axis
     values: list[ir.Value] = field(default_factory=list)  # values whose shapes change
-    consumer: ir.Node | None = None
-    consumer_weight: ir.Value | None = None
-    consumer_axis: int = 0
-    block: int = 1  # Flatten: each channel becomes this many consecutive features
 
 
-def _channel_axis_of(value_rank: int | None, producer: ir.Node) -> int:
-    if producer.op_type in ("Conv", "Gemm", "ConvTranspose"):
-        return 1
-    return -1 if value_rank is None else value_rank - 1
+class _Untied(Exception):
+    """The channels reach something that cannot shrink with them (the message says what)."""
 
 
-def _const_axis(c: np.ndarray, y_rank: int | None, y_axis: int, channels: int) -> int | None:
-    """Axis of a broadcast constant that runs along the channel axis of y; None if it is a scalar-like constant."""
-    if c.size == 1:
+def _const_axis(shape: tuple[int, ...], neg: int, channels: int) -> int | None:
+    """Axis of a constant broadcast against a tensor whose channels run along its axis ``neg`` (counted from the
+    end): None for a scalar-like constant (nothing to slice), -1 for one that is not per-channel."""
+    size = int(np.prod(shape)) if shape else 1
+    if size == 1:
         return None
-    if y_rank is None:
-        y_rank = max(c.ndim, 2)
-    pos = y_axis % y_rank - (y_rank - c.ndim)  # numpy broadcasting aligns from the right
-    if 0 <= pos < c.ndim and c.shape[pos] == channels and c.size == channels:
-        return pos
-    return -1  # a constant that is not per-channel: cannot slice consistently
+    pos = len(shape) + neg  # numpy broadcasting aligns from the right
+    return pos if 0 <= pos < len(shape) and shape[pos] == channels and size == channels else -1
 
 
-def trace_chain(node: ir.Node, weight: ir.Value, axis: int) -> tuple[_Chain | None, str]:
-    w = weight.const_value
-    chain = _Chain(node, weight, axis, w.shape[axis])
-    c = chain.channels
-    if node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None:
-        b = node.inputs[2]
-        if not is_weight(b) or b.const_value.size != c:
-            return None, "bias is not a per-channel constant"
-        chain.bias = b
-    if node.op_type == "Conv" and node.attributes.get("group") is not None and node.attributes["group"].value != 1:
-        return None, "grouped convolution"
-    v = node.outputs[0]
-    y_rank = len(v.shape) if v.shape is not None else None
-    y_axis = _channel_axis_of(y_rank, node)
-    while True:
-        chain.values.append(v)
-        if v.is_graph_output():
-            return None, f"'{v.name}' is a graph output"
-        uses = list(v.uses())
-        if len(uses) != 1:
-            return None, f"'{v.name}' feeds {len(uses)} nodes"
-        n, idx = uses[0].node, uses[0].idx
-        op = n.op_type
+def _out_neg_axis(node: ir.Node, weight: np.ndarray) -> int:
+    """Where a layer's output channels are, counted from the end of its output."""
+    return 1 - weight.ndim if node.op_type in ("Conv", "ConvTranspose") else -1
+
+
+class _Tracer:
+    """Follows one layer's output channels forward and backward through channel-wise ops (a DAG: an erf Gelu, a
+    SiLU's x * sigmoid(x), a SwiGLU's gate * up) to every layer that writes them and every layer that reads them."""
+
+    def __init__(self, start: ir.Node, weight: ir.Value, axis: int, selected: set[ir.Node]):
+        self.graph = start.graph
+        self.selected = selected
+        self.group = _Group(weight.const_value.shape[axis])
+        self.where: dict[ir.Value, tuple[int, int]] = {}  # value -> (channel axis from the end, block)
+        self.done: set[ir.Node] = set()
+        self.by: dict[ir.Value, tuple[ir.Node, ir.Value] | None] = {}
+        self.writes: dict[ir.Node, bool] = {}  # a layer met: True if it writes the channels, False if it reads them
+        self.queue: list[tuple[ir.Node, ir.Value | None]] = []  # (node, the region value it was reached from)
+        self._producer(start, weight, axis)
+
+    def trace(self) -> _Group:
+        while self.queue:
+            node, via = self.queue.pop()
+            if node in self.writes and self.writes[node] != (via is None):
+                raise _Untied(f"'{node.name}' both reads and writes the channels")
+            if node not in self.done:
+                self.done.add(node)
+                self._visit(node, via)
+        for v in self.where:
+            if v.is_graph_output():
+                raise _Untied(f"'{v.name}' is a graph output")
+        self.group.values = list(self.where)
+        return self.group
+
+    def _private(self, v: ir.Value) -> bool:
+        return len(list(v.uses())) == 1
+
+    def _producer(self, node: ir.Node, weight: ir.Value, axis: int) -> None:
+        c = self.group.channels
+        if node not in self.selected:
+            raise _Untied(f"its channels are tied to '{node.name}', which is not selected")
+        w = weight.const_value
+        if w.shape[axis] != c:
+            raise _Untied(f"'{node.name}' writes {w.shape[axis]} channels into the same tensor, not {c}")
+        if not self._private(weight):
+            raise _Untied(f"weight '{weight.name}' of '{node.name}' is shared")
+        group = node.attributes.get("group")
+        if node.op_type.startswith("Conv") and group is not None and group.value != 1:
+            raise _Untied(f"'{node.name}' is a grouped convolution")
+        layer = _Layer(node, weight, axis)
+        if node.op_type in ("Gemm", "Conv", "ConvTranspose") and len(node.inputs) > 2 and node.inputs[2] is not None:
+            b = node.inputs[2]
+            if not is_weight(b) or b.const_value.size != c or not self._private(b):
+                raise _Untied(f"bias of '{node.name}' is not a private per-channel constant")
+            layer.bias = b
+        self.group.producers.append(layer)
+        self.done.add(node)
+        self.writes[node] = True
+        self._join(node.outputs[0], _out_neg_axis(node, w.numpy()), 1)
+
+    def _join(self, v: ir.Value, neg: int, block: int, by: tuple[ir.Node, ir.Value] | None = None) -> None:
+        """``v`` carries the channels: every node that reads it, and the node that makes it, must keep them (``by``:
+        where a tensor from outside the channels' path was combined with them, and that tensor, for the report)."""
+        if v in self.where:
+            if self.where[v] != (neg, block):
+                raise _Untied(f"'{v.name}' carries the channels along two different axes")
+            return
+        self.where[v] = (neg, block)
+        self.by[v] = by
+        for use in v.uses():
+            if use.node.graph is not self.graph:
+                raise _Untied(f"'{v.name}' is read inside a subgraph")
+            self.queue.append((use.node, v))
+        p = v.producer()
+        if p is None:
+            raise _Untied(self._combined(v, None))
+        self.queue.append((p, None))
+
+    def _visit(self, n: ir.Node, via: ir.Value | None) -> None:
+        op, name = n.op_type, n.name
+        if n.domain == "com.microsoft" and op in MS_UNARY:
+            self._elementwise(n, inputs=n.inputs[:2])
+            return
         if n.domain not in ("", "ai.onnx"):
-            return None, f"consumed by {n.domain}::{op} '{n.name}'"
-        if op in ARITH:
-            other = n.inputs[1 - idx]
-            if other is None or not is_weight(other):
-                return None, f"{op} '{n.name}' combines it with a computed tensor (residual): shapes are tied"
-            if op in ("Sub", "Div") and idx == 1:
-                return None, f"{op} '{n.name}' uses it as the second operand"
-            ax = _const_axis(other.const_value.numpy(), y_rank, y_axis, c)
-            if ax == -1:
-                return None, f"constant '{other.name}' of {op} '{n.name}' is not per-channel"
-            if ax is not None:
-                if len(list(other.uses())) != 1:
-                    return None, f"constant '{other.name}' is shared"
-                chain.consts.append((other, ax))
-            v = n.outputs[0]
-            continue
-        if op == "BatchNormalization" and idx == 0:
-            for p in n.inputs[1:5]:
-                if p is None or not is_weight(p) or p.const_value.size != c or len(list(p.uses())) != 1:
-                    return None, f"BatchNormalization '{n.name}' parameters are not private per-channel constants"
-                chain.consts.append((p, 0))
-            v = n.outputs[0]
-            continue
-        if op in UNARY or op in POOLS:
-            if op == "Clip" and any(i is not None and not is_weight(i) for i in n.inputs[1:]):
-                return None, f"Clip '{n.name}' has computed bounds"
-            v = n.outputs[0]
-            continue
-        if op == "Flatten" and y_axis % max(1, y_rank or 2) == 1:
-            ax = n.attributes.get("axis")
-            if (ax.value if ax is not None else 1) != 1 or v.shape is None or any(
-                    not isinstance(d, int) for d in list(v.shape)[2:]):
-                return None, f"Flatten '{n.name}' needs axis 1 and static spatial dims"
-            chain.block = int(np.prod(list(v.shape)[2:])) if len(v.shape) > 2 else 1
-            v = n.outputs[0]
-            y_rank, y_axis = 2, 1
-            continue
-        if op in ("MatMul", "Gemm", "Conv") and idx == 0:
+            raise _Untied(f"consumed by {n.domain}::{op} '{name}'")
+        if op in LAYERS:
             rule = weight_rule(n)
-            wv = n.inputs[rule[0]] if rule and rule[0] < len(n.inputs) else None
-            if wv is None or not is_weight(wv) or len(list(wv.uses())) != 1:
-                return None, f"next layer '{n.name}' has no private constant weight"
-            if op == "Conv" and (n.attributes.get("group") is not None and n.attributes["group"].value != 1):
-                return None, f"next layer '{n.name}' is a grouped convolution"
-            in_axis = rule[2] % len(wv.const_value.shape)
-            if wv.const_value.shape[in_axis] != c * chain.block:
-                return None, f"next layer '{n.name}' reads {wv.const_value.shape[in_axis]} features, not {c}"
-            chain.consumer, chain.consumer_weight, chain.consumer_axis = n, wv, in_axis
-            return chain, ""
-        return None, f"consumed by {op} '{n.name}'"
+            wv = n.inputs[rule[0]] if rule[0] < len(n.inputs) else None
+            if via is not None and via is not n.inputs[0]:
+                raise _Untied(f"{op} '{name}' reads the channels as its weight")
+            if wv is None or not is_weight(wv):
+                raise _Untied(f"{op} '{name}' multiplies two computed tensors")
+            if via is None:  # reached from its output: it writes the channels
+                self._producer(n, wv, rule[1] % len(wv.const_value.shape))
+            else:
+                self._consumer(n, wv, via)
+            return
+        if op in BINARY:
+            if op == "Pow" and (n.inputs[0] is not via and via is not None):
+                raise _Untied(f"Pow '{name}' raises to a power that carries the channels")
+            self._elementwise(n, inputs=n.inputs)
+        elif op in UNARY or op in POOLS:
+            if op == "Clip" and any(i is not None and not is_weight(i) for i in n.inputs[1:]):
+                raise _Untied(f"Clip '{name}' has computed bounds")
+            if len(n.outputs) > 1 and any(o is not None and list(o.uses()) for o in n.outputs[1:]):
+                raise _Untied(f"{op} '{name}' has a second output in use")
+            self._elementwise(n, inputs=n.inputs[:1])
+        elif op == "BatchNormalization":
+            self._batchnorm(n)
+        elif op == "Flatten" and via is n.inputs[0]:
+            self._flatten(n, via)
+        elif via is None:
+            raise _Untied(self._combined(n.outputs[0], f"{op} '{name}'"))
+        else:
+            raise _Untied(f"consumed by {op} '{name}'")
+
+    def _combined(self, v: ir.Value, source: str | None) -> str:
+        """Why a tensor from outside the channels' path (from ``source``, a node; None: a graph input) ties them."""
+        by = self.by.get(v)
+        node, joined = by if by is not None else (None, v)
+        if joined is v:
+            origin = f"graph input '{v.name}'" if source is None else f"'{v.name}' from {source}"
+        else:
+            origin = f"'{joined.name}', which comes from " + (f"graph input '{v.name}'" if source is None else source)
+        where = "it meets" if node is None else f"{node.op_type} '{node.name}' combines it with"
+        return f"{where} {origin} (a residual: shapes are tied)"
+
+    def _elementwise(self, n: ir.Node, inputs) -> None:
+        out = n.outputs[0]
+        by = self.by.get(out) if out in self.where else None  # reached from its output: who joined that
+        carried = [self.where[i] for i in inputs if i in self.where] + (
+            [self.where[n.outputs[0]]] if n.outputs[0] in self.where else [])
+        neg, block = carried[0]
+        for i in inputs:
+            if i is None or i in self.where:
+                continue
+            if is_weight(i):
+                self._constant(n, i, neg, block)
+            else:
+                if n.op_type == "Pow":
+                    raise _Untied(f"Pow '{n.name}' raises to a computed power")
+                self._join(i, neg, block, by=by or (n, i))
+        self._join(n.outputs[0], neg, block)
+
+    def _constant(self, n: ir.Node, c: ir.Value, neg: int, block: int) -> None:
+        ax = _const_axis(tuple(c.const_value.shape), neg, self.group.channels * block)
+        if ax is None:
+            return
+        if ax == -1 or block > 1:
+            raise _Untied(f"constant '{c.name}' of {n.op_type} '{n.name}' is not per-channel")
+        if not self._private(c):
+            raise _Untied(f"constant '{c.name}' is shared")
+        self.group.consts.append((c, ax))
+
+    def _rank(self, v: ir.Value) -> int | None:
+        return None if v.shape is None else len(v.shape)
+
+    def _batchnorm(self, n: ir.Node) -> None:
+        x = n.inputs[0]
+        if x not in self.where:
+            raise _Untied(f"BatchNormalization '{n.name}' is reached from its parameters")
+        neg, block = self.where[x]
+        if block != 1 or self._rank(x) is None or neg != 1 - self._rank(x):
+            raise _Untied(f"BatchNormalization '{n.name}' normalises another axis than the channels")
+        for p in n.inputs[1:5]:
+            if p is None or not is_weight(p) or p.const_value.size != self.group.channels or not self._private(p):
+                raise _Untied(f"BatchNormalization '{n.name}' parameters are not private per-channel constants")
+            self.group.consts.append((p, 0))
+        self._join(n.outputs[0], neg, 1)
+
+    def _flatten(self, n: ir.Node, x: ir.Value) -> None:
+        neg, block = self.where[x]
+        ax = n.attributes.get("axis")
+        rank = self._rank(x)
+        if (block != 1 or (ax.value if ax is not None else 1) != 1 or rank is None or neg != 1 - rank
+                or any(not isinstance(d, int) for d in list(x.shape)[2:])):
+            raise _Untied(f"Flatten '{n.name}' needs axis 1 over the channels and static spatial dims")
+        self._join(n.outputs[0], -1, int(np.prod(list(x.shape)[2:])) if rank > 2 else 1)
+
+    def _consumer(self, n: ir.Node, wv: ir.Value, via: ir.Value) -> None:
+        op, name = n.op_type, n.name
+        self.writes[n] = False
+        if not self._private(wv):
+            raise _Untied(f"next layer '{name}' has no private constant weight")
+        neg, block = self.where[via]
+        rank = self._rank(via)
+        trans_a = n.attributes.get("transA")
+        if op in ("Conv", "ConvTranspose"):
+            group = n.attributes.get("group")
+            if group is not None and group.value != 1:
+                raise _Untied(f"next layer '{name}' is a grouped convolution")
+            reads_channels = rank is not None and neg == 1 - rank
+        else:
+            reads_channels = neg == -1 and not (op == "Gemm" and trans_a is not None and trans_a.value)
+        if not reads_channels:
+            raise _Untied(f"next layer '{name}' reduces over another axis than the channels")
+        in_axis = weight_rule(n)[2] % len(wv.const_value.shape)
+        if wv.const_value.shape[in_axis] != self.group.channels * block:
+            raise _Untied(f"next layer '{name}' reads {wv.const_value.shape[in_axis]} features, "
+                          f"not {self.group.channels * block}")
+        self.group.consumers.append(_Layer(n, wv, in_axis, block))
 
 
 def _take(a: np.ndarray, keep: np.ndarray, axis: int, block: int = 1) -> np.ndarray:
@@ -175,41 +311,51 @@ class PruneChannelsPass(QxcPass):
         o = self.options
         inferred = qir.infer_shapes(model)
         sel = select_weights(model, self.name, o.ops, o.include, o.exclude)
-        chains, kept = [], list(sel.skipped)
+        selected = {use.nodes[0] for use in sel.weights if len(use.nodes) == 1}
+        groups, kept, grouped = [], list(sel.skipped), set()
         for use in sel.weights:
             node = use.nodes[0]
             if len(use.nodes) > 1:
                 kept.append({"node": node.name, "reason": "weight shared by several nodes"})
                 continue
-            chain, why = trace_chain(node, use.value, use.channel_axis)
-            if chain is None:
-                kept.append({"node": node.name, "reason": why})
-            else:
-                chains.append(chain)
-        fractions = [o.sparsity] * len(chains)
-        if o.sensitivity and chains:
-            fractions = self._guided(model, chains)
-        layers, removed = [], 0
-        for chain, frac in zip(chains, fractions):
-            w = chain.weight.const_value.numpy()
-            keep = keep_channels(channel_norms(w, chain.axis, o.norm), frac)
-            if len(keep) == chain.channels:
+            if node in grouped:
                 continue
-            before = w.size + chain.consumer_weight.const_value.size
-            _set(chain.weight, _take(w, keep, chain.axis))
-            if chain.bias is not None:
-                _set(chain.bias, _take(chain.bias.const_value.numpy(), keep, 0))
-            for const, ax in chain.consts:
+            try:
+                group = _Tracer(node, use.value, use.channel_axis, selected).trace()
+            except _Untied as why:
+                kept.append({"node": node.name, "reason": str(why)})
+                continue
+            grouped.update(p.node for p in group.producers)
+            groups.append(group)
+        fractions = [o.sparsity] * len(groups)
+        if o.sensitivity and groups:
+            fractions = self._guided(model, groups)
+        layers, removed = [], 0
+        for group, frac in zip(groups, fractions):
+            keep = self._keep(group, frac)
+            if len(keep) == group.channels:
+                continue
+            matrices = group.producers + group.consumers
+            before = sum(m.weight.const_value.size for m in matrices)
+            for p in group.producers:
+                _set(p.weight, _take(p.weight.const_value.numpy(), keep, p.axis))
+                if p.bias is not None:
+                    _set(p.bias, _take(p.bias.const_value.numpy(), keep, 0))
+            for const, ax in group.consts:
                 _set(const, _take(const.const_value.numpy(), keep, ax))
-            cw = chain.consumer_weight
-            _set(cw, _take(cw.const_value.numpy(), keep, chain.consumer_axis, chain.block))
-            for v in chain.values:
+            for c in group.consumers:
+                _set(c.weight, _take(c.weight.const_value.numpy(), keep, c.axis, c.block))
+            for v in group.values:
                 v.shape = None  # re-inferred below
-            after = chain.weight.const_value.size + cw.const_value.size
+            after = sum(m.weight.const_value.size for m in matrices)
             removed += before - after
-            layers.append({"node": chain.producer.name, "next": chain.consumer.name, "channels": chain.channels,
-                           "kept": int(len(keep)), "fraction_removed": round(1 - len(keep) / chain.channels, 4),
-                           "parameters_removed": int(before - after)})
+            entry = {"node": group.producers[0].node.name, "next": [c.node.name for c in group.consumers],
+                     "channels": group.channels, "kept": int(len(keep)),
+                     "fraction_removed": round(1 - len(keep) / group.channels, 4),
+                     "parameters_removed": int(before - after)}
+            if len(group.producers) > 1:
+                entry["tied"] = [p.node.name for p in group.producers[1:]]
+            layers.append(entry)
         if layers:
             qir.infer_shapes(model)
         else:
@@ -219,30 +365,43 @@ class PruneChannelsPass(QxcPass):
             self.report["sensitivity"] = self.sensitivity
         return ir.passes.PassResult(model, modified=bool(layers))
 
-    def _guided(self, model: ir.Model, chains: list[_Chain]) -> list[float]:
+    def _keep(self, group: _Group, fraction: float) -> np.ndarray:
+        """The channels kept: by weight norm, each writer's norms scaled to mean 1 and summed (tied writers, e.g. a
+        SwiGLU's gate and up projections, vote equally)."""
+        score = np.zeros(group.channels)
+        for p in group.producers:
+            norms = channel_norms(p.weight.const_value.numpy(), p.axis, self.options.norm)
+            score += norms / norms.mean() if norms.mean() > 0 else norms
+        return keep_channels(score, fraction)
+
+    def _guided(self, model: ir.Model, groups: list[_Group]) -> list[float]:
         from qxc.errors import UsageError
         from qxc.passes._sensitivity import WeightSwapEvaluator
 
         if self.context.data is None:
             raise UsageError(f"pass '{self.name}': sensitivity=true needs sample data; pass --data")
-        ev = WeightSwapEvaluator(model, self.context.data, [c.consumer_weight for c in chains])
-        errors = np.zeros((len(chains), len(LEVELS)))
+        ev = WeightSwapEvaluator(model, self.context.data, [c.weight for g in groups for c in g.consumers])
+        errors = np.zeros((len(groups), len(LEVELS)))
 
-        def zeroed(chain: _Chain, frac: float) -> np.ndarray:
-            keep = keep_channels(channel_norms(chain.weight.const_value.numpy(), chain.axis, self.options.norm), frac)
-            drop = np.setdiff1d(np.arange(chain.channels), keep)
-            cw = chain.consumer_weight.const_value.numpy().copy()
-            idx = (drop[:, None] * chain.block + np.arange(chain.block)[None, :]).reshape(-1)
-            np.moveaxis(cw, chain.consumer_axis, 0)[idx] = 0
-            return cw
+        def zeroed(group: _Group, frac: float) -> dict[ir.Value, np.ndarray]:
+            """The next layers' weights with the removed channels' rows zeroed: exactly the removal's output."""
+            drop = np.setdiff1d(np.arange(group.channels), self._keep(group, frac))
+            swaps = {}
+            for c in group.consumers:
+                w = c.weight.const_value.numpy().copy()
+                idx = (drop[:, None] * c.block + np.arange(c.block)[None, :]).reshape(-1)
+                np.moveaxis(w, c.axis, 0)[idx] = 0
+                swaps[c.weight] = w
+            return swaps
 
-        for i, chain in enumerate(chains):
+        for i, group in enumerate(groups):
             for j, s in enumerate(LEVELS):
-                errors[i, j] = ev.error({chain.consumer_weight: zeroed(chain, s)})
-        sizes = np.array([c.weight.const_value.size + c.consumer_weight.const_value.size for c in chains])
+                errors[i, j] = ev.error(zeroed(group, s))
+        sizes = np.array([sum(m.weight.const_value.size for m in g.producers + g.consumers) for g in groups])
         alloc = allocate(errors, LEVELS, sizes, self.options.sparsity)
-        err_guided = ev.error({c.consumer_weight: zeroed(c, f) for c, f in zip(chains, alloc)})
-        err_uniform = ev.error({c.consumer_weight: zeroed(c, self.options.sparsity) for c in chains})
-        self.sensitivity = {"allocation": {c.producer.name: round(float(f), 4) for c, f in zip(chains, alloc)},
-                                   "joint_error": {"guided": round(err_guided, 6), "uniform": round(err_uniform, 6)}}
-        return list(alloc) if err_guided <= err_uniform else [self.options.sparsity] * len(chains)
+        err_guided = ev.error({k: v for g, f in zip(groups, alloc) for k, v in zeroed(g, f).items()})
+        err_uniform = ev.error({k: v for g in groups for k, v in zeroed(g, self.options.sparsity).items()})
+        self.sensitivity = {"allocation": {g.producers[0].node.name: round(float(f), 4)
+                                           for g, f in zip(groups, alloc)},
+                            "joint_error": {"guided": round(err_guided, 6), "uniform": round(err_uniform, 6)}}
+        return list(alloc) if err_guided <= err_uniform else [self.options.sparsity] * len(groups)

@@ -141,3 +141,124 @@ def test_sensitivity_needs_a_float_output():
     x = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)
     with pytest.raises(UsageError, match="float outputs, and this model has none"):
         compile_model(proto, "prune-magnitude{sensitivity=true}", data={"x": x})
+
+
+def _ffn(kind: str, d: int = 16, f: int = 48, seed: int = 0) -> onnx.ModelProto:
+    """A transformer block's feed-forward half as exporters write it, with a residual around it: ``erf-gelu``
+    (torch.nn.GELU before opset 20: Div, Erf, Add, Mul, Mul, the bias Add with the bias first), ``swiglu`` (LLaMA:
+    down(silu(gate(x)) * up(x)), SiLU as x * Sigmoid(x)) and ``ms-gelu`` (onnxruntime's fused com.microsoft
+    FastGelu with its bias)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def w(name, *shape):
+        return numpy_helper.from_array(rng.normal(0, shape[0] ** -0.5, shape).astype(np.float32), name)
+
+    inits = [w("w1", d, f), w("w2", f, d), w("b1", f), w("wg", d, f), w("wu", d, f)]
+    inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
+              (("sqrt2", 2**0.5), ("one", 1.0), ("half", 0.5))]
+    mk = helper.make_node
+    if kind == "erf-gelu":
+        body = [mk("MatMul", ["x", "w1"], ["h0"], name="fc1"), mk("Add", ["b1", "h0"], ["h"], name="fc1.bias"),
+                mk("Div", ["h", "sqrt2"], ["g0"]), mk("Erf", ["g0"], ["g1"]), mk("Add", ["g1", "one"], ["g2"]),
+                mk("Mul", ["h", "g2"], ["g3"]), mk("Mul", ["g3", "half"], ["a"]),
+                mk("MatMul", ["a", "w2"], ["y0"], name="fc2")]
+    elif kind == "swiglu":
+        body = [mk("MatMul", ["x", "wg"], ["g"], name="gate"), mk("MatMul", ["x", "wu"], ["u"], name="up"),
+                mk("Sigmoid", ["g"], ["gs"]), mk("Mul", ["g", "gs"], ["silu"]),
+                mk("Mul", ["silu", "u"], ["a"], name="glu"), mk("MatMul", ["a", "w2"], ["y0"], name="down")]
+    else:
+        body = [mk("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+                mk("FastGelu", ["h0", "b1"], ["a"], name="gelu", domain="com.microsoft"),
+                mk("MatMul", ["a", "w2"], ["y0"], name="fc2")]
+    body.append(mk("Add", ["x", "y0"], ["y"], name="residual"))
+    graph = helper.make_graph(body, kind, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5, d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5, d])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _kept_columns(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Which columns of ``before`` survive in ``after`` (their order kept)."""
+    return np.array([int(np.flatnonzero((before == after[:, [j]]).all(axis=0))[0]) for j in range(after.shape[1])])
+
+
+@pytest.mark.parametrize("kind", ["erf-gelu", "swiglu", "ms-gelu"])
+def test_channels_shrink_exported_feed_forward_blocks(kind):
+    """The feed-forward block of every transformer export shrinks: the erf-Gelu reads its input twice and the SwiGLU
+    ties two layers' channels (both shrink, with the same channels). The pruned model computes exactly what the
+    original does with the removed channels' rows of the down projection zeroed, on onnxruntime."""
+    proto = _ffn(kind)
+    result = compile_model(proto, "prune-channels{sparsity=0.5}", verify_runtime=True)
+    report = result.records[0].report
+    writers = ["gate", "up"] if kind == "swiglu" else ["fc1"]
+    assert [(x["node"], x.get("tied", []), x["kept"]) for x in report["layers"]] == [(writers[0], writers[1:], 24)]
+    assert [k["node"] for k in report["kept_whole"]] == [report["layers"][0]["next"][0]]  # the residual's writer
+    assert "residual" in report["kept_whole"][0]["reason"]
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    after = _weights(result.model)
+    first = "wg" if kind == "swiglu" else "w1"
+    kept = _kept_columns(before[first], after[first])
+    for name in ("wg", "wu") if kind == "swiglu" else ("w1", "b1"):
+        np.testing.assert_array_equal(after[name], before[name][..., kept])
+    assert after["w2"].shape == (24, 16)
+    zeroed = onnx.ModelProto()
+    zeroed.CopyFrom(proto)
+    w2 = next(t for t in zeroed.graph.initializer if t.name == "w2")
+    rows = before["w2"].copy()
+    rows[np.setdiff1d(np.arange(48), kept)] = 0
+    w2.CopyFrom(onnx.numpy_helper.from_array(rows, "w2"))
+    x = {"x": np.random.default_rng(1).normal(size=(32, 5, 16)).astype(np.float32)}
+    np.testing.assert_allclose(run(qir.to_proto(result.model), x)[0], run(zeroed, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_channels_through_reversed_operands_and_prelu():
+    """Conv -> Sub(per-channel constant, y) -> PRelu(per-channel slope) -> Conv: a constant first operand and a
+    per-channel slope shrink with the channels."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
+             (("k1", rng.normal(size=(8, 3, 3, 3))), ("c", rng.normal(size=(8, 1, 1))),
+              ("slope", rng.uniform(0, 0.3, (8, 1, 1))), ("k2", rng.normal(size=(4, 8, 1, 1))))]
+    nodes = [helper.make_node("Conv", ["x", "k1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Sub", ["c", "a"], ["b"]), helper.make_node("PRelu", ["b", "slope"], ["p"]),
+             helper.make_node("Conv", ["p", "k2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 6, 6])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = compile_model(proto, "prune-channels{sparsity=0.5,include=[conv1]}", verify_runtime=True)
+    after = _weights(result.model)
+    assert after["k1"].shape == (4, 3, 3, 3) and after["c"].shape == (4, 1, 1) and after["slope"].shape == (4, 1, 1)
+    assert after["k2"].shape == (4, 4, 1, 1)
+    kept = _kept_columns(numpy_helper.to_array(inits[0]).reshape(8, -1).T, after["k1"].reshape(4, -1).T)
+    zeroed = numpy_helper.to_array(inits[3]).copy()
+    zeroed[:, np.setdiff1d(np.arange(8), kept)] = 0
+    ref = onnx.ModelProto()
+    ref.CopyFrom(proto)
+    ref.graph.initializer[3].CopyFrom(numpy_helper.from_array(zeroed, "k2"))
+    x = {"x": rng.normal(size=(4, 3, 6, 6)).astype(np.float32)}
+    np.testing.assert_allclose(run(qir.to_proto(result.model), x)[0], run(ref, x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_channels_report_why_attention_stays_whole():
+    """Attention's projections meet MatMuls of two computed tensors (and a Transpose); the report names them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), n) for n in ("wq", "wk", "wv")]
+    mk = helper.make_node
+    nodes = [mk("MatMul", ["x", "wq"], ["q"], name="q_proj"), mk("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+             mk("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+             mk("Transpose", ["k"], ["kt"], name="k_t", perm=[0, 2, 1]),
+             mk("MatMul", ["q", "kt"], ["s"], name="scores"), mk("Softmax", ["s"], ["p"], axis=-1),
+             mk("MatMul", ["p", "v"], ["y"], name="attend")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 8])], inits)
+    result = compile_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "prune-channels")
+    reasons = {k["node"]: k["reason"] for k in result.records[0].report["kept_whole"]}
+    assert reasons == {"q_proj": "MatMul 'scores' multiplies two computed tensors",
+                       "k_proj": "consumed by Transpose 'k_t'",
+                       "v_proj": "MatMul 'attend' reads the channels as its weight",
+                       "scores": "not a constant initializer", "attend": "not a constant initializer"}
+    assert not result.modified
