@@ -262,3 +262,34 @@ def test_channels_report_why_attention_stays_whole():
                        "v_proj": "MatMul 'attend' reads the channels as its weight",
                        "scores": "not a constant initializer", "attend": "not a constant initializer"}
     assert not result.modified
+
+
+def test_channels_of_a_transposed_convolution_and_into_one():
+    """ConvTranspose writes its channels along its weight's axis 1 and reads them along axis 0."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n) for n, s in
+             (("k1", (8, 3, 3, 3)), ("b1", (8,)), ("kt", (8, 6, 2, 2)), ("k3", (4, 6, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "k1", "b1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("ConvTranspose", ["r", "kt"], ["u"], name="up", strides=[2, 2]),
+             helper.make_node("Relu", ["u"], ["ru"]), helper.make_node("Conv", ["ru", "k3"], ["y"], name="conv3")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 12, 12])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = compile_model(proto, "prune-channels{sparsity=0.5,ops=[Conv,ConvTranspose]}", verify_runtime=True)
+    after = _weights(result.model)
+    assert {n: a.shape for n, a in after.items()} == {"k1": (4, 3, 3, 3), "b1": (4,), "kt": (4, 3, 2, 2),
+                                                       "k3": (4, 3, 1, 1)}
+    only_up_model = compile_model(proto, "prune-channels{sparsity=0.5,ops=[ConvTranspose]}").model
+    only_up = _weights(only_up_model)
+    kt = numpy_helper.to_array(inits[2])
+    kept = _kept_columns(np.moveaxis(kt, 1, 0).reshape(6, -1).T, np.moveaxis(only_up["kt"], 1, 0).reshape(3, -1).T)
+    k3 = numpy_helper.to_array(inits[3]).copy()
+    k3[:, np.setdiff1d(np.arange(6), kept)] = 0
+    ref = onnx.ModelProto()
+    ref.CopyFrom(proto)
+    ref.graph.initializer[3].CopyFrom(numpy_helper.from_array(k3, "k3"))
+    x = {"x": rng.normal(size=(2, 3, 6, 6)).astype(np.float32)}
+    np.testing.assert_allclose(run(qir.to_proto(only_up_model), x)[0], run(ref, x)[0], rtol=1e-4, atol=1e-4)
