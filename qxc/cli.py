@@ -262,7 +262,8 @@ def _input_key(model) -> str:
 
     specs = input_specs(model)
     if len(specs) != 1:
-        raise UsageError("the chunked backends take single-input models")
+        raise UsageError(f"the chunked backends (--backend ray, a folder of shards) take single-input models; this "
+                         f"one has inputs {', '.join(s.name for s in specs)}: explain it with --backend local")
     return specs[0].name
 
 
@@ -279,12 +280,13 @@ def cmd_explain_chunked(args, model) -> int:
         raise UsageError(f"method '{unsupported[0]}' needs the rows in one process; with --backend ray or a folder "
                          "of shards use permutation, shapley, tree")
     t0 = time.perf_counter()
+    key = _input_key(model)  # before a Ray cluster is started for nothing
     backend = _backend(args, model)
     doc: dict = {"schema": "qxc.explain/1", "model": str(args.model)}
     if args.explain_output:
         doc["explained_output"] = args.explain_output
     try:
-        chunks = chunks_of(args.data, _input_key(model), args.chunk_rows)
+        chunks = chunks_of(args.data, key, args.chunk_rows)
         first, _ = chunks[0].load()
         feats = [f"x{i}" for i in range(first.shape[1])]
         doc["features"] = feats
@@ -382,7 +384,10 @@ def cmd_explain(args) -> int:
 
         pred = Predictor(model, providers=args.provider.split(","), threads=args.threads, output=args.explain_output,
                          task=args.task)
-        x = data.stacked[pred.input]
+        if pred.input is None:
+            raise UsageError(f"--embed: the surrogate reads one [rows, features] input; {args.model} has "
+                             f"{pred.table_inputs.what[len('the table of '):]}")
+        x = pred.table(data)
         tree = fit_tree(pred, x, doc["features"], max_depth=args.max_depth, random_state=args.seed)
         scores = pred.predict(x).scores
         mean, coef, r2 = linear_contributions(x.astype("float64"), scores.astype("float64"))

@@ -93,8 +93,16 @@ def _read(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":
+            arrays = {}
             with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
+                for k in z.files:
+                    try:
+                        arrays[k] = z[k]
+                    except ValueError as e:
+                        if "allow_pickle" not in str(e):
+                            raise
+                        raise DataError(f"{path}: array '{k}' holds Python objects, which qxc does not unpickle; "
+                                        "save strings as a str array (np.asarray(a, dtype=str))") from None
             labels = None
             names = {s.name for s in specs}
             for key in LABEL_KEYS:
@@ -111,10 +119,7 @@ def _read(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np
                                 f"{', '.join(s.name for s in specs)}; use .npz keyed by input name")
             return {specs[0].name: np.load(path, allow_pickle=False)}, None, {}
         if suffix == ".csv":
-            if len(specs) != 1:
-                raise DataError(f"{path}: CSV feeds single-input tabular models; this one has "
-                                f"{len(specs)} inputs; use .npz keyed by input name")
-            return _read_csv(path, specs[0].name)
+            return _read_csv(path, specs)
     except DataError:
         raise
     except (ValueError, OSError, EOFError) as e:
@@ -122,13 +127,17 @@ def _read(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np
     raise DataError(f"{path}: unknown data format '{suffix}'; use .npz (by input name), .npy or .csv")
 
 
-def _read_csv(path: Path, name: str) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict]:
-    """Numeric feature columns; a header column named label/labels/target/y becomes the labels, which may be
-    class names (strings)."""
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    if not lines:
+def _read_csv(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict]:
+    """A table with an optional header; a header column named label/labels/target/y becomes the labels, which may
+    be class names. A single-input model reads every other column as a number; a model with one input per column
+    (skl2onnx's DataFrame export: each input [rows, 1]) reads each input from the header column of its name, strings
+    for string inputs."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = [[c.strip() for c in r] for r in csv.reader(f) if any(c.strip() for c in r)]
+    if not rows:
         raise DataError(f"{path}: CSV file has no rows")
-    rows = [[c.strip() for c in ln.split(",")] for ln in lines]
     header = None
     try:
         [float(c) for c in rows[0]]
@@ -141,27 +150,67 @@ def _read_csv(path: Path, name: str) -> tuple[dict[str, np.ndarray], np.ndarray 
     if bad is not None:
         raise DataError(f"{path}: row {bad + 1 + (header is not None)} has {len(rows[bad])} cells, "
                         f"{'the header' if header is not None else 'the first row'} {width}")
+    columns = list(zip(*rows))
     label_col = next((i for i, h in enumerate(header or []) if h.lower() in LABEL_KEYS), None)
     labels = None
-    if label_col is not None:
-        cells = [r.pop(label_col) for r in rows]
+    if label_col is not None and label_col < len(columns):
+        cells = columns.pop(label_col)
         try:
             labels = np.array([float(c) for c in cells])
         except ValueError:
             labels = np.array(cells)  # class names
         header = [h for i, h in enumerate(header) if i != label_col]
-    try:
-        table = np.array([[float(c) for c in r] for r in rows], dtype=np.float64).reshape(len(rows), -1)
-    except ValueError as e:
-        raise DataError(f"{path}: non-numeric CSV cell ({e}); features must be numbers (a label column may hold "
-                        "class names: name it label, labels, target or y)") from None
-    return {name: table}, labels, ({"feature_names": header} if header else {})
+    if len(specs) == 1 and specs[0].dtype != np.dtype(object):
+        try:
+            table = np.array([[float(c) for c in col] for col in columns], dtype=np.float64).T.reshape(len(rows), -1)
+        except ValueError as e:
+            raise DataError(f"{path}: non-numeric CSV cell ({e}); features must be numbers (a label column may hold "
+                            "class names: name it label, labels, target or y)") from None
+        return {specs[0].name: table}, labels, ({"feature_names": header} if header else {})
+    return _csv_by_input(path, header, columns, specs), labels, {}
+
+
+def _csv_by_input(path: Path, header: list[str] | None, columns: list[tuple[str, ...]], specs: list[InputSpec]
+                  ) -> dict[str, np.ndarray]:
+    """Each input from the header column of its name (an input of shape [rows, 1] or [rows])."""
+    if header is None:
+        raise DataError(f"{path}: this model has {len(specs)} inputs ({', '.join(s.name for s in specs)}); the CSV "
+                        "needs a header naming a column for each")
+    by_name = dict(zip(header, columns))
+    arrays = {}
+    for spec in specs:
+        if spec.shape is not None and (len(spec.shape) > 2 or (len(spec.shape) == 2 and spec.shape[1] != 1)):
+            raise DataError(f"{path}: input '{spec.name}' takes shape {_shape_text(spec.shape)}; a CSV column feeds "
+                            "inputs of one value per row; use .npz keyed by input name")
+        if spec.name not in by_name:
+            raise DataError(f"{path}: no CSV column named '{spec.name}' for that model input (columns: "
+                            f"{', '.join(header)})")
+        cells = by_name.pop(spec.name)
+        if spec.dtype == np.dtype(object):
+            col = np.array(cells, dtype=object)
+        else:
+            try:
+                col = np.array([float(c) for c in cells], dtype=np.float64)
+            except ValueError as e:
+                raise DataError(f"{path}: column '{spec.name}': non-numeric cell ({e}) for a "
+                                f"{spec.dtype} input") from None
+            if spec.dtype is not None and spec.dtype.kind in "iub":
+                if not np.array_equal(col, np.round(col)):
+                    raise DataError(f"{path}: column '{spec.name}' holds fractions for a {spec.dtype} input")
+                col = col.astype(spec.dtype)
+        arrays[spec.name] = col if spec.shape is not None and len(spec.shape) == 1 else col[:, None]
+    if by_name:
+        raise DataError(f"{path}: CSV column '{next(iter(by_name))}' matches no model input (inputs: "
+                        f"{', '.join(s.name for s in specs)}; labels go in a column named label)")
+    return arrays
 
 
 def _cast(name: str, arr: np.ndarray, spec: InputSpec, src: str) -> np.ndarray:
     want = spec.dtype
     if want is None or arr.dtype == want:
         return arr
+    if want == np.dtype(object) and arr.dtype.kind in "US":
+        return arr.astype(object)  # a string input: numpy's fixed-width strings as onnxruntime's objects
     if arr.dtype.kind not in "biuf":
         raise DataError(f"{src}: input '{name}' has dtype {arr.dtype}; the model wants {want}")
     if want.kind == "f":

@@ -116,3 +116,32 @@ def iris_classifier(kind: str = "logistic", zipmap: bool = True, string_labels: 
            "mlp": lambda: MLPClassifier((32,), max_iter=2000, random_state=0)}[kind]().fit(x, labels)
     proto = to_onnx(est, x[:1], options={id(est): {"zipmap": zipmap}}, target_opset={"": 17, "ai.onnx.ml": 3})
     return proto, x, labels
+
+
+def mixed_pipeline(per_column: bool = False):
+    """An skl2onnx pipeline with a numeric and a string input, as exported from a table: StandardScaler on three
+    breast-cancer measurements and OneHotEncoder on a category ("rough", "mid", "smooth") into a logistic regression.
+    ``per_column``: one [rows, 1] input per column (a, b, c, cat: a DataFrame's export); otherwise ``num`` [rows, 3]
+    and ``cat`` [rows, 1]. Returns (ModelProto, feeds with the strings as a str array, labels)."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType, StringTensorType
+    from sklearn.compose import ColumnTransformer
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    x, y = load_breast_cancer(return_X_y=True)
+    num = x[:, [0, 1, 7]].astype(np.float32)
+    cat = np.where(x[:, 4] > 0.1, "rough", np.where(x[:, 4] > 0.09, "mid", "smooth")).reshape(-1, 1)
+    pipe = Pipeline([("ct", ColumnTransformer([("num", StandardScaler(), [0, 1, 2]), ("cat", OneHotEncoder(), [3])])),
+                     ("lr", LogisticRegression(max_iter=500))]).fit(np.concatenate([num.astype(object), cat], axis=1), y)
+    if per_column:
+        types = [(n, FloatTensorType([None, 1])) for n in "abc"] + [("cat", StringTensorType([None, 1]))]
+        feeds = {n: num[:, [j]] for j, n in enumerate("abc")} | {"cat": cat}
+    else:
+        types = [("num", FloatTensorType([None, 3])), ("cat", StringTensorType([None, 1]))]
+        feeds = {"num": num, "cat": cat}
+    proto = convert_sklearn(pipe, initial_types=types, options={"zipmap": False},
+                            target_opset={"": 17, "ai.onnx.ml": 3})
+    return proto, feeds, y

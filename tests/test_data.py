@@ -80,3 +80,35 @@ def test_list_of_samples_for_inputs_whose_batch_axis_is_not_first():
 def test_bad_data_is_named(mlp, arrays, match):
     with pytest.raises(DataError, match=match):
         load_data(arrays, mlp)
+
+
+def test_string_inputs_from_str_arrays_and_csv_columns_by_input_name(tmp_path):
+    """A table export (one input per column, one of them strings) reads a CSV by header name, and an .npz of str
+    arrays; object arrays are refused by name (qxc does not unpickle)."""
+    from helpers import mixed_pipeline
+
+    proto, feeds, y = mixed_pipeline(per_column=True)
+    model = qir.from_proto(proto)
+    np.savez(tmp_path / "d.npz", **feeds, labels=y)
+    ds = load_data(tmp_path / "d.npz", model)
+    assert ds.stacked["cat"].dtype == object and ds.stacked["cat"][0, 0] == feeds["cat"][0, 0]
+    lines = ["label,cat,c,b,a"] + [f"{t},{s},{c},{b},{a}" for t, s, a, b, c in
+                                   zip(y, feeds["cat"][:, 0], feeds["a"][:, 0], feeds["b"][:, 0], feeds["c"][:, 0])]
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    csv = load_data(tmp_path / "d.csv", model)
+    assert csv.labels.tolist() == y.tolist()
+    for name in "abc":
+        np.testing.assert_array_equal(csv.stacked[name], feeds[name])
+    assert csv.stacked["cat"].tolist() == feeds["cat"].astype(object).tolist()
+    (tmp_path / "extra.csv").write_text("a,b,c,cat,d\n1,2,3,mid,4\n")
+    with pytest.raises(DataError, match="CSV column 'd' matches no model input"):
+        load_data(tmp_path / "extra.csv", model)
+    (tmp_path / "missing.csv").write_text("a,b,cat\n1,2,mid\n")
+    with pytest.raises(DataError, match="no CSV column named 'c'"):
+        load_data(tmp_path / "missing.csv", model)
+    np.savez(tmp_path / "obj.npz", **{**feeds, "cat": feeds["cat"].astype(object)})
+    with pytest.raises(DataError, match="array 'cat' holds Python objects.*dtype=str"):
+        load_data(tmp_path / "obj.npz", model)
+    wide = qir.from_proto(mixed_pipeline()[0])
+    with pytest.raises(DataError, match=r"input 'num' takes shape \[N, 3\]; a CSV column feeds"):
+        load_data(tmp_path / "d.csv", wide)

@@ -249,7 +249,8 @@ Baseline = Literal["mean", "median", "zero"]
 def ablation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | None = None, *,
                         baseline: Baseline = "mean", background: np.ndarray | None = None,
                         n_repeats: int = 5, random_state: int = 0) -> ImportanceResult:
-    """Replace one feature by a baseline (mean, median or zero of ``background``) and measure the change.
+    """Replace one feature by a baseline (mean, median or zero of ``background``) and measure the change. A string
+    column (coded as category indices) takes its most frequent category instead: a mean category is no category.
 
     Repeats evaluate disjoint random row subsets (bootstrap of the rows), giving the spread and stability.
     """
@@ -259,6 +260,9 @@ def ablation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | Non
     x = np.asarray(x)
     bg = x if background is None else np.asarray(background)
     ref_val = {"mean": bg.mean(axis=0), "median": np.median(bg, axis=0), "zero": np.zeros(bg.shape[1])}[baseline]
+    for col in np.flatnonzero(predictor.categorical):
+        codes, counts = np.unique(bg[:, col], return_counts=True)
+        ref_val[col] = codes[np.argmax(counts)]
     n, f = x.shape
     rng = np.random.default_rng(random_state)
     subsets = [rng.choice(n, size=n, replace=True) for _ in range(n_repeats)] if n_repeats > 1 else [np.arange(n)]

@@ -36,23 +36,22 @@ class Prediction:
 class Predictor:
     def __init__(self, model: ir.Model, *, providers: Sequence[str] = ("cpu",), batch_size: int = BATCH_ROWS,
                  threads: int | None = None, output: int = 0,
-                 task: Literal["auto", "classification", "regression"] = "auto"):
-        """``task``: ``auto`` takes a model with a label output (skl2onnx) for a classifier, and one whose only
+                 task: Literal["auto", "classification", "regression"] = "auto",
+                 categories: dict[str, list[list[str]]] | None = None):
+        """The model reads a table of rows x features: its single [rows, features] input, or one input per column
+        or group of columns (skl2onnx's DataFrame exports: [rows, 1] inputs, numbers or strings); string columns
+        are coded as numbers (the index of the category in ``categories``, per string input and column, learned
+        from the data by :meth:`table` when not given), so every explainer works on one numeric matrix.
+        ``task``: ``auto`` takes a model with a label output (skl2onnx) for a classifier, and one whose only
         float output is a probability matrix (rows in [0, 1] summing to 1, e.g. a Softmax; one probe row tells)
         too, its label the most probable class; ``classification`` takes any (rows, classes) score output's argmax
         for the label (logits); ``regression`` explains the outputs as numbers."""
         from qxc.runtime import make_session
 
-        specs = input_specs(model)
-        if len(specs) != 1:
-            raise UsageError(f"explanations need a single tabular input; this model has {len(specs)} "
-                             f"({', '.join(s.name for s in specs)})")
-        spec = specs[0]
-        if spec.shape is not None and len(spec.shape) != 2:
-            raise UsageError(f"input '{spec.name}' has rank {len(spec.shape)}; explanations take [rows, features]")
-        self.input = spec.name
-        self.dtype = spec.dtype or np.dtype(np.float32)
-        self.n_features = spec.shape[1] if spec.shape is not None else None
+        self.table_inputs = _TableInputs(input_specs(model), categories)
+        self.input = self.table_inputs.single  # the input's name when the table is the model's one input
+        self.dtype = self.table_inputs.dtype
+        self.n_features = self.table_inputs.n_features
         self.session = make_session(model, providers=providers, threads=threads)
         self.batch_size = batch_size
         outs = self.session.get_outputs()
@@ -81,7 +80,8 @@ class Predictor:
             if task == "classification":
                 raise UsageError(f"input '{self.input}' has no fixed feature count to probe the model with")
             return
-        probe = self.session.run([self.score_out], {self.input: np.zeros((1, self.n_features), self.dtype)})[0]
+        probe = self.session.run([self.score_out], self.table_inputs.feeds(np.zeros((1, self.n_features),
+                                                                                     self.dtype)))[0]
         probe = np.asarray(probe, np.float64)
         matrix = probe.ndim == 2 and probe.shape[1] >= 2
         if task == "classification" and not matrix:
@@ -100,7 +100,7 @@ class Predictor:
         names = [n for n in (self.label_out, self.score_out) if n is not None]
         labels, scores = [], []
         for s in range(0, len(x), self.batch_size):
-            out = self.session.run(names, {self.input: x[s : s + self.batch_size]})
+            out = self.session.run(names, self.table_inputs.feeds(x[s : s + self.batch_size]))
             self.calls += 1
             if self.label_out is not None:
                 labels.append(np.asarray(out[0]))
@@ -119,7 +119,8 @@ class Predictor:
     def predict(self, x: np.ndarray) -> Prediction:
         x = np.ascontiguousarray(x, dtype=self.dtype)
         if x.ndim != 2 or (self.n_features is not None and x.shape[1] != self.n_features):
-            raise DataError(f"input '{self.input}' expects {self.n_features} features per row; got shape {x.shape}")
+            raise DataError(f"{self.table_inputs.what} expects {self.n_features} features per row; got shape "
+                            f"{x.shape}")
         labels, scores = self._run(x)
         return Prediction(labels, scores)
 
@@ -137,3 +138,104 @@ class Predictor:
         cls = classes if classes is not None else np.argmax(p.scores, axis=1)
         return p.scores[np.arange(len(x)), cls].astype(np.float64)
 
+
+    @property
+    def feature_names(self) -> list[str] | None:
+        """The table's column names where the model's inputs give them (one input per column), else None."""
+        return self.table_inputs.names
+
+    @property
+    def categorical(self) -> np.ndarray:
+        """(features,) True for string columns (coded as category indices)."""
+        return self.table_inputs.categorical
+
+    def table(self, data) -> np.ndarray:
+        """The rows x features matrix of a stacked :class:`~qxc.data.Dataset` (learns the string columns'
+        categories the first time, unless given)."""
+        return self.table_inputs.table(data)
+
+
+class _TableInputs:
+    """How a rows x features table maps onto the model's inputs, and back (see :class:`Predictor`)."""
+
+    def __init__(self, specs, categories: dict[str, list[list[str]]] | None):
+        if not specs:
+            raise UsageError("the model has no inputs to explain")
+        self.specs = specs
+        strings = [s for s in specs if s.dtype == np.dtype(object)]
+        if len(specs) == 1 and not strings:
+            spec = specs[0]
+            if spec.shape is not None and len(spec.shape) != 2:
+                raise UsageError(f"input '{spec.name}' has rank {len(spec.shape)}; explanations take [rows, features]")
+            self.single, self.dtype = spec.name, spec.dtype or np.dtype(np.float32)
+            self.n_features = spec.shape[1] if spec.shape is not None else None
+            self.what, self.names, self.slices = f"input '{spec.name}'", None, []
+            self.categorical = np.zeros(self.n_features or 0, bool)
+            self.categories = {}
+            return
+        self.single, self.slices, start = None, [], 0
+        for spec in specs:
+            if spec.shape is None or len(spec.shape) not in (1, 2) or (len(spec.shape) == 2 and not isinstance(
+                    spec.shape[1], int)):
+                raise UsageError(f"explanations read a table: each input [rows] or [rows, k] with a fixed k; input "
+                                 f"'{spec.name}' has shape {list(spec.shape) if spec.shape is not None else '?'}")
+            width = 1 if len(spec.shape) == 1 else spec.shape[1]
+            self.slices.append((spec, start, width))
+            start += width
+        self.n_features = start
+        dtypes = {s.dtype for s in specs}
+        self.dtype = dtypes.pop() if len(dtypes) == 1 and not strings else np.dtype(np.float64)
+        self.names = [s.name if w == 1 else f"{s.name}[{j}]" for s, _, w in self.slices for j in range(w)]
+        self.what = f"the table of inputs {', '.join(s.name for s in specs)}"
+        self.categorical = np.zeros(self.n_features, bool)
+        for spec, start, width in self.slices:
+            self.categorical[start : start + width] = spec.dtype == np.dtype(object)
+        self.categories = {k: [np.asarray(c, dtype=object) for c in v] for k, v in (categories or {}).items()}
+
+    def table(self, data) -> np.ndarray:
+        if data.stacked is None:
+            raise DataError(f"{data.source}: explanations need a stacked [rows, features] table")
+        if self.single is not None:
+            x = data.stacked[self.single]
+            if x.ndim != 2:
+                raise DataError(f"{data.source}: input '{self.single}' must be [rows, features]; got shape {x.shape}")
+            return x
+        parts = []
+        for spec, _, width in self.slices:
+            col = data.stacked[spec.name].reshape(len(data), width)
+            if spec.dtype == np.dtype(object):
+                if spec.name not in self.categories:
+                    self.categories[spec.name] = [np.unique(col[:, j].astype(str)).astype(object)
+                                                  for j in range(width)]
+                codes = np.empty((len(col), width), np.float64)
+                for j, cats in enumerate(self.categories[spec.name]):
+                    values = col[:, j].astype(str)
+                    idx = np.searchsorted(cats.astype(str), values)
+                    idx = np.minimum(idx, len(cats) - 1)
+                    unknown = cats[idx].astype(str) != values
+                    if unknown.any():
+                        raise DataError(f"{data.source}: input '{spec.name}' holds '{values[unknown][0]}', a category "
+                                        "the explanation's data does not have")
+                    codes[:, j] = idx
+                parts.append(codes)
+            else:
+                parts.append(col.astype(self.dtype))
+        return np.ascontiguousarray(np.concatenate(parts, axis=1))
+
+    def feeds(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        if self.single is not None:
+            return {self.single: x}
+        feeds = {}
+        for spec, start, width in self.slices:
+            part = x[:, start : start + width]
+            if spec.dtype == np.dtype(object):
+                cats = self.categories.get(spec.name)
+                if cats is None:  # a probe before any data: the empty string
+                    part = np.full(part.shape, "", dtype=object)
+                else:
+                    part = np.stack([c[np.clip(np.rint(part[:, j]), 0, len(c) - 1).astype(np.int64)]
+                                     for j, c in enumerate(cats)], axis=1)
+            else:
+                part = np.ascontiguousarray(part, dtype=spec.dtype)
+            feeds[spec.name] = part.reshape(len(x)) if len(spec.shape) == 1 else part
+        return feeds

@@ -4,6 +4,7 @@ Schema ``qxc.explain/1``::
 
     {"schema", "model", "features": [names], "task": "classification"|"regression", "rows",
      "outputs", "explained_output": (multi-output regressors) how many outputs, and the one explained,
+     "categories": (string inputs) {feature: [category names]}: the feature's values are indices into these,
      "permutation" | "ablation": {"values": {feature: mean}, "std", "stability", "metric", "seconds", "settings"},
      "shapley": {"values": [[instance x feature]], "std_error": [[same shape; 0 where exact]], "mean_abs",
                  "base_value", "method": "exact"|"kernel", "stability" (rank correlation of mean |value| between
@@ -36,11 +37,7 @@ MIN_ROWS = 10
 
 
 def _matrix(data: Dataset, predictor: Predictor) -> np.ndarray:
-    if data.stacked is None:
-        raise DataError(f"{data.source}: explanations need a stacked [rows, features] table")
-    x = data.stacked[predictor.input]
-    if x.ndim != 2:
-        raise DataError(f"{data.source}: input '{predictor.input}' must be [rows, features]; got shape {x.shape}")
+    x = predictor.table(data)
     if len(x) < MIN_ROWS:
         raise DataError(f"{data.source}: explanations need at least {MIN_ROWS} rows of data, got {len(x)} (scores, "
                         "spreads and the surrogates' held-out fidelity are undefined on fewer); pass more rows")
@@ -76,13 +73,16 @@ def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutatio
     x = _matrix(data, predictor)
     columns = _output_columns(predictor, x, output)
     y = data.labels if use_labels else None  # without labels: prediction change instead of a metric
-    features = data.meta.get("feature_names") or [f"x{i}" for i in range(x.shape[1])]
+    features = predictor.feature_names or data.meta.get("feature_names") or [f"x{i}" for i in range(x.shape[1])]
     if len(features) != x.shape[1]:
         features = [f"x{i}" for i in range(x.shape[1])]
     doc: dict = {"schema": SCHEMA, "model": source, "features": list(features),
                  "task": "classification" if predictor.is_classifier else "regression", "rows": int(len(x))}
     if columns > 1:
         doc["outputs"], doc["explained_output"] = columns, output
+    categories = _categories(predictor)
+    if categories:
+        doc["categories"] = categories
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(x), size=min(instances, len(x)), replace=False))
     bg = x[np.sort(rng.choice(len(x), size=min(background, len(x)), replace=False))]
@@ -126,12 +126,23 @@ def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutatio
     return doc
 
 
+def _categories(predictor: Predictor) -> dict[str, list[str]]:
+    """String columns' categories by feature name: a coded value v in the results means categories[feature][v]."""
+    names = predictor.feature_names or []
+    out = {}
+    for spec, start, _ in predictor.table_inputs.slices:
+        for j, cats in enumerate(predictor.table_inputs.categories.get(spec.name, [])):
+            out[names[start + j]] = [str(c) for c in cats]
+    return out
+
+
 def _drift(predictor, other, x, y, perm, tree, features, providers, seed, repeats, max_depth, threads=None,
            output=0, task="auto") -> dict:
     from qxc.explain.drift import drift
     from qxc.explain.surrogates import fit_tree, holdout_split
 
-    cand = Predictor(other, providers=providers, threads=threads, output=output, task=task)
+    cand = Predictor(other, providers=providers, threads=threads, output=output, task=task,
+                     categories=predictor.table_inputs.categories)
     perm_c = permutation_importance(cand, x, y, n_repeats=repeats, random_state=seed)
     perm_r = perm or permutation_importance(predictor, x, y, n_repeats=repeats, random_state=seed)
     tree_r = tree or fit_tree(predictor, x, features, max_depth=max_depth, random_state=seed)

@@ -663,3 +663,62 @@ def test_a_constant_feature_of_a_regressor_has_no_importance():
     np.testing.assert_allclose(ours.importances, theirs.importances, atol=1e-6)
     assert ours.mean[0] == 0 and permutation_importance(pred, x, None, n_repeats=2).mean[0] == 0
     assert ablation_importance(pred, x, y).mean[0] == 0
+
+
+@pytest.mark.parametrize("per_column", [False, True])
+def test_table_exports_with_string_inputs_are_explained(tmp_path, per_column):
+    """A pipeline exported with a numeric and a string input (or one input per column) is explained on one table:
+    string columns coded as category indices. Permutation importance equals scikit-learn's on an estimator that
+    feeds onnxruntime directly from the inputs (no qxc code), ablation puts a string column at its most frequent
+    category, and the JSON names the categories."""
+    import onnx
+    import onnxruntime as ort
+    from helpers import mixed_pipeline
+    from sklearn.inspection import permutation_importance as sk_perm
+
+    proto, feeds, y = mixed_pipeline(per_column)
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", **feeds, labels=y)
+    model = qir.load(tmp_path / "m.onnx")
+    data = load_data(tmp_path / "d.npz", model)
+    pred = Predictor(model)
+    x = pred.table(data)
+    names = ["a", "b", "c", "cat"] if per_column else ["num[0]", "num[1]", "num[2]", "cat"]
+    assert pred.feature_names == names and x.shape == (len(y), 4) and pred.categorical.tolist() == [0, 0, 0, 1]
+    cats = pred.table_inputs.categories["cat"][0].tolist()
+    assert cats == ["mid", "rough", "smooth"] and [cats[int(c)] for c in x[:5, 3]] == feeds["cat"][:5, 0].tolist()
+
+    class Direct:  # scikit-learn's view of the model, fed straight from the columns
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+        def fit(self, *a):
+            return self
+
+        def score(self, table, labels):
+            width = {i.name: (i.shape[1] if len(i.shape) == 2 else 1) for i in self.session.get_inputs()}
+            cols, at = {}, 0
+            for name, w in width.items():
+                part = table[:, at : at + w]
+                cols[name] = np.array(cats, dtype=object)[part.astype(int)] if name == "cat" else \
+                    part.astype(np.float32)
+                at += w
+            return float(np.mean(self.session.run(None, cols)[0] == labels))
+
+    ours = permutation_importance(pred, x, y, n_repeats=3, random_state=2)
+    theirs = sk_perm(Direct(), x, y, n_repeats=3, random_state=2)
+    np.testing.assert_allclose(ours.importances, theirs.importances, atol=1e-9)
+    assert ours.importances[3].mean() > 0  # the category matters to the model
+    abl = ablation_importance(pred, x, y, n_repeats=1)
+    mode = np.bincount(x[:, 3].astype(int)).argmax()
+    changed = sum(int((x[:, j] != x[:, j].mean()).sum()) for j in range(3)) + int((x[:, 3] != mode).sum())
+    assert abl.settings["rows_evaluated"] == len(x) + changed
+    out = tmp_path / "e.json"
+    assert main(["explain", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--labels",
+                 "--method", "permutation,ablation,shapley,tree,local", "-o", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["features"] == names and doc["categories"] == {"cat": cats}
+    sh = doc["shapley"]
+    assert sh["method"] == "exact" and sh["efficiency_gap_max"] < 1e-6 and sh["mean_abs"]["cat"] > 0
+    assert main(["explain", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--embed",
+                 str(tmp_path / "emb.onnx")]) == 2
+    assert not (tmp_path / "emb.onnx").exists()
