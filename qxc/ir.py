@@ -457,9 +457,46 @@ def _value_infos(graph: onnx.GraphProto, out: dict[str, onnx.ValueInfoProto]) ->
 def infer_shapes(model: ir.Model) -> list[tuple[ir.Value, object, object]]:
     """Run ONNX shape inference (data propagation on) and copy inferred types/shapes onto values that lack them.
 
-    Covers subgraph values too. Works on the skeleton, so weights are never copied. Returns what it filled in as
+    Covers subgraph values too. Works on the skeleton, so weights are never copied. ONNX's inference stops at
+    onnxruntime's contrib ops (the com.microsoft Gelu, SkipLayerNormalization, FusedMatMul, ... of an optimized
+    transformer) and leaves everything after them untyped: their first output takes its first input's type (and
+    shape, for the elementwise ones), and inference runs again from there. Returns what it filled in as
     (value, old type, old shape), so a pass that ends up changing nothing can undo it (``undo_inference``).
     """
+    filled: list[tuple[ir.Value, object, object]] = []
+    for _ in range(8):  # each round types the contrib ops that the previous round reached
+        filled += _infer_round(model)
+        contrib = _type_contrib_outputs(model)
+        if not contrib:
+            break
+        filled += contrib
+    return filled
+
+
+# com.microsoft ops whose first output has their first input's type; the first set also keeps its shape
+CONTRIB_SAME_SHAPE = ("Gelu", "FastGelu", "BiasGelu", "QuickGelu", "BiasAdd", "SkipLayerNormalization",
+                      "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "RotaryEmbedding",
+                      "BiasSoftmax", "BiasDropout")
+CONTRIB_SAME_TYPE = CONTRIB_SAME_SHAPE + ("FusedMatMul", "Attention", "MultiHeadAttention", "GroupQueryAttention",
+                                          "MatMulNBits", "GemmFastGelu", "DecoderMaskedMultiHeadAttention")
+
+
+def _type_contrib_outputs(model: ir.Model) -> list[tuple[ir.Value, object, object]]:
+    filled = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain != "com.microsoft" or node.op_type not in CONTRIB_SAME_TYPE or not node.outputs:
+            continue
+        out, first = node.outputs[0], node.inputs[0] if node.inputs else None
+        if out is None or out.type is not None or first is None or first.type is None:
+            continue
+        filled.append((out, out.type, out.shape))
+        out.type = first.type
+        if out.shape is None and node.op_type in CONTRIB_SAME_SHAPE and first.shape is not None:
+            out.shape = ir.Shape(list(first.shape))
+    return filled
+
+
+def _infer_round(model: ir.Model) -> list[tuple[ir.Value, object, object]]:
     with skeleton(model):
         proto = to_proto(model)
     try:

@@ -59,6 +59,8 @@ class InsertQdqOptions:
     quantize_outputs: bool = opt(False, "also round graph outputs made by MatMul/Gemm/Add/Mul/Softmax/Sigmoid/"
                                         "Concat/shape ops to 8 bits (onnxruntime's quantizer does; by default they "
                                         "stay float, which costs no fusion)")
+    isolated: bool = opt(False, "also quantize ops with no Conv/ConvTranspose/MatMul/Gemm among their quantized "
+                                "neighbours (by default they stay float: no integer kernel gains, only rounding)")
     max_error: float = opt(0.0, "keep the most harmful nodes out of int8 until output relative RMS error <= this")
     fallback: Literal["float", "int16"] = opt("float", "what max-error does with a harmful node")
 
@@ -103,6 +105,45 @@ def _weight_axis(node: ir.Node, rank: int) -> int:
     return rank - 1  # MatMul: output columns
 
 
+def _drop_isolated(plan: _Plan, members: dict[ir.Node, set[ir.Value]], links: list[tuple[ir.Node, ir.Node]]) -> None:
+    """Leave in float every group of planned nodes (joined by the tensors they quantize, and folded Relu/Clip to
+    their producers) with no Conv/ConvTranspose/MatMul/Gemm: around a Concat of raw features, a Reshape or an Add
+    alone, QDQ is rounding that no integer kernel pays for (onnxruntime's quantizer likewise leaves Reshape,
+    Transpose and pools alone unless their input is quantized)."""
+    parent = {n: n for n in members}
+
+    def find(n: ir.Node) -> ir.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    owner: dict[ir.Value, ir.Node] = {}
+    for node, values in members.items():
+        for v in values:
+            if v in owner:
+                parent[find(node)] = find(owner[v])
+            else:
+                owner[v] = node
+    for a, b in links:
+        if b in parent:
+            parent[find(a)] = find(b)
+    has_compute = {find(n) for n in members if n.op_type in COMPUTE}
+    drop = {n for n in members if find(n) not in has_compute}
+    if not drop:
+        return
+    dropped = {n.name or n.op_type for n in drop}
+    gone = {v.name for v, n in owner.items() if n in drop}
+    plan.tensors = {v: name for v, name in plan.tensors.items() if owner.get(v) not in drop}
+    plan.wide = {k: v for k, v in plan.wide.items() if k not in gone}
+    plan.share = {k: v for k, v in plan.share.items() if k not in gone}
+    plan.consts = [(n, i) for n, i in plan.consts if n not in drop]
+    plan.nodes = [n for n in plan.nodes if n not in dropped]
+    plan.skipped += [{"node": n.name or n.op_type, "op": n.op_type,
+                      "reason": "no Conv/MatMul/Gemm among its quantized neighbours: int8 would only round it "
+                                "(isolated=true quantizes it anyway)"} for n in members if n in drop]
+
+
 @register_pass("insert-qdq")
 class InsertQdqPass(QxcPass):
     """Static int8 activation+weight quantization in QDQ form, calibrated on --data (min-max/percentile/entropy/MSE)."""
@@ -138,10 +179,14 @@ class InsertQdqPass(QxcPass):
         def wide(node: ir.Node) -> bool:
             return (node.name or "") in wide_nodes or any(re.search(p, node.name or "") for p in o.int16)
 
+        members: dict[ir.Node, set[ir.Value]] = {}  # each planned node's quantized tensors
+        links: list[tuple[ir.Node, ir.Node]] = []  # a folded Relu/Clip and its producer
+
         def add(v: ir.Value | None, *nodes: ir.Node) -> None:
             if v is None or not _float(v) or is_weight(v) or not v.name:
                 return
             plan.tensors[v] = v.name
+            members.setdefault(nodes[0], set()).add(v)
             if any(wide(n) for n in nodes):
                 plan.wide[v.name] = "int16"
 
@@ -161,6 +206,8 @@ class InsertQdqPass(QxcPass):
                         add(node.outputs[0], node)
                     else:
                         add(node.outputs[0], node, producer)  # folded: carries the producer's precision
+                        links.append((node, producer))
+                    members.setdefault(node, set())
                     plan.nodes.append(node.name or op)
                     continue
                 if op in SHARE:
@@ -175,6 +222,7 @@ class InsertQdqPass(QxcPass):
                     if _float(out) and (o.quantize_outputs or not is_model_result(out)):
                         add(out, node)
                         plan.share[out.name] = data.name
+                    members.setdefault(node, set())
                     plan.nodes.append(node.name or op)
                     continue
                 # compute, elementwise, own-range ops
@@ -202,7 +250,10 @@ class InsertQdqPass(QxcPass):
                             and not out.is_graph_output()):
                         continue  # folded: the Relu/Clip output carries the range
                     add(out, node)
+                members.setdefault(node, set())
                 plan.nodes.append(node.name or op)
+        if not o.isolated:
+            _drop_isolated(plan, members, links)
         # a tensor that shares parameters must share with a quantized tensor
         names = set(plan.tensors.values())
         plan.share = {k: v for k, v in plan.share.items() if v in names}
