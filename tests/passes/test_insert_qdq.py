@@ -185,8 +185,8 @@ def test_float16_models_get_float16_scales_at_opset_19(pipeline):
 
 def test_ops_without_a_quantized_compute_neighbour_stay_float():
     """A table pipeline's only float ops are a Concat of raw features and a Reshape: QDQ there would be rounding
-    that no integer kernel pays for (here it cost 3 points of accuracy: a 0.2-wide feature rounded in steps of
-    the area column's 10). They stay float with the reason, unless isolated=true."""
+    that no integer kernel pays for (here 8 points of accuracy: the concave-points column, 0 to 0.2, rounded in the
+    radius column's steps of 0.11). They stay float with the reason, unless isolated=true."""
     from helpers import mixed_pipeline
 
     proto, feeds, y = mixed_pipeline(per_column=True)
@@ -198,7 +198,7 @@ def test_ops_without_a_quantized_compute_neighbour_stay_float():
     assert all("no Conv/MatMul/Gemm" in s["reason"] for s in report["skipped"])
     forced = compile_model(proto, "insert-qdq{isolated=true}", data=data)
     assert forced.modified and forced.records[0].report["quantized_nodes"] == 3
-    assert np.mean(run(qir.to_proto(forced.model), data)[0] != run(proto, data)[0]) > 0  # the rounding shows
+    assert np.mean(run(qir.to_proto(forced.model), data)[0] != run(proto, data)[0]) > 0.05  # the rounding shows
     # next to a MatMul the same ops are quantized: digits' QDQ count is what it was
     digits = compile_model(MODELS / "digits_mlp.onnx", "insert-qdq", data=MODELS / "digits_train.npz")
     assert not [s for s in digits.records[0].report["skipped"] if "no Conv/MatMul/Gemm" in s["reason"]]
