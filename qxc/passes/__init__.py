@@ -2,6 +2,7 @@
 
 from qxc.passes import (  # noqa: F401
     cleanup,
+    fold_batchnorm,
     fold_constants,
     insert_qdq,
     instrument,
