@@ -388,6 +388,10 @@ def cmd_explain(args) -> int:
             raise UsageError(f"--embed: the surrogate reads one [rows, features] input; {args.model} has "
                              f"{pred.table_inputs.what[len('the table of '):]}")
         x = pred.table(data)
+        if np.isnan(x).any():
+            col = int(np.flatnonzero(np.isnan(x).any(axis=0))[0])
+            raise UsageError(f"--embed: {args.data} has missing values (NaN) in feature '{doc['features'][col]}'; "
+                             "the embedded surrogates are fit on complete rows: give rows without missing values")
         tree = fit_tree(pred, x, doc["features"], max_depth=args.max_depth, random_state=args.seed)
         scores = pred.predict(x).scores
         mean, coef, r2 = linear_contributions(x.astype("float64"), scores.astype("float64"))

@@ -278,8 +278,8 @@ def make_dataset(arrays: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.nda
         arr = np.asarray(arrays[name])
         if arr.ndim == 0 or len(arr) == 0:
             raise DataError(f"{source}: input '{name}' has zero rows")
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise DataError(f"{source}: input '{name}' holds NaN or Inf values")
+        if arr.dtype.kind == "f" and np.isinf(arr).any():  # NaN is a missing value, which models may impute
+            raise DataError(f"{source}: input '{name}' holds infinite values")
         fixed[name] = _cast(name, arr, spec, source)
         layouts[name] = _layout(name, fixed[name], spec, source)
     counts = {len(a) for a in fixed.values()}

@@ -74,7 +74,7 @@ def test_list_of_samples_for_inputs_whose_batch_axis_is_not_first():
     ({"x": np.zeros((4, 7), np.float32)}, "expects 8 features"),
     ({"x": np.zeros((4, 2, 7), np.float32)}, "expects shape"),
     ({"x": np.zeros((0, 8), np.float32)}, "zero rows"),
-    ({"x": np.full((4, 8), np.nan, np.float32)}, "NaN or Inf"),
+    ({"x": np.full((4, 8), -np.inf, np.float32)}, "infinite values"),
     ({"x": np.array([["a"] * 8])}, "dtype"),
 ])
 def test_bad_data_is_named(mlp, arrays, match):

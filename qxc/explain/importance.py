@@ -7,6 +7,7 @@ correlation of the importances between repeats (1 = the ranking never changes).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -249,8 +250,9 @@ Baseline = Literal["mean", "median", "zero"]
 def ablation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | None = None, *,
                         baseline: Baseline = "mean", background: np.ndarray | None = None,
                         n_repeats: int = 5, random_state: int = 0) -> ImportanceResult:
-    """Replace one feature by a baseline (mean, median or zero of ``background``) and measure the change. A string
-    column (coded as category indices) takes its most frequent category instead: a mean category is no category.
+    """Replace one feature by a baseline (mean, median or zero of ``background``, missing values (NaN) left out)
+    and measure the change. A string column (coded as category indices) takes its most frequent category instead:
+    a mean category is no category.
 
     Repeats evaluate disjoint random row subsets (bootstrap of the rows), giving the spread and stability.
     """
@@ -259,7 +261,10 @@ def ablation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | Non
     t = time.perf_counter()
     x = np.asarray(x)
     bg = x if background is None else np.asarray(background)
-    ref_val = {"mean": bg.mean(axis=0), "median": np.median(bg, axis=0), "zero": np.zeros(bg.shape[1])}[baseline]
+    with warnings.catch_warnings():  # a column with no observed value keeps NaN (missing) as its baseline
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref_val = {"mean": np.nanmean(bg, axis=0), "median": np.nanmedian(bg, axis=0),
+                   "zero": np.zeros(bg.shape[1])}[baseline]
     for col in np.flatnonzero(predictor.categorical):
         codes, counts = np.unique(bg[:, col], return_counts=True)
         ref_val[col] = codes[np.argmax(counts)]

@@ -11,6 +11,7 @@ held-out neighbourhood sample — not on the samples the fit saw.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -154,6 +155,7 @@ def _feature_kinds(x: np.ndarray, max_levels: int = 10) -> tuple[np.ndarray, lis
     steps = np.ones(ordered.shape, bool)
     steps[1:] = ordered[1:] != ordered[:-1]
     levels = [ordered[steps[:, j], j] for j in range(x.shape[1])]
+    levels = [lv[~np.isnan(lv)] for lv in levels]  # missing values (NaN, sorted last) are no level
     discrete = np.array([len(lv) <= max_levels and np.allclose(lv, np.round(lv)) for lv in levels])
     return discrete, levels
 
@@ -164,11 +166,12 @@ def sample_neighbourhood(x0: np.ndarray, data: np.ndarray, n: int, rng: np.rando
 
     Continuous features: Gaussian steps of ``scale`` x the feature's standard deviation, reflected back into the
     observed [min, max]. Discrete features: keep the instance's value, or with probability 0.3 take an observed level.
+    Missing values (NaN) in the data are left out of those statistics; an instance's missing value stays missing.
     """
     if discrete is None:
         discrete, levels = _feature_kinds(data)
-    lo, hi = data.min(axis=0).astype(dtype), data.max(axis=0).astype(dtype)
-    sd = data.std(axis=0)
+    lo, hi, sd = _observed(data)
+    lo, hi = lo.astype(dtype), hi.astype(dtype)
     k, f = x0.shape
     s = rng.standard_normal((k, n, f), dtype=np.float32).astype(dtype, copy=False)  # the type the model reads
     s *= (scale * sd).astype(dtype)
@@ -189,17 +192,32 @@ def sample_neighbourhood(x0: np.ndarray, data: np.ndarray, n: int, rng: np.rando
             table[i, : count[i]] = levels[j]
         u = rng.random((k, n, len(d)))
         pick = np.minimum((u * (count / 0.3)).astype(np.int64), count - 1)  # uniform over the levels when u < 0.3
-        s[:, :, d] = np.where(u < 0.3, table[np.arange(len(d)), pick], x0[:, None, d])
+        s[:, :, d] = np.where((u < 0.3) & (count > 0), table[np.arange(len(d)), pick], x0[:, None, d])
     return s
 
 
+def _observed(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each feature's min, max and standard deviation over its observed values (NaN is missing; a feature never
+    observed gets 0, 0 and 0)."""
+    if not np.isnan(data).any():
+        return data.min(axis=0), data.max(axis=0), data.std(axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        stats = np.nanmin(data, axis=0), np.nanmax(data, axis=0), np.nanstd(data, axis=0)
+    return tuple(np.nan_to_num(a) for a in stats)
+
+
 def _bins(data: np.ndarray) -> list[np.ndarray]:
-    quartiles = np.quantile(data, [0.25, 0.5, 0.75], axis=0)  # (3, features), every column at once
-    return [np.unique(quartiles[:, j]) for j in range(data.shape[1])]
+    """Each feature's quartile edges over its observed values (missing values, NaN, left out)."""
+    with warnings.catch_warnings():  # a feature never observed has no edges
+        warnings.simplefilter("ignore", RuntimeWarning)
+        quartiles = (np.nanquantile if np.isnan(data).any() else np.quantile)(data, [0.25, 0.5, 0.75], axis=0)
+    return [np.unique(q[~np.isnan(q)]) for q in quartiles.T]
 
 
 def _bin_of(values: np.ndarray, edges: list[np.ndarray]) -> np.ndarray:
-    """Per feature, the number of its edges below each value (``searchsorted(..., side="left")``), all at once."""
+    """Per feature, the number of its edges below each value (``searchsorted(..., side="left")``), all at once; a
+    missing value (NaN) is a bin of its own, above the top one."""
     table = np.full((len(edges), max(map(len, edges), default=0)), np.inf)
     for j, e in enumerate(edges):
         table[j, : len(e)] = e
@@ -207,8 +225,8 @@ def _bin_of(values: np.ndarray, edges: list[np.ndarray]) -> np.ndarray:
     for column in table.T:  # a few edges (quartiles): one comparison over every value each
         out += values > column
     nan = np.isnan(values)
-    if nan.any():  # searchsorted sorts NaN after every edge
-        out[nan] = np.broadcast_to(np.array([len(e) for e in edges]), values.shape)[nan]
+    if nan.any():
+        out[nan] = np.broadcast_to(np.array([len(e) + 1 for e in edges]), values.shape)[nan]
     return out
 
 
@@ -219,12 +237,13 @@ class _Rep:
                  dtype=np.float32):
         self.kind, self.x0, self.data, self.width, self.dtype = kind, x0, data, width, dtype
         self.discrete, self.levels = discrete, levels
-        self.sd = np.where(data.std(axis=0) > 0, data.std(axis=0), 1.0)
+        sd = _observed(data)[2]
+        self.sd = np.where(sd > 0, sd, 1.0)
         if kind == "binned":
             self.data_t = data.astype(dtype)  # the samples are data rows' values, in the type the model reads
             edges = _bins(data)
             self.bin0 = _bin_of(x0, edges)
-            self.data_bins = _bin_of(data, edges).astype(np.int8)  # at most 3 edges: bins 0..3
+            self.data_bins = _bin_of(data, edges).astype(np.int8)  # at most 3 edges: bins 0..3, 4 for missing
 
     def draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """``n`` samples per instance (the first is the instance itself) and the design matrix a linear model sees."""
@@ -235,6 +254,7 @@ class _Rep:
             s[:, 0, :] = self.x0
             z = s - self.x0[:, None, :].astype(self.dtype)
             z /= self.sd.astype(self.dtype)
+            np.nan_to_num(z, copy=False, nan=0.0)  # an instance's missing value stays missing: no step
             return s, z
         # LIME's tabular sampling: every feature drawn from its observed marginal; a sample's bin is its data row's
         at = rng.integers(0, len(self.data), (k, n, f), dtype=np.int64)  # each value's data row, as a flat index:
@@ -329,12 +349,12 @@ def fit_local(predictor: Predictor, x0: np.ndarray, data: np.ndarray, *, n_sampl
             held[rows] = _r2(fits[kind][1][rows], *evaluate(rep, max(100, n_samples // 2), rows))
     values = np.empty((k, f))
     coef = np.empty((k, f))
-    center = data.mean(axis=0)
+    center = np.nanmean(data, axis=0) if np.isnan(data).any() else data.mean(axis=0)
     sd = fits[kinds[0]][0].sd
     for i in range(k):
         if pick[i] == "continuous":
             coef[i] = beta[i, 1:] / sd
-            values[i] = coef[i] * (x0[i] - center)
+            values[i] = np.nan_to_num(coef[i] * (x0[i] - center))  # a missing value contributes no step
         else:
             coef[i] = beta[i, 1:]
             values[i] = beta[i, 1:]  # the effect of being in the instance's quartile bin

@@ -345,13 +345,14 @@ def test_holdout_split_is_sklearns_train_test_split(n, fraction, seed):
     np.testing.assert_array_equal(test, want_test)
 
 
-def test_binning_matches_searchsorted_with_nan_and_ties():
+def test_binning_matches_searchsorted_with_ties_and_puts_missing_values_apart():
     from qxc.explain.surrogates import _bin_of
 
     rng = np.random.default_rng(0)
     edges = [np.array([-1.0, 0.0, 1.0]), np.array([0.5]), np.array([])]
     values = rng.choice([-1.0, 0.0, 0.5, 1.0, 2.0, np.nan, -3.0], size=(7, 11, 3))
-    want = np.stack([np.searchsorted(e, values[..., j], side="left") for j, e in enumerate(edges)], axis=-1)
+    want = np.stack([np.where(np.isnan(values[..., j]), len(e) + 1, np.searchsorted(e, values[..., j], side="left"))
+                     for j, e in enumerate(edges)], axis=-1)  # NaN: a bin above the top one, not in it
     np.testing.assert_array_equal(_bin_of(values, edges), want)
 
 
@@ -721,4 +722,54 @@ def test_table_exports_with_string_inputs_are_explained(tmp_path, per_column):
     assert sh["method"] == "exact" and sh["efficiency_gap_max"] < 1e-6 and sh["mean_abs"]["cat"] > 0
     assert main(["explain", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--embed",
                  str(tmp_path / "emb.onnx")]) == 2
+    assert not (tmp_path / "emb.onnx").exists()
+
+
+def test_missing_values_are_data_and_the_explainers_treat_them_as_missing(tmp_path):
+    """A pipeline that imputes (skl2onnx's Imputer) is fed its real data, 10 % missing: compiled, compared and
+    explained. Ablation's mean leaves the missing values out, the continuous local surrogate keeps an instance's
+    missing value missing (no step, no contribution), the binned one makes "missing" a bin of its own (the effect
+    of being missing), the layer view counts them."""
+    import onnx
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.impute import SimpleImputer
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = x.astype(np.float32)
+    x[np.random.default_rng(0).random(x.shape) < 0.1] = np.nan
+    pipe = make_pipeline(SimpleImputer(), StandardScaler(), MLPClassifier((16,), max_iter=500, random_state=0))
+    pipe.fit(x, y)
+    proto = to_onnx(pipe, x[:1], options={id(pipe.steps[-1][1]): {"zipmap": False}},
+                    target_opset={"": 17, "ai.onnx.ml": 3})
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", X=x, labels=y)
+    model = qir.load(tmp_path / "m.onnx")
+    pred = Predictor(model)
+    assert np.mean(pred.predict(x).labels == pipe.predict(x)) > 0.99
+    q = compile_model(tmp_path / "m.onnx", "int8-qdq", data=tmp_path / "d.npz")
+    assert np.mean(Predictor(q.model).predict(x).labels == y) >= np.mean(pipe.predict(x) == y) - 0.01
+    abl = ablation_importance(pred, x, y, n_repeats=1)
+    baseline = np.nanmean(x, axis=0)
+    assert abl.settings["rows_evaluated"] == len(x) + sum(int((x[:, j] != baseline[j]).sum()) for j in range(30))
+    rows = np.flatnonzero(np.isnan(x[:40]).any(axis=1))[:4]
+    loc = fit_local(pred, x[rows], x, n_samples=400, representation="continuous")
+    assert np.isfinite(loc.values).all() and np.isfinite(loc.fidelity).all()
+    assert (loc.values[np.isnan(x[rows])] == 0).all()  # no step along a missing value: no contribution
+    binned = fit_local(pred, x[rows], x, n_samples=400, representation="binned")  # LIME's: missing is a bin
+    assert np.isfinite(binned.values).all() and (binned.values[np.isnan(x[rows])] != 0).any()
+    samples = sample_neighbourhood(x[rows], x, 50, np.random.default_rng(0))
+    assert np.isnan(samples[np.broadcast_to(np.isnan(x[rows])[:, None, :], samples.shape)]).all()
+    assert not np.isnan(samples[np.broadcast_to(~np.isnan(x[rows])[:, None, :], samples.shape)]).any()
+    out = tmp_path / "e.json"
+    assert main(["explain", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--labels", "--method",
+                 "permutation,ablation,shapley,tree,local,layers", "-o", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["layers"]["values"][0]["missing"] == int(np.isnan(x).sum())
+    assert doc["tree"]["fidelity"] > 0.8
+    assert main(["explain", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--embed",
+                 str(tmp_path / "emb.onnx")]) == 2  # the embedded surrogates need complete rows: refused, named
     assert not (tmp_path / "emb.onnx").exists()
