@@ -129,9 +129,9 @@ def _read(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np
 
 def _read_csv(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict]:
     """A table with an optional header; a header column named label/labels/target/y becomes the labels, which may
-    be class names. A single-input model reads every other column as a number; a model with one input per column
-    (skl2onnx's DataFrame export: each input [rows, 1]) reads each input from the header column of its name, strings
-    for string inputs."""
+    be class names. A single-input model reads every other column as a number (an empty cell is missing: NaN); a
+    model with one input per column (skl2onnx's DataFrame export: each input [rows, 1]) reads each input from the
+    header column of its name, strings for string inputs."""
     import csv
 
     with open(path, newline="") as f:
@@ -162,12 +162,18 @@ def _read_csv(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray]
         header = [h for i, h in enumerate(header) if i != label_col]
     if len(specs) == 1 and specs[0].dtype != np.dtype(object):
         try:
-            table = np.array([[float(c) for c in col] for col in columns], dtype=np.float64).T.reshape(len(rows), -1)
+            table = np.array([[_number(c) for c in col] for col in columns], dtype=np.float64).T.reshape(len(rows),
+                                                                                                       -1)
         except ValueError as e:
             raise DataError(f"{path}: non-numeric CSV cell ({e}); features must be numbers (a label column may hold "
                             "class names: name it label, labels, target or y)") from None
         return {specs[0].name: table}, labels, ({"feature_names": header} if header else {})
     return _csv_by_input(path, header, columns, specs), labels, {}
+
+
+def _number(cell: str) -> float:
+    """A CSV cell as a number; an empty cell is a missing value (NaN), as pandas writes one."""
+    return float(cell) if cell else float("nan")
 
 
 def _csv_by_input(path: Path, header: list[str] | None, columns: list[tuple[str, ...]], specs: list[InputSpec]
@@ -190,7 +196,7 @@ def _csv_by_input(path: Path, header: list[str] | None, columns: list[tuple[str,
             col = np.array(cells, dtype=object)
         else:
             try:
-                col = np.array([float(c) for c in cells], dtype=np.float64)
+                col = np.array([_number(c) for c in cells], dtype=np.float64)
             except ValueError as e:
                 raise DataError(f"{path}: column '{spec.name}': non-numeric cell ({e}) for a "
                                 f"{spec.dtype} input") from None

@@ -112,3 +112,12 @@ def test_string_inputs_from_str_arrays_and_csv_columns_by_input_name(tmp_path):
     wide = qir.from_proto(mixed_pipeline()[0])
     with pytest.raises(DataError, match=r"input 'num' takes shape \[N, 3\]; a CSV column feeds"):
         load_data(tmp_path / "d.csv", wide)
+
+
+def test_csv_empty_cells_are_missing_values(tmp_path, mlp):
+    (tmp_path / "d.csv").write_text("a,b,c,d,e,f,g,h,label\n1,,3,4,5,6,7,nan,0\n1,2,3,4,5,6,7,8,1\n")
+    ds = load_data(tmp_path / "d.csv", mlp)
+    assert np.isnan(ds.stacked["x"][0, [1, 7]]).all() and not np.isnan(ds.stacked["x"][1]).any()
+    (tmp_path / "inf.csv").write_text("1,2,3,4,5,6,7,inf\n")
+    with pytest.raises(DataError, match="input 'x' holds infinite values"):
+        load_data(tmp_path / "inf.csv", mlp)

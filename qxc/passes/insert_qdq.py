@@ -132,13 +132,12 @@ def _drop_isolated(plan: _Plan, members: dict[ir.Node, set[ir.Value]], links: li
     drop = {n for n in members if find(n) not in has_compute}
     if not drop:
         return
-    dropped = {n.name or n.op_type for n in drop}
     gone = {v.name for v, n in owner.items() if n in drop}
     plan.tensors = {v: name for v, name in plan.tensors.items() if owner.get(v) not in drop}
     plan.wide = {k: v for k, v in plan.wide.items() if k not in gone}
     plan.share = {k: v for k, v in plan.share.items() if k not in gone}
     plan.consts = [(n, i) for n, i in plan.consts if n not in drop]
-    plan.nodes = [n for n in plan.nodes if n not in dropped]
+    plan.nodes = [n.name or n.op_type for n in members if n not in drop]  # members: every planned node, in order
     plan.skipped += [{"node": n.name or n.op_type, "op": n.op_type,
                       "reason": "no Conv/MatMul/Gemm among its quantized neighbours: int8 would only round it "
                                 "(isolated=true quantizes it anyway)"} for n in members if n in drop]
