@@ -226,3 +226,21 @@ def test_compute_after_an_onnxruntime_contrib_op_is_quantized():
     assert "g_quantized" in quantized
     assert _optimized_ops(result.model)["MatMulIntegerToFloat"] + _optimized_ops(result.model)["QLinearMatMul"] == 2
     assert sqnr_db(run(proto, {"x": x})[0], run(model, {"x": x})[0]) > 25
+
+
+def test_isolated_filter_counts_unnamed_nodes_by_identity():
+    """Two unnamed Relus: one folded into a MatMul's range (quantized), one alone on a graph input (left float).
+    Both are called 'Relu' in reports; the count must still be right."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("Relu", ["m"], ["y1"]),
+         helper.make_node("Relu", ["x2"], ["y2"])], "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, 4]) for n in ("x", "x2")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, 4]) for n in ("y1", "y2")], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = {n: np.random.default_rng(1).normal(size=(16, 4)).astype(np.float32) for n in ("x", "x2")}
+    report = compile_model(proto, "insert-qdq", data=data).records[0].report
+    assert report["quantized_nodes"] == 2
+    assert [(s["op"], "no Conv/MatMul/Gemm" in s["reason"]) for s in report["skipped"]] == [("Relu", True)]
