@@ -111,3 +111,14 @@ def dequantize_weight(value: ir.Value, q: np.ndarray, scale: np.ndarray, zero_po
     value.replace_all_uses_with(out)
     del graph.initializers[value.name]
     return out
+
+
+def nothing_to_do(model: ir.Model, ops: tuple[str, ...], what: str) -> str:
+    """A warning for a pass that found none of ``ops`` in the model: what the model computes with instead."""
+    from collections import Counter
+
+    counts = Counter(f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+                     for g in all_graphs(model) for n in g if n.op_type not in ("Identity", "Cast", "Constant"))
+    ranked = sorted(counts, key=lambda op: ("::" not in op, -counts[op]))  # other domains' ops (ai.onnx.ml) first
+    top = ", ".join(ranked[:3]) or "no ops"
+    return f"nothing to {what}: no {'/'.join(ops)} in the model (it computes with {top}); this pass leaves it as it was"

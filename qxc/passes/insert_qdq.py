@@ -23,7 +23,16 @@ import onnx_ir as ir
 from qxc import ir as qir
 from qxc.calibrate import Ranges, collect_ranges
 from qxc.errors import UsageError
-from qxc.graphs import all_graphs, dequantize_weight, initializer, is_model_result, is_weight, unique_name, value_names
+from qxc.graphs import (
+    all_graphs,
+    dequantize_weight,
+    initializer,
+    is_model_result,
+    is_weight,
+    nothing_to_do,
+    unique_name,
+    value_names,
+)
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.quant import Granularity, compute_params, qtype, quantize, quantize_tensor
 
@@ -296,12 +305,17 @@ class InsertQdqPass(QxcPass):
             "skipped": plan.skipped + inserted["skipped"], "opset_raised_to": needed if upgraded else None,
             "int16_tensors": sorted(plan.wide), **report_extra,
         }
+        present = {n.op_type for g in all_graphs(model) for n in g if n.domain in ("", "ai.onnx")}
+        if not plan.nodes and not present & set(COMPUTE):
+            self.report.setdefault("warnings", []).append(nothing_to_do(model, COMPUTE, "quantize"))
         return ir.passes.PassResult(model, modified=bool(plan.nodes) or upgraded)
 
     def _ranges(self, model: ir.Model, plan: _Plan) -> Ranges:
         o = self.options
         # every planned tensor, shared ones too: a later plan (max-error) may cut a sharing chain
         needed = sorted(set(plan.tensors.values()))
+        if not needed and not o.save_ranges:  # nothing to calibrate: no run over the data
+            return Ranges(o.method)
         if o.ranges or self.context.ranges is not None:
             ranges = Ranges.load(o.ranges) if o.ranges else self.context.ranges
             missing = [t for t in needed if t not in ranges and t not in plan.share]

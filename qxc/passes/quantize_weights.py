@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from qxc import ir as qir
 from qxc.errors import UsageError
-from qxc.graphs import all_graphs, dequantize_weight, float_scale, initializer, unique_name, value_names
+from qxc.graphs import all_graphs, dequantize_weight, float_scale, initializer, nothing_to_do, unique_name, value_names
 from qxc.passes._weights import weight_rule
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.quant import Granularity, QuantizedTensor, quantize_tensor
@@ -227,6 +227,8 @@ class QuantizeWeightsPass(QxcPass):
                        "weights_quantized": len(quantized), "weights_skipped": len(skipped),
                        "bytes_before": sum(e["bytes_before"] for e in quantized),
                        "bytes_after": sum(e["bytes_after"] for e in quantized)}
+        if not uses and not skipped:
+            self.report["warnings"] = [nothing_to_do(model, o.ops, "quantize")]
         if getattr(self, "sensitivity", None):
             self.report["sensitivity"] = self.sensitivity
         budget = getattr(self, "budget", None)

@@ -244,3 +244,22 @@ def test_isolated_filter_counts_unnamed_nodes_by_identity():
     report = compile_model(proto, "insert-qdq", data=data).records[0].report
     assert report["quantized_nodes"] == 2
     assert [(s["op"], "no Conv/MatMul/Gemm" in s["reason"]) for s in report["skipped"]] == [("Relu", True)]
+
+
+def test_a_model_with_nothing_to_quantize_says_so_and_is_not_calibrated(capsys, tmp_path):
+    """A tree ensemble has no Conv/MatMul/Gemm: both quantizers warn, naming what the model computes with, and
+    insert-qdq runs no calibration over the data."""
+    from qxc.cli import main
+
+    qdq = compile_model(MODELS / "breast_cancer_gb.onnx", "insert-qdq", data=MODELS / "breast_cancer_train.npz")
+    report = qdq.records[0].report
+    assert not qdq.modified and report["samples"] == 0
+    assert report["warnings"] == ["nothing to quantize: no Conv/ConvTranspose/MatMul/Gemm in the model (it computes "
+                                  "with ai.onnx.ml::TreeEnsembleClassifier); this pass leaves it as it was"]
+    weights = compile_model(MODELS / "breast_cancer_gb.onnx", "quantize-weights")
+    assert "TreeEnsembleClassifier" in weights.records[0].report["warnings"][0]
+    digits = compile_model(MODELS / "digits_mlp.onnx", "insert-qdq", data=MODELS / "digits_train.npz")
+    assert "warnings" not in digits.records[0].report
+    assert main(["compile", str(MODELS / "breast_cancer_gb.onnx"), "-o", str(tmp_path / "o.onnx"), "-p",
+                 "int4-weights", "-q"]) == 0
+    assert "qxc: warning: pass 'quantize-weights': nothing to quantize" in capsys.readouterr().err
