@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qxc import ir as qir
-from qxc.graphs import is_weight
+from qxc.graphs import is_weight, nothing_to_do
 from qxc.passes._weights import select_weights, weight_rule
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.sparsity import allocate, channel_norms, keep_channels
@@ -361,6 +361,8 @@ class PruneChannelsPass(QxcPass):
         else:
             qir.undo_inference(inferred)  # nothing pruned: leave the model exactly as it was
         self.report = {"layers": layers, "kept_whole": kept, "parameters_removed": int(removed)}
+        if not sel.weights and not sel.skipped:
+            self.report["warnings"] = [nothing_to_do(model, o.ops, "prune")]
         if getattr(self, "sensitivity", None):
             self.report["sensitivity"] = self.sensitivity
         return ir.passes.PassResult(model, modified=bool(layers))

@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qxc.graphs import nothing_to_do
 from qxc.passes._weights import select_weights
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.sparsity import allocate, global_counts, magnitude_prune
@@ -59,6 +60,8 @@ class PruneMagnitudePass(QxcPass):
         weights = [u.value for u in sel.weights]
         arrays = [v.const_value.numpy() for v in weights]
         self.report = {"skipped": sel.skipped, "target": o.sparsity, "scope": o.scope}
+        if not sel.weights and not sel.skipped:
+            self.report["warnings"] = [nothing_to_do(model, o.ops, "prune")]
         if o.sensitivity and weights:  # nothing selected (a tree ensemble, say): nothing to allocate
             counts = self._guided_counts(model, weights, arrays)
         elif o.scope == "global":

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from qxc.errors import PassError
+from qxc.graphs import nothing_to_do
 from qxc.passes._weights import select_weights
 from qxc.passes.prune_magnitude import layer_stats, set_weight
 from qxc.pipeline import QxcPass, opt, register_pass
@@ -56,4 +57,6 @@ class PruneNmPass(QxcPass):
                 set_weight(use.value, pruned)
                 modified = True
         self.report = {"layers": layers, "skipped": sel.skipped}
+        if not sel.weights and not sel.skipped:
+            self.report["warnings"] = [nothing_to_do(model, o.ops, "prune")]
         return ir.passes.PassResult(model, modified=modified)

@@ -293,3 +293,12 @@ def test_channels_of_a_transposed_convolution_and_into_one():
     ref.graph.initializer[3].CopyFrom(numpy_helper.from_array(k3, "k3"))
     x = {"x": rng.normal(size=(2, 3, 6, 6)).astype(np.float32)}
     np.testing.assert_allclose(run(qir.to_proto(only_up_model), x)[0], run(ref, x)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["prune-magnitude", "prune-nm", "prune-channels"])
+def test_pruning_a_model_without_matrices_warns(name):
+    result = compile_model(MODELS / "breast_cancer_gb.onnx", name)
+    assert not result.modified
+    assert result.records[0].report["warnings"] == [
+        "nothing to prune: no MatMul/Gemm/Conv in the model (it computes with ai.onnx.ml::TreeEnsembleClassifier); "
+        "this pass leaves it as it was"]
