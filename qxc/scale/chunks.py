@@ -48,12 +48,16 @@ def _csv_header(path: Path) -> list[str] | None:
 
 def _csv_rows(path: Path, start: int, stop: int, labels_key: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Rows [start, stop) of a numeric CSV (the worker reads them itself); a header column named
-    label/labels/target/y holds the labels, as for local CSV data."""
+    label/labels/target/y holds the labels and an empty cell is a missing value (NaN), as for local CSV data."""
     from qxc.data import LABEL_KEYS
 
     header = _csv_header(path)
-    table = np.loadtxt(path, delimiter=",", skiprows=start + (1 if header else 0), max_rows=stop - start,
-                       dtype=np.float64, ndmin=2)
+    skip = start + (1 if header else 0)
+    try:
+        table = np.loadtxt(path, delimiter=",", skiprows=skip, max_rows=stop - start, dtype=np.float64, ndmin=2)
+    except ValueError:  # empty cells (missing values, as for local CSV data): the slower per-cell reading
+        table = np.loadtxt(path, delimiter=",", skiprows=skip, max_rows=stop - start, dtype=np.float64, ndmin=2,
+                           converters=lambda cell: float(cell) if cell.strip() else np.nan)
     labels = None
     if header:
         cols = [i for i, h in enumerate(header) if h.lower() in LABEL_KEYS]

@@ -219,3 +219,16 @@ def test_single_chunk_permutation_of_a_multi_output_regressor_equals_the_in_memo
     ref = permutation_importance(Predictor(model), x, y if labels else None, n_repeats=2, random_state=3)
     assert res["metric"] == ref.metric
     np.testing.assert_allclose(res["importances"], ref.importances, rtol=1e-6, atol=1e-9)
+
+
+def test_csv_chunks_read_empty_cells_as_missing_like_the_local_reader(tmp_path):
+    from qxc.data import load_data
+
+    model = qir.load(MODELS / "diabetes_mlp.onnx")
+    lines = ["a,b,c,d,e,f,g,h,i,j,target", "1,,3,4,5,6,7,8,9,10,100", "1,2,3,4,5,6,7,8,9,,200", "1,2,3,4,5,6,7,8,9,10,50"]
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    chunks = chunks_of(tmp_path / "d.csv", "X", 2)
+    table = np.concatenate([c.load()[0] for c in chunks])
+    local = load_data(tmp_path / "d.csv", model)
+    np.testing.assert_array_equal(table, local.stacked["X"].astype(np.float64))
+    assert np.isnan(table).sum() == 2
