@@ -1,4 +1,6 @@
 """scikit-learn-style explainers: ``__init__`` stores options, ``fit`` returns self, learned attributes end in ``_``.
+``X`` is a rows x features array, or the model's feeds: a dict by input name, or a pandas DataFrame with a column per
+input (skl2onnx's DataFrame exports, string columns included).
 
     from qxc.explain import PermutationImportance
     imp = PermutationImportance("models/digits_mlp.onnx", n_repeats=5, random_state=0).fit(X, y)
@@ -49,6 +51,23 @@ class _Base(BaseEstimator):
     def _predictor(self) -> Predictor:
         return Predictor(qir.coerce_model(self.model), providers=self.providers, output=getattr(self, "output", 0))
 
+    @staticmethod
+    def _table(predictor: Predictor, X) -> np.ndarray:
+        """``X`` as the rows x features table the explainers read: an array as it is; the model's feeds (a dict by
+        input name, or a pandas DataFrame with a column per input, as for skl2onnx's DataFrame exports) through
+        the Predictor's table, string columns coded as category indices."""
+        from collections.abc import Mapping
+
+        from qxc.data import Dataset, input_specs, load_data
+
+        specs = input_specs(predictor.model)
+        if hasattr(X, "columns") and hasattr(X, "to_numpy") and all(s.name in X.columns for s in specs):
+            X = {s.name: (X[s.name].to_numpy()[:, None] if s.shape is not None and len(s.shape) == 2
+                          else X[s.name].to_numpy()) for s in specs}
+        if isinstance(X, Mapping | Dataset):
+            return predictor.table(load_data(X, predictor.model))
+        return np.asarray(X)
+
 
 class PermutationImportance(_Base):
     def __init__(self, model, *, n_repeats: int = 5, providers=("cpu",), random_state: int = 0):
@@ -56,7 +75,8 @@ class PermutationImportance(_Base):
         self.n_repeats = n_repeats
 
     def fit(self, X, y=None):
-        res = _imp.permutation_importance(self._predictor(), np.asarray(X), y, n_repeats=self.n_repeats,
+        predictor = self._predictor()
+        res = _imp.permutation_importance(predictor, self._table(predictor, X), y, n_repeats=self.n_repeats,
                                           random_state=self.random_state)
         self.importances_ = res.importances
         self.importances_mean_ = res.mean
@@ -73,7 +93,8 @@ class AblationImportance(_Base):
         self.n_repeats = n_repeats
 
     def fit(self, X, y=None):
-        res = _imp.ablation_importance(self._predictor(), np.asarray(X), y, baseline=self.baseline,
+        predictor = self._predictor()
+        res = _imp.ablation_importance(predictor, self._table(predictor, X), y, baseline=self.baseline,
                                        n_repeats=self.n_repeats, random_state=self.random_state)
         self.importances_, self.importances_mean_, self.importances_std_ = res.importances, res.mean, res.std
         self.stability_ = _imp.stability(res.importances.T)
@@ -93,14 +114,14 @@ class ShapleyExplainer(_Base):
         self.output = output
 
     def fit(self, X, y=None):
-        self.background_ = np.asarray(X)
         self.predictor_ = self._predictor()
+        self.background_ = self._table(self.predictor_, X)
         return self
 
     def explain(self, X) -> np.ndarray:
         from qxc.explain.shapley import shapley_values
 
-        res = shapley_values(self.predictor_, np.asarray(X), self.background_, max_exact=self.max_exact,
+        res = shapley_values(self.predictor_, self._table(self.predictor_, X), self.background_, max_exact=self.max_exact,
                              n_samples=self.n_samples, random_state=self.random_state)
         self.shap_values_, self.base_values_, self.method_ = res.values, res.base_value, res.method
         self.std_error_ = res.std_error
@@ -118,9 +139,10 @@ class TreeSurrogateExplainer(_Base):
     def fit(self, X, y=None, feature_names=None):
         from qxc.explain.surrogates import fit_tree
 
-        X = np.asarray(X)
-        names = feature_names or [f"x{i}" for i in range(X.shape[1])]
-        res = fit_tree(self._predictor(), X, names, max_depth=self.max_depth, perturbations=self.perturbations,
+        predictor = self._predictor()
+        X = self._table(predictor, X)
+        names = feature_names or predictor.feature_names or [f"x{i}" for i in range(X.shape[1])]
+        res = fit_tree(predictor, X, names, max_depth=self.max_depth, perturbations=self.perturbations,
                        random_state=self.random_state)
         self.tree_, self.fidelity_, self.rules_ = res.tree, res.fidelity, res.rules
         return self
@@ -133,14 +155,14 @@ class LocalSurrogate(_Base):
         self.output = output
 
     def fit(self, X, y=None):
-        self.data_ = np.asarray(X)
         self.predictor_ = self._predictor()
+        self.data_ = self._table(self.predictor_, X)
         return self
 
     def explain(self, X) -> np.ndarray:
         from qxc.explain.surrogates import fit_local
 
-        res = fit_local(self.predictor_, np.asarray(X), self.data_, n_samples=self.n_samples,
+        res = fit_local(self.predictor_, self._table(self.predictor_, X), self.data_, n_samples=self.n_samples,
                         random_state=self.random_state)
         self.coef_, self.intercept_, self.fidelity_ = res.coef, res.intercept, res.fidelity
         self.representation_ = res.representation

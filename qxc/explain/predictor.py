@@ -48,6 +48,7 @@ class Predictor:
         for the label (logits); ``regression`` explains the outputs as numbers."""
         from qxc.runtime import make_session
 
+        self.model = model  # what it runs (the feeds of a table are checked against its inputs)
         self.table_inputs = _TableInputs(input_specs(model), categories)
         self.input = self.table_inputs.single  # the input's name when the table is the model's one input
         self.dtype = self.table_inputs.dtype
@@ -81,7 +82,7 @@ class Predictor:
                 raise UsageError(f"input '{self.input}' has no fixed feature count to probe the model with")
             return
         probe = self.session.run([self.score_out], self.table_inputs.feeds(np.zeros((1, self.n_features),
-                                                                                     self.dtype)))[0]
+                                                                                     self.dtype), probe=True))[0]
         probe = np.asarray(probe, np.float64)
         matrix = probe.ndim == 2 and probe.shape[1] >= 2
         if task == "classification" and not matrix:
@@ -222,7 +223,7 @@ class _TableInputs:
                 parts.append(col.astype(self.dtype))
         return np.ascontiguousarray(np.concatenate(parts, axis=1))
 
-    def feeds(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def feeds(self, x: np.ndarray, probe: bool = False) -> dict[str, np.ndarray]:
         if self.single is not None:
             return {self.single: x}
         feeds = {}
@@ -230,6 +231,10 @@ class _TableInputs:
             part = x[:, start : start + width]
             if spec.dtype == np.dtype(object):
                 cats = self.categories.get(spec.name)
+                if cats is None and not probe:
+                    raise UsageError(f"input '{spec.name}' takes strings, coded in the table as category indices: "
+                                     "give the model's feeds (a dict by input name or a DataFrame) so the categories "
+                                     "are known")
                 if cats is None:  # a probe before any data: the empty string
                     part = np.full(part.shape, "", dtype=object)
                 else:

@@ -773,3 +773,29 @@ def test_missing_values_are_data_and_the_explainers_treat_them_as_missing(tmp_pa
     assert main(["explain", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--embed",
                  str(tmp_path / "emb.onnx")]) == 2  # the embedded surrogates need complete rows: refused, named
     assert not (tmp_path / "emb.onnx").exists()
+
+
+def test_sklearn_style_explainers_take_the_models_feeds_and_a_dataframe():
+    """The estimators read a table export's own feeds (a dict by input name, or a DataFrame with a column per
+    input, strings included) and give what the table gives."""
+    import pandas as pd
+    from helpers import mixed_pipeline
+
+    from qxc.explain import LocalSurrogate, TreeSurrogateExplainer
+
+    proto, feeds, y = mixed_pipeline(per_column=True)
+    frame = pd.DataFrame({k: v[:, 0] for k, v in feeds.items()})
+    by_dict = PermutationImportance(proto, n_repeats=2).fit(feeds, y)
+    by_frame = PermutationImportance(proto, n_repeats=2).fit(frame, y)
+    pred = Predictor(qir.from_proto(proto))
+    table = pred.table(load_data(feeds, pred.model))
+    direct = permutation_importance(pred, table, y, n_repeats=2)
+    np.testing.assert_array_equal(by_dict.importances_, direct.importances)
+    np.testing.assert_array_equal(by_frame.importances_, direct.importances)
+    with pytest.raises(UsageError, match="input 'cat' takes strings, coded in the table"):
+        PermutationImportance(proto, n_repeats=2).fit(table, y)  # a coded table alone: the categories are unknown
+    shap_vals = ShapleyExplainer(proto).fit(frame.iloc[:50]).explain(frame.iloc[:3])
+    assert shap_vals.shape == (3, 4)
+    tree = TreeSurrogateExplainer(proto).fit(frame)
+    assert "cat" in tree.rules_ or "a" in tree.rules_
+    assert LocalSurrogate(proto, n_samples=200).fit(feeds).explain({k: v[:2] for k, v in feeds.items()}).shape == (2, 4)
