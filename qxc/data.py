@@ -307,7 +307,7 @@ def make_dataset(arrays: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.nda
 
 
 def load_data(src: Any, model: ir.Model) -> Dataset:
-    """A validated :class:`Dataset` from a path, a dict of arrays or a list of feed dicts."""
+    """A validated :class:`Dataset` from a path, a dict of arrays, a pandas DataFrame or a list of feed dicts."""
     if isinstance(src, Dataset):
         return src
     if isinstance(src, str | os.PathLike):
@@ -316,6 +316,8 @@ def load_data(src: Any, model: ir.Model) -> Dataset:
         dataset = make_dataset(arrays, model, labels=labels, source=str(path))
         dataset.meta.update(meta)
         return dataset
+    if hasattr(src, "columns") and hasattr(src, "to_numpy"):  # a pandas DataFrame
+        return _from_frame(src, model)
     if isinstance(src, Mapping):
         src = dict(src)
         labels = None
@@ -329,3 +331,26 @@ def load_data(src: Any, model: ir.Model) -> Dataset:
         return make_dataset(list(src), model)
     except TypeError:
         raise DataError(f"cannot use a {type(src).__name__} as data; give a path, a dict or a list of feeds") from None
+
+
+def _from_frame(frame: Any, model: ir.Model) -> Dataset:
+    """A DataFrame: a column per input (skl2onnx's DataFrame exports; [rows, 1] inputs get a column each), or, for a
+    single-input model, its feature columns in order. A column named label/labels/target/y is the labels."""
+    specs = input_specs(model)
+    columns = [str(c) for c in frame.columns]
+    label = next((c for c in frame.columns if str(c).lower() in LABEL_KEYS and str(c) not in {s.name for s in specs}),
+                 None)
+    labels = None if label is None else frame[label].to_numpy()
+    if all(s.name in columns for s in specs):
+        arrays = {}
+        for s in specs:
+            col = frame[s.name].to_numpy()
+            arrays[s.name] = col[:, None] if s.shape is not None and len(s.shape) == 2 and col.ndim == 1 else col
+        return make_dataset(arrays, model, labels=labels, source="<DataFrame>")
+    if len(specs) != 1:
+        missing = next(s.name for s in specs if s.name not in columns)
+        raise DataError(f"<DataFrame>: no column named '{missing}' for that model input (columns: {', '.join(columns)})")
+    features = frame.drop(columns=[label]) if label is not None else frame
+    dataset = make_dataset({specs[0].name: features.to_numpy()}, model, labels=labels, source="<DataFrame>")
+    dataset.meta["feature_names"] = [str(c) for c in features.columns]
+    return dataset

@@ -121,3 +121,21 @@ def test_csv_empty_cells_are_missing_values(tmp_path, mlp):
     (tmp_path / "inf.csv").write_text("1,2,3,4,5,6,7,inf\n")
     with pytest.raises(DataError, match="input 'x' holds infinite values"):
         load_data(tmp_path / "inf.csv", mlp)
+
+
+def test_a_dataframe_feeds_a_column_per_input_or_a_single_inputs_features(mlp):
+    import pandas as pd
+    from helpers import mixed_pipeline
+
+    proto, feeds, y = mixed_pipeline(per_column=True)
+    model = qir.from_proto(proto)
+    frame = pd.DataFrame({**{k: v[:, 0] for k, v in feeds.items()}, "label": y})
+    ds = load_data(frame, model)
+    assert ds.labels.tolist() == y.tolist() and ds.stacked["cat"].shape == (len(y), 1)
+    np.testing.assert_array_equal(ds.stacked["a"], feeds["a"])
+    with pytest.raises(DataError, match="no column named 'cat'"):
+        load_data(frame.drop(columns=["cat"]), model)
+    table = pd.DataFrame(np.arange(24, dtype=np.float64).reshape(3, 8), columns=[f"f{i}" for i in range(8)])
+    single = load_data(table.assign(target=[0, 1, 0]), mlp)
+    assert single.stacked["x"].shape == (3, 8) and single.meta["feature_names"][0] == "f0"
+    assert single.labels.tolist() == [0, 1, 0]

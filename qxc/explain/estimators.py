@@ -54,17 +54,13 @@ class _Base(BaseEstimator):
     @staticmethod
     def _table(predictor: Predictor, X) -> np.ndarray:
         """``X`` as the rows x features table the explainers read: an array as it is; the model's feeds (a dict by
-        input name, or a pandas DataFrame with a column per input, as for skl2onnx's DataFrame exports) through
-        the Predictor's table, string columns coded as category indices."""
+        input name, or a pandas DataFrame) through the Predictor's table, string columns coded as category
+        indices."""
         from collections.abc import Mapping
 
-        from qxc.data import Dataset, input_specs, load_data
+        from qxc.data import Dataset, load_data
 
-        specs = input_specs(predictor.model)
-        if hasattr(X, "columns") and hasattr(X, "to_numpy") and all(s.name in X.columns for s in specs):
-            X = {s.name: (X[s.name].to_numpy()[:, None] if s.shape is not None and len(s.shape) == 2
-                          else X[s.name].to_numpy()) for s in specs}
-        if isinstance(X, Mapping | Dataset):
+        if isinstance(X, Mapping | Dataset) or (hasattr(X, "columns") and hasattr(X, "to_numpy")):
             return predictor.table(load_data(X, predictor.model))
         return np.asarray(X)
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from qxc import ir as qir
-from qxc.data import Dataset
+from qxc.data import Dataset, load_data
 from qxc.errors import DataError, UsageError
 from qxc.explain.importance import ablation_importance, permutation_importance
 from qxc.explain.predictor import Predictor
@@ -55,7 +56,7 @@ def _output_columns(predictor: Predictor, x: np.ndarray, output: int) -> int:
     return columns
 
 
-def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutation", "tree", "local"),
+def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("permutation", "tree", "local"),
                   use_labels: bool = True, compare=None, providers=("cpu",), seed: int = 0, repeats: int = 5,
                   instances: int = 10, background: int = 100, max_depth: int = 4, local_samples: int = 1000,
                   source: str = "", threads: int | None = None, output: int = 0, task: str = "auto") -> dict:
@@ -69,6 +70,7 @@ def explain_model(model, data: Dataset, *, methods: Sequence[str] = ("permutatio
         raise UsageError(f"unknown explanation method '{unknown[0]}'; use {', '.join(METHODS)}")
     t0 = time.perf_counter()
     model = qir.coerce_model(model)
+    data = load_data(data, model)  # a path, a dict of arrays, a DataFrame or a Dataset
     predictor = Predictor(model, providers=providers, threads=threads, output=output, task=task)
     x = _matrix(data, predictor)
     columns = _output_columns(predictor, x, output)

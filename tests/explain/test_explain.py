@@ -799,3 +799,5 @@ def test_sklearn_style_explainers_take_the_models_feeds_and_a_dataframe():
     tree = TreeSurrogateExplainer(proto).fit(frame)
     assert "cat" in tree.rules_ or "a" in tree.rules_
     assert LocalSurrogate(proto, n_samples=200).fit(feeds).explain({k: v[:2] for k, v in feeds.items()}).shape == (2, 4)
+    doc = explain_model(proto, frame.assign(label=y), methods=["permutation"])  # the Python API takes it too
+    assert doc["features"] == ["a", "b", "c", "cat"] and doc["permutation"]["metric"] == "accuracy"
