@@ -150,6 +150,15 @@ class Predictor:
         """(features,) True for string columns (coded as category indices)."""
         return self.table_inputs.categorical
 
+    @property
+    def category_names(self) -> dict[int, list[str]]:
+        """String columns' categories by feature index: a coded value v of feature j means category_names[j][v]."""
+        out = {}
+        for spec, start, _ in self.table_inputs.slices:
+            for j, cats in enumerate(self.table_inputs.categories.get(spec.name, [])):
+                out[start + j] = [str(c) for c in cats]
+        return out
+
     def table(self, data) -> np.ndarray:
         """The rows x features matrix of a stacked :class:`~qxc.data.Dataset` (learns the string columns'
         categories the first time, unless given)."""

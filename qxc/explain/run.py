@@ -82,7 +82,7 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
                  "task": "classification" if predictor.is_classifier else "regression", "rows": int(len(x))}
     if columns > 1:
         doc["outputs"], doc["explained_output"] = columns, output
-    categories = _categories(predictor)
+    categories = _categories(predictor, features)
     if categories:
         doc["categories"] = categories
     rng = np.random.default_rng(seed)
@@ -128,14 +128,9 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
     return doc
 
 
-def _categories(predictor: Predictor) -> dict[str, list[str]]:
+def _categories(predictor: Predictor, features: list[str]) -> dict[str, list[str]]:
     """String columns' categories by feature name: a coded value v in the results means categories[feature][v]."""
-    names = predictor.feature_names or []
-    out = {}
-    for spec, start, _ in predictor.table_inputs.slices:
-        for j, cats in enumerate(predictor.table_inputs.categories.get(spec.name, [])):
-            out[names[start + j]] = [str(c) for c in cats]
-    return out
+    return {features[j]: names for j, names in predictor.category_names.items()}
 
 
 def _drift(predictor, other, x, y, perm, tree, features, providers, seed, repeats, max_depth, threads=None,

@@ -94,15 +94,28 @@ def tree_fidelity(tree, x: np.ndarray, y: np.ndarray, classifier: bool) -> float
     return r2_score(y, pred)
 
 
-def tree_rules(tree, features: list[str]) -> str:
+def tree_rules(tree, features: list[str], categories: dict[int, list[str]] | None = None) -> str:
     """The tree as text rules (scikit-learn's ``export_text``) with the features' names. The names are put in
-    after the export: given them, ``export_text`` runs its input checks on the list (the plugin discovery above)."""
+    after the export: given them, ``export_text`` runs its input checks on the list (the plugin discovery above).
+    A string column's split (``categories``: its category names by feature index; the table holds their indices)
+    reads as the categories on each side: ``cat in {mid, rough}``."""
     import re
 
     from sklearn.tree import export_text
 
     text = export_text(tree, decimals=4)
-    return re.sub(r"(?<=--- )feature_(\d+)(?= [<>])", lambda mt: str(features[int(mt.group(1))]), text)
+    categories = categories or {}
+
+    def split(mt: re.Match) -> str:
+        j, side, threshold = int(mt.group(1)), mt.group(2), float(mt.group(3))
+        if j not in categories:
+            return mt.group(0)
+        names = categories[j]
+        chosen = [n for code, n in enumerate(names) if (code <= threshold) == (side == "<=")]
+        return f"feature_{j} in {{{', '.join(chosen)}}}"
+
+    text = re.sub(r"feature_(\d+) (<=|> ) (-?[\d.]+)", split, text)
+    return re.sub(r"(?<=--- )feature_(\d+)(?= [<>]| in )", lambda mt: str(features[int(mt.group(1))]), text)
 
 
 def fit_tree(predictor: Predictor, x: np.ndarray, features: list[str], *, max_depth: int = 4,
@@ -120,7 +133,7 @@ def fit_tree(predictor: Predictor, x: np.ndarray, features: list[str], *, max_de
                              max_leaf_nodes=max_leaf_nodes, random_state=random_state)
     fid = tree_fidelity(tree, test, y_test, predictor.is_classifier)
     fid_train = tree_fidelity(tree, train, y_train, predictor.is_classifier)
-    rules = tree_rules(tree, list(features))
+    rules = tree_rules(tree, list(features), predictor.category_names)
     return TreeSurrogate(tree, float(fid), float(fid_train), rules, predictor.is_classifier, time.perf_counter() - t,
                          {"max_depth": max_depth, "max_leaf_nodes": max_leaf_nodes, "perturbations": perturbations,
                           "holdout": holdout, "random_state": random_state, "train_rows": len(train),

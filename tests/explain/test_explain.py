@@ -801,3 +801,16 @@ def test_sklearn_style_explainers_take_the_models_feeds_and_a_dataframe():
     assert LocalSurrogate(proto, n_samples=200).fit(feeds).explain({k: v[:2] for k, v in feeds.items()}).shape == (2, 4)
     doc = explain_model(proto, frame.assign(label=y), methods=["permutation"])  # the Python API takes it too
     assert doc["features"] == ["a", "b", "c", "cat"] and doc["permutation"]["metric"] == "accuracy"
+
+
+def test_tree_rules_name_the_categories_on_each_side_of_a_string_columns_split():
+    from sklearn.tree import DecisionTreeClassifier
+
+    from qxc.explain.surrogates import tree_rules
+
+    codes = np.repeat(np.arange(3.0), 20)
+    x = np.c_[np.random.default_rng(0).random(60), codes]  # size tells nothing
+    tree = DecisionTreeClassifier(max_depth=1, random_state=0).fit(x, codes == 2)  # cat, between codes 1 and 2
+    rules = tree_rules(tree, ["size", "cat"], {1: ["mid", "rough", "smooth"]})
+    assert "|--- cat in {mid, rough}" in rules and "|--- cat in {smooth}" in rules
+    assert tree_rules(tree, ["size", "cat"]).startswith("|--- cat <= 1.5000")
