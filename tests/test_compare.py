@@ -120,3 +120,23 @@ def test_compare_a_multi_output_regressor_with_its_targets(tmp_path):
     model = qir.from_proto(to_onnx(LinearRegression().fit(x, y), x[:1]))  # a (rows, 2) output
     res = compare_models(model, qir.clone(model), load_data({"X": x, "labels": y}, model)).to_json()
     assert not res["accuracy"] and res["outputs"]["variable"]["sqnr_db"] == "inf"
+
+
+def test_bench_without_data_refuses_string_inputs_and_names_onnxruntime_failures(tmp_path, capsys):
+    """Random inputs cannot make up categories: a string input asks for --data, and a model that fails on the
+    made-up integers (an encoder meeting category 0) is a named model error, not an internal one."""
+    import onnx
+    from helpers import mixed_pipeline
+    from onnx import TensorProto, helper
+
+    onnx.save(mixed_pipeline()[0], tmp_path / "strings.onnx")
+    assert main(["bench", str(tmp_path / "strings.onnx"), "--runs", "3"]) == 2
+    assert "input 'cat' takes strings" in capsys.readouterr().err
+    enc = helper.make_node("OneHotEncoder", ["x"], ["y"], domain="ai.onnx.ml", cats_int64s=[1, 2], zeros=0)
+    graph = helper.make_graph([enc], "g", [helper.make_tensor_value_info("x", TensorProto.INT64, [None, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1, 2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)]),
+              tmp_path / "ints.onnx")
+    assert main(["bench", str(tmp_path / "ints.onnx"), "--runs", "3"]) == 3
+    err = capsys.readouterr().err
+    assert "ints.onnx: onnxruntime failed on random inputs" in err and "pass --data" in err
