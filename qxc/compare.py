@@ -162,10 +162,10 @@ class Accumulator:
                 "correct_cand": 0, "predicted": 0, "labeled": 0}
 
     def update(self, state: dict, feed: dict, labels: np.ndarray | None) -> None:
-        from qxc.runtime.session import normalize_output
+        from qxc.runtime.session import normalize_output, run
 
-        r_out = [normalize_output(a) for a in self.ref_sess.run(self.out_names, feed)]  # ZipMap: a float matrix
-        c_out = [normalize_output(b) for b in self.cand_sess.run(self.out_names, feed)]
+        r_out = [normalize_output(a) for a in run(self.ref_sess, self.out_names, feed)]  # ZipMap: a float matrix
+        c_out = [normalize_output(b) for b in run(self.cand_sess, self.out_names, feed)]
         for n, a, b in zip(self.out_names, r_out, c_out):
             if a.dtype.kind in "fiub":  # string labels are compared as predictions, below
                 state["outputs"][n].update(a.astype(np.float64), b.astype(np.float64))

@@ -140,3 +140,22 @@ def test_bench_without_data_refuses_string_inputs_and_names_onnxruntime_failures
     assert main(["bench", str(tmp_path / "ints.onnx"), "--runs", "3"]) == 3
     err = capsys.readouterr().err
     assert "ints.onnx: onnxruntime failed on random inputs" in err and "pass --data" in err
+
+
+def test_data_the_model_cannot_run_is_a_one_line_data_error(tmp_path, capfd):
+    """Token ids past the embedding table: onnxruntime fails; compare and explain say so in one line, exit 5."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32), "emb")
+    graph = helper.make_graph([helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
+                               helper.make_node("ReduceSum", ["e"], ["y"], keepdims=0, axes=[1])], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])], [table])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", ids=np.full((12, 3), 50, np.int64))
+    for argv in (["compare", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx")], ["explain", str(tmp_path / "m.onnx")]):
+        assert main([*argv, "--data", str(tmp_path / "d.npz")]) == 5
+        err = capfd.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("qxc: error: onnxruntime failed on the sample data:")
+        assert "Gather node" in err[0] and "embed" in err[0]

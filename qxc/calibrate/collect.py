@@ -11,7 +11,6 @@ import onnx_ir as ir
 from qxc.calibrate.observers import Histogram, MinMax
 from qxc.calibrate.ranges import Ranges
 from qxc.data import Dataset
-from qxc.errors import DataError
 
 CalibrationMethod = Literal["minmax", "percentile", "entropy", "mse"]
 
@@ -32,10 +31,9 @@ class TapRunner:
         self.outputs = [t.output for t in self.manifest.taps]
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        try:
-            arrays = self.session.run(self.outputs, feed)
-        except Exception as e:  # onnxruntime's messages are multi-line
-            raise DataError(f"onnxruntime failed on the sample data: {' '.join(str(e).split())[:300]}") from e
+        from qxc.runtime.session import run
+
+        arrays = run(self.session, self.outputs, feed)
         out: dict[str, np.ndarray] = {}
         for t, a in zip(self.manifest.taps, arrays):
             if a is None or (t.kind == "if-branch" and a.size == 0):

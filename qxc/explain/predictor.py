@@ -96,12 +96,12 @@ class Predictor:
         return self.label_out is not None or self.argmax_labels
 
     def _run(self, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-        from qxc.runtime.session import normalize_output
+        from qxc.runtime.session import normalize_output, run
 
         names = [n for n in (self.label_out, self.score_out) if n is not None]
         labels, scores = [], []
         for s in range(0, len(x), self.batch_size):
-            out = self.session.run(names, self.table_inputs.feeds(x[s : s + self.batch_size]))
+            out = run(self.session, names, self.table_inputs.feeds(x[s : s + self.batch_size]))
             self.calls += 1
             if self.label_out is not None:
                 labels.append(np.asarray(out[0]))

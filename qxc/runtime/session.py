@@ -15,7 +15,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qxc import ir as qir
-from qxc.errors import ModelError, UsageError
+from qxc.errors import DataError, ModelError, UsageError
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -74,7 +74,7 @@ def session_options(*, threads: int | None = None, optimization: str = "all",
         raise UsageError(f"unknown optimization level '{optimization}'; use one of {', '.join(_OPT_LEVELS)}")
     so = ort.SessionOptions()
     so.graph_optimization_level = _OPT_LEVELS[optimization]
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: qxc turns onnxruntime's errors into its own one-line messages
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -138,6 +138,15 @@ def normalize_output(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def run(session: ort.InferenceSession, names: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list:
+    """``session.run``, with onnxruntime's failure on the data (an index out of range, an unknown category, a shape
+    the model cannot take) as a one-line DataError: the data, not qxc, is at fault."""
+    try:
+        return session.run(names, feed)
+    except Exception as e:  # onnxruntime's exception types are not public; its messages are multi-line
+        raise DataError(f"onnxruntime failed on the sample data: {' '.join(str(e).split())[:300]}") from e
+
+
 def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, batch_size: int = 1024,
                 output_names: Sequence[str] | None = None, progress: bool = False) -> list[np.ndarray]:
     """Run ``feeds`` (batch along axis 0) in chunks of ``batch_size`` rows and concatenate each output."""
@@ -151,6 +160,6 @@ def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, 
         starts = tqdm(starts, unit="batch", leave=False)
     for s in starts:
         chunk = {k: v[s : s + batch_size] for k, v in feeds.items()}
-        for i, out in enumerate(session.run(names, chunk)):
+        for i, out in enumerate(run(session, names, chunk)):
             parts[i].append(normalize_output(out))
     return [np.concatenate(p, axis=0) if p else np.empty((0,)) for p in parts]
