@@ -276,6 +276,9 @@ def cmd_explain_chunked(args, model) -> int:
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     unsupported = [m for m in methods if m not in ("permutation", "shapley", "tree")]
+    if args.perturbations and "tree" in methods:
+        raise UsageError("--perturbations needs the rows in one process; with --backend ray or a folder of shards "
+                         "the tree is fit on --tree-rows data rows")
     if unsupported:
         raise UsageError(f"method '{unsupported[0]}' needs the rows in one process; with --backend ray or a folder "
                          "of shards use permutation, shapley, tree")
@@ -326,12 +329,14 @@ def cmd_explain_chunked(args, model) -> int:
             classifier = y.dtype.kind != "f"  # class labels (integers or strings) or a regression's outputs
             train_rows, test_rows = holdout_split(len(x), 0.25, args.seed)
             xtr, xte, ytr, yte = x[train_rows], x[test_rows], y[train_rows], y[test_rows]
-            tree = fit_decision_tree(xtr, ytr, classifier, max_depth=args.max_depth, random_state=args.seed)
+            tree = fit_decision_tree(xtr, ytr, classifier, max_depth=args.max_depth,
+                                     max_leaf_nodes=args.max_leaf_nodes, random_state=args.seed)
             fid = tree_fidelity(tree, xte, yte, classifier)
             doc["tree"] = {"fidelity": round(fid, 6), "metric": "agreement" if classifier else "r2",
                            "rules": tree_rules(tree, feats), "depth": int(tree.get_depth()),
                            "leaves": int(tree.get_n_leaves()), "seconds": round(time.perf_counter() - t, 4),
-                           "settings": {**settings, "rows": len(x), "max_depth": args.max_depth}}
+                           "settings": {**settings, "rows": len(x), "max_depth": args.max_depth,
+                                        "max_leaf_nodes": args.max_leaf_nodes}}
     finally:
         backend.close()
     doc["timing"] = {"seconds": round(time.perf_counter() - t0, 4)}
@@ -376,6 +381,8 @@ def cmd_explain(args) -> int:
     doc = explain_model(model, data, methods=methods, use_labels=args.labels, compare=compare,
                         providers=args.provider.split(","), seed=args.seed, repeats=args.repeats,
                         instances=args.instances, background=args.background, max_depth=args.max_depth,
+                        max_leaf_nodes=args.max_leaf_nodes, perturbations=args.perturbations, baseline=args.baseline,
+                        local_samples=args.local_samples,
                         source=str(args.model), threads=args.threads, output=args.explain_output, task=args.task)
     if args.embed:
         from qxc.explain.embed import embed, linear_contributions, tree_to_onnx, verify_tree
@@ -392,7 +399,8 @@ def cmd_explain(args) -> int:
             col = int(np.flatnonzero(np.isnan(x).any(axis=0))[0])
             raise UsageError(f"--embed: {args.data} has missing values (NaN) in feature '{doc['features'][col]}'; "
                              "the embedded surrogates are fit on complete rows: give rows without missing values")
-        tree = fit_tree(pred, x, doc["features"], max_depth=args.max_depth, random_state=args.seed)
+        tree = fit_tree(pred, x, doc["features"], max_depth=args.max_depth, max_leaf_nodes=args.max_leaf_nodes,
+                        perturbations=args.perturbations, random_state=args.seed)
         scores = pred.predict(x).scores
         mean, coef, r2 = linear_contributions(x.astype("float64"), scores.astype("float64"))
         exported = tree_to_onnx(tree.tree, x.shape[1], pred.is_classifier)
@@ -469,6 +477,17 @@ def cmd_bench(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- parser
+
+
+def _non_negative(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
+    return value
 
 
 def _count(text: str) -> int:
@@ -575,6 +594,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--instances", type=_count, default=10, help="instances explained by shapley/local")
     e.add_argument("--background", type=_count, default=100, help="background rows for Shapley values")
     e.add_argument("--max-depth", type=_count, default=4, help="surrogate tree depth")
+    e.add_argument("--max-leaf-nodes", type=_count, help="surrogate tree leaves at most (default: no bound)")
+    e.add_argument("--perturbations", type=_non_negative, default=0, metavar="N",
+                   help="also fit the tree on N in-distribution rows (a data row with one feature redrawn from its "
+                        "observed values)")
+    e.add_argument("--baseline", choices=["mean", "median", "zero"], default="mean",
+                   help="what ablation replaces a feature by")
+    e.add_argument("--local-samples", type=_count, default=1000, help="neighbourhood samples per local surrogate")
     e.add_argument("--embed", help="write the model with the surrogates merged in as extra outputs")
     e.add_argument("--force", action="store_true")
     e.add_argument("-o", "--output", help="write the JSON here (default: stdout)")

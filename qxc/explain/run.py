@@ -58,9 +58,13 @@ def _output_columns(predictor: Predictor, x: np.ndarray, output: int) -> int:
 
 def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("permutation", "tree", "local"),
                   use_labels: bool = True, compare=None, providers=("cpu",), seed: int = 0, repeats: int = 5,
-                  instances: int = 10, background: int = 100, max_depth: int = 4, local_samples: int = 1000,
-                  source: str = "", threads: int | None = None, output: int = 0, task: str = "auto") -> dict:
+                  instances: int = 10, background: int = 100, max_depth: int = 4, max_leaf_nodes: int | None = None,
+                  perturbations: int = 0, baseline: str = "mean", local_samples: int = 1000, source: str = "",
+                  threads: int | None = None, output: int = 0, task: str = "auto") -> dict:
     """Every method in ``methods`` on ``model`` over ``data`` as one ``qxc.explain/1`` document (schema above);
+    the tree surrogate is bounded by ``max_depth`` and ``max_leaf_nodes`` and also fits ``perturbations`` extra
+    in-distribution rows (a data row with one feature redrawn from its observed values); ablation replaces a
+    feature by its ``baseline`` (mean, median or zero);
     ``threads`` caps onnxruntime's intra-op threads (default: onnxruntime's own choice); ``output``: the column of
     a multi-output regressor that Shapley values and the surrogates explain (permutation and ablation score every
     output, as scikit-learn's ``score`` does); ``task``: see :class:`Predictor` (auto: skl2onnx label outputs and
@@ -94,12 +98,15 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
         from qxc.runtime.threads import prefetch_threadpools
 
         prefetch_threadpools()
+    tree_opts = {"max_depth": max_depth, "max_leaf_nodes": max_leaf_nodes, "perturbations": perturbations,
+                 "random_state": seed}
     perm = None
     if "permutation" in methods:
         perm = permutation_importance(predictor, x, y, n_repeats=repeats, random_state=seed)
         doc["permutation"] = perm.to_json(features)
     if "ablation" in methods:
-        doc["ablation"] = ablation_importance(predictor, x, y, n_repeats=repeats, random_state=seed).to_json(features)
+        doc["ablation"] = ablation_importance(predictor, x, y, baseline=baseline, n_repeats=repeats,
+                                              random_state=seed).to_json(features)
     if "shapley" in methods:
         from qxc.explain.shapley import shapley_values
 
@@ -109,7 +116,7 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
     if "tree" in methods:
         from qxc.explain.surrogates import fit_tree
 
-        tree = fit_tree(predictor, x, features, max_depth=max_depth, random_state=seed)
+        tree = fit_tree(predictor, x, features, **tree_opts)
         doc["tree"] = tree.to_json(features)  # exported to ONNX (and verified) by --embed, not on every run
     if "local" in methods:
         from qxc.explain.surrogates import fit_local
@@ -122,7 +129,7 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
         doc["layers"] = {"values": activation_stats(model, data, providers=providers)}
     if compare is not None:
         doc["drift"] = _drift(predictor, qir.coerce_model(compare), x, y, perm, tree, features, providers, seed,
-                              repeats, max_depth, threads, output, task)
+                              repeats, tree_opts, threads, output, task)
     doc["timing"] = {"seconds": round(time.perf_counter() - t0, 4), "rows_evaluated": int(predictor.rows_evaluated),
                      "onnxruntime_calls": int(predictor.calls)}
     return doc
@@ -133,7 +140,7 @@ def _categories(predictor: Predictor, features: list[str]) -> dict[str, list[str
     return {features[j]: names for j, names in predictor.category_names.items()}
 
 
-def _drift(predictor, other, x, y, perm, tree, features, providers, seed, repeats, max_depth, threads=None,
+def _drift(predictor, other, x, y, perm, tree, features, providers, seed, repeats, tree_opts, threads=None,
            output=0, task="auto") -> dict:
     from qxc.explain.drift import drift
     from qxc.explain.surrogates import fit_tree, holdout_split
@@ -142,8 +149,8 @@ def _drift(predictor, other, x, y, perm, tree, features, providers, seed, repeat
                      categories=predictor.table_inputs.categories)
     perm_c = permutation_importance(cand, x, y, n_repeats=repeats, random_state=seed)
     perm_r = perm or permutation_importance(predictor, x, y, n_repeats=repeats, random_state=seed)
-    tree_r = tree or fit_tree(predictor, x, features, max_depth=max_depth, random_state=seed)
-    tree_c = fit_tree(cand, x, features, max_depth=max_depth, random_state=seed)
+    tree_r = tree or fit_tree(predictor, x, features, **tree_opts)
+    tree_c = fit_tree(cand, x, features, **tree_opts)
     holdout = x[holdout_split(len(x), 0.25, seed)[1]]
     out = drift(predictor, cand, x, importance_ref=perm_r.mean, importance_cand=perm_c.mean, tree_ref=tree_r.tree,
                 tree_cand=tree_c.tree, holdout=holdout)

@@ -814,3 +814,18 @@ def test_tree_rules_name_the_categories_on_each_side_of_a_string_columns_split()
     rules = tree_rules(tree, ["size", "cat"], {1: ["mid", "rough", "smooth"]})
     assert "|--- cat in {mid, rough}" in rules and "|--- cat in {smooth}" in rules
     assert tree_rules(tree, ["size", "cat"]).startswith("|--- cat <= 1.5000")
+
+
+def test_cli_tree_and_ablation_settings_reach_the_methods(tmp_path):
+    """--max-leaf-nodes, --perturbations, --baseline and --local-samples are what the JSON says was used."""
+    out = tmp_path / "e.json"
+    data = str(MODELS / "digits_test.npz")
+    assert main(["explain", str(MODELS / "digits_mlp.onnx"), "--data", data, "--method", "tree,ablation,local",
+                 "--max-leaf-nodes", "6", "--perturbations", "500", "--baseline", "median", "--local-samples", "300",
+                 "--instances", "2", "-o", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["tree"]["leaves"] <= 6 and doc["tree"]["settings"]["train_rows"] == 337 + 500
+    assert doc["ablation"]["settings"]["baseline"] == "median" and doc["local"]["settings"]["n_samples"] == 300
+    assert main(["explain", str(MODELS / "digits_mlp.onnx"), "--data", data, "--method", "tree", "--perturbations",
+                 "10", "--backend", "ray"]) == 2  # refused before any cluster starts
+    assert main(["explain", str(MODELS / "digits_mlp.onnx"), "--data", data, "--perturbations", "-1"]) == 2
