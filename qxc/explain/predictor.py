@@ -95,20 +95,22 @@ class Predictor:
     def is_classifier(self) -> bool:
         return self.label_out is not None or self.argmax_labels
 
-    def _run(self, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    def _run(self, x: np.ndarray, with_labels: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+        """Labels (when ``with_labels``: onnxruntime then also runs the label branch) and scores of ``x``."""
         from qxc.runtime.session import normalize_output, run
 
-        names = [n for n in (self.label_out, self.score_out) if n is not None]
+        label_out = self.label_out if with_labels else None
+        names = [n for n in (label_out, self.score_out) if n is not None]
         labels, scores = [], []
         for s in range(0, len(x), self.batch_size):
             out = run(self.session, names, self.table_inputs.feeds(x[s : s + self.batch_size]))
             self.calls += 1
-            if self.label_out is not None:
+            if label_out is not None:
                 labels.append(np.asarray(out[0]))
             scores.append(normalize_output(out[-1]))
         self.rows_evaluated += len(x)
         sc = np.concatenate(scores) if scores else np.zeros((0,), np.float32)
-        if self.argmax_labels:
+        if self.argmax_labels and with_labels:
             labels = [np.argmax(sc, axis=1)] if len(sc) else []
         if len(sc) != len(x):
             raise ModelError(f"output '{self.score_out}' gave {len(sc)} rows for {len(x)} input rows; explanations "
@@ -117,18 +119,19 @@ class Predictor:
             sc = sc[:, 0]
         return (np.concatenate(labels) if labels else None), sc
 
-    def predict(self, x: np.ndarray) -> Prediction:
+    def predict(self, x: np.ndarray, with_labels: bool = True) -> Prediction:
         x = np.ascontiguousarray(x, dtype=self.dtype)
         if x.ndim != 2 or (self.n_features is not None and x.shape[1] != self.n_features):
             raise DataError(f"{self.table_inputs.what} expects {self.n_features} features per row; got shape "
                             f"{x.shape}")
-        labels, scores = self._run(x)
+        labels, scores = self._run(x, with_labels)
         return Prediction(labels, scores)
 
     def value(self, x: np.ndarray, classes: np.ndarray | None = None) -> np.ndarray:
         """The scalar explained per row: the regression output (column ``output`` of a multi-output regressor), or
-        the probability of ``classes`` (per row)."""
-        p = self.predict(x)
+        the probability of ``classes`` (per row). The label output is not asked for: onnxruntime skips its
+        nodes."""
+        p = self.predict(x, with_labels=False)
         if p.scores.ndim == 1:
             return p.scores.astype(np.float64)
         if not self.is_classifier:

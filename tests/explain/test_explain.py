@@ -829,3 +829,16 @@ def test_cli_tree_and_ablation_settings_reach_the_methods(tmp_path):
     assert main(["explain", str(MODELS / "digits_mlp.onnx"), "--data", data, "--method", "tree", "--perturbations",
                  "10", "--backend", "ray"]) == 2  # refused before any cluster starts
     assert main(["explain", str(MODELS / "digits_mlp.onnx"), "--data", data, "--perturbations", "-1"]) == 2
+
+
+def test_value_asks_onnxruntime_for_the_scores_alone():
+    """Shapley and local surrogates read probabilities only: the label output is not requested (onnxruntime then
+    skips the label branch's nodes), while predict still returns labels."""
+    pred = Predictor(qir.load(MODELS / "digits_mlp.onnx"))
+    asked = []
+    real = pred.session.run
+    pred.session.run = lambda names, feed, *a: asked.append(list(names)) or real(names, feed, *a)
+    x, _ = _xy("digits")
+    v = pred.value(x[:5])
+    assert asked == [[pred.score_out]] and v.shape == (5,)
+    assert pred.predict(x[:5]).labels is not None and asked[-1] == [pred.label_out, pred.score_out]
