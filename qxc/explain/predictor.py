@@ -252,6 +252,8 @@ class _TableInputs:
                 else:
                     part = np.stack([c[np.clip(np.rint(part[:, j]), 0, len(c) - 1).astype(np.int64)]
                                      for j, c in enumerate(cats)], axis=1)
+            elif spec.dtype.kind in "iub" and part.dtype.kind == "f":  # a sampled value between integers: nearest
+                part = np.ascontiguousarray(np.rint(part), dtype=spec.dtype)
             else:
                 part = np.ascontiguousarray(part, dtype=spec.dtype)
             feeds[spec.name] = part.reshape(len(x)) if len(spec.shape) == 1 else part

@@ -842,3 +842,19 @@ def test_value_asks_onnxruntime_for_the_scores_alone():
     v = pred.value(x[:5])
     assert asked == [[pred.score_out]] and v.shape == (5,)
     assert pred.predict(x[:5]).labels is not None and asked[-1] == [pred.label_out, pred.score_out]
+
+
+def test_an_integer_input_in_a_table_takes_the_nearest_whole_number():
+    """A float input and an int64 input form one float64 table; a sampled 2.6 reaches the model as 3, not 2."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.array([[1.0], [10.0], [100.0]], np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT),
+         helper.make_node("Concat", ["x", "kf"], ["xk"], axis=1), helper.make_node("MatMul", ["xk", "w"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2]),
+              helper.make_tensor_value_info("k", TensorProto.INT64, [None, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1])], [w])
+    pred = Predictor(qir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+    assert pred.dtype == np.float64 and pred.feature_names == ["x[0]", "x[1]", "k"]
+    np.testing.assert_allclose(pred.value(np.array([[1.0, 2.0, 2.6], [0.0, 0.0, -1.4]])), [321.0, -100.0])
