@@ -79,9 +79,9 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
     x = _matrix(data, predictor)
     columns = _output_columns(predictor, x, output)
     y = data.labels if use_labels else None  # without labels: prediction change instead of a metric
-    features = predictor.feature_names or data.meta.get("feature_names") or [f"x{i}" for i in range(x.shape[1])]
-    if len(features) != x.shape[1]:
-        features = [f"x{i}" for i in range(x.shape[1])]
+    given = data.meta.get("feature_names")  # the data's own names win; then the model's input names
+    features = given if given is not None and len(given) == x.shape[1] else (
+        predictor.feature_names or [f"x{i}" for i in range(x.shape[1])])
     doc: dict = {"schema": SCHEMA, "model": source, "features": list(features),
                  "task": "classification" if predictor.is_classifier else "regression", "rows": int(len(x))}
     if columns > 1:

@@ -858,3 +858,18 @@ def test_an_integer_input_in_a_table_takes_the_nearest_whole_number():
     pred = Predictor(qir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
     assert pred.dtype == np.float64 and pred.feature_names == ["x[0]", "x[1]", "k"]
     np.testing.assert_allclose(pred.value(np.array([[1.0, 2.0, 2.6], [0.0, 0.0, -1.4]])), [321.0, -100.0])
+
+
+def test_the_datas_feature_names_win_over_the_input_names(tmp_path):
+    import onnx
+    from helpers import mixed_pipeline
+
+    proto, feeds, y = mixed_pipeline()
+    onnx.save(proto, tmp_path / "m.onnx")
+    names = ["radius", "texture", "concave points", "surface"]
+    np.savez(tmp_path / "d.npz", **feeds, labels=y, feature_names=np.array(names))
+    doc = explain_model(tmp_path / "m.onnx", tmp_path / "d.npz", methods=["permutation"])
+    assert doc["features"] == names and doc["categories"] == {"surface": ["mid", "rough", "smooth"]}
+    np.savez(tmp_path / "short.npz", **feeds, labels=y, feature_names=np.array(names[:2]))  # not one per feature
+    assert explain_model(tmp_path / "m.onnx", tmp_path / "short.npz", methods=["permutation"])["features"] == [
+        "num[0]", "num[1]", "num[2]", "cat"]
