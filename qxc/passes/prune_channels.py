@@ -2,8 +2,8 @@
 
 A layer's output channels (MatMul/Gemm/Conv/ConvTranspose) are followed through channel-wise ops — constants
 broadcast per channel or as scalars (bias Add, Mul, Sub, Div, PRelu, Pow), BatchNormalization, elementwise
-activations (also com.microsoft Gelu/FastGelu/BiasGelu/QuickGelu), Cast, Dropout, pooling, Flatten before a
-Gemm/MatMul — to every layer that reads them. The ops may form a DAG: an exported erf-Gelu reads its input twice, a
+activations (also com.microsoft Gelu/FastGelu/BiasGelu/QuickGelu), Cast, Dropout, pooling, reductions over
+other axes (``x.mean(dim=(2, 3))``), Flatten before a Gemm/MatMul — to every layer that reads them. The ops may form a DAG: an exported erf-Gelu reads its input twice, a
 SiLU is x * Sigmoid(x), and a SwiGLU multiplies two layers' outputs (gate * up), which ties those two layers' channels
 into one group that shrinks together. The channels with the smallest L1/L2 weight norm (summed over tied layers,
 each scaled to mean 1) are removed from every writer's weight and bias, from every per-channel constant on the way,
@@ -35,6 +35,7 @@ POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool
 BINARY = ("Add", "Mul", "Sub", "Div", "PRelu", "Pow")
 MS_UNARY = ("Gelu", "QuickGelu", "FastGelu", "BiasGelu")  # com.microsoft: x [, per-channel bias]
 LAYERS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+REDUCE = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2")  # over other axes
 LEVELS = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
 
 
@@ -197,6 +198,8 @@ class _Tracer:
             self._batchnorm(n)
         elif op == "Flatten" and via is n.inputs[0]:
             self._flatten(n, via)
+        elif op in REDUCE and via is n.inputs[0]:
+            self._reduce(n, via)
         elif via is None:
             raise _Untied(self._combined(n.outputs[0], f"{op} '{name}'"))
         else:
@@ -264,6 +267,25 @@ class _Tracer:
                 or any(not isinstance(d, int) for d in list(x.shape)[2:])):
             raise _Untied(f"Flatten '{n.name}' needs axis 1 over the channels and static spatial dims")
         self._join(n.outputs[0], -1, int(np.prod(list(x.shape)[2:])) if rank > 2 else 1)
+
+    def _reduce(self, n: ir.Node, x: ir.Value) -> None:
+        """A reduction over other axes than the channels (PyTorch's ``x.mean(dim=(2, 3))``) keeps them; with
+        keepdims=0 they move as many places towards the end as reduced axes follow them."""
+        neg, block = self.where[x]
+        rank = self._rank(x)
+        axes = n.attributes.get("axes")
+        axes = list(axes.value) if axes is not None else None
+        if axes is None and len(n.inputs) > 1 and n.inputs[1] is not None:
+            axes = n.inputs[1].const_value.numpy().reshape(-1).tolist() if is_weight(n.inputs[1]) else None
+        if rank is None or block != 1 or not axes:
+            raise _Untied(f"{n.op_type} '{n.name}' needs constant axes and a known rank to keep the channels")
+        axes = {a % rank for a in axes}
+        channel = rank + neg
+        if channel in axes:
+            raise _Untied(f"{n.op_type} '{n.name}' reduces over the channels")
+        if n.attributes.get("keepdims") is not None and n.attributes["keepdims"].value == 0:
+            neg += sum(a > channel for a in axes)
+        self._join(n.outputs[0], neg, 1)
 
     def _consumer(self, n: ir.Node, wv: ir.Value, via: ir.Value) -> None:
         op, name = n.op_type, n.name

@@ -302,3 +302,49 @@ def test_pruning_a_model_without_matrices_warns(name):
     assert result.records[0].report["warnings"] == [
         "nothing to prune: no MatMul/Gemm/Conv in the model (it computes with ai.onnx.ml::TreeEnsembleClassifier); "
         "this pass leaves it as it was"]
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_channels_through_a_mean_over_the_spatial_axes(opset):
+    """PyTorch's ``x.mean(dim=(2, 3))`` between a Conv and a Linear: ReduceMean with keepdims=0 (axes an attribute
+    before opset 18, an input from it) keeps the channels, which move to the last axis. Over the channels, it ties."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "k"),
+             numpy_helper.from_array(rng.normal(size=(5, 8)).astype(np.float32), "w")]
+
+    def model(axes):
+        reduce = (helper.make_node("ReduceMean", ["r"], ["m"], keepdims=0, axes=axes) if opset < 18 else
+                  helper.make_node("ReduceMean", ["r", "axes"], ["m"], keepdims=0))
+        extra = [] if opset < 18 else [numpy_helper.from_array(np.array(axes, np.int64), "axes")]
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "k"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]), reduce,
+             helper.make_node("Gemm", ["m", "w"], ["y"], name="fc", transB=1)], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 6, 6])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 5])], inits + extra)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+    proto = model([2, 3])
+    result = compile_model(proto, "prune-channels{sparsity=0.5}", verify_runtime=True)
+    after = _weights(result.model)
+    assert after["k"].shape == (4, 3, 3, 3) and after["w"].shape == (5, 4)
+    kept = _kept_columns(numpy_helper.to_array(inits[0]).reshape(8, -1).T, after["k"].reshape(4, -1).T)
+    ref = onnx.ModelProto()
+    ref.CopyFrom(proto)
+    w = numpy_helper.to_array(inits[1]).copy()
+    w[:, np.setdiff1d(np.arange(8), kept)] = 0
+    ref.graph.initializer[1].CopyFrom(numpy_helper.from_array(w, "w"))
+    x = {"x": rng.normal(size=(4, 3, 6, 6)).astype(np.float32)}
+    np.testing.assert_allclose(run(qir.to_proto(result.model), x)[0], run(ref, x)[0], rtol=1e-4, atol=1e-4)
+    over = helper.make_graph(  # a mean over the channels, into a 1-channel Conv
+        [helper.make_node("Conv", ["x", "k"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("ReduceMean", ["c"], ["m"], name="mean", keepdims=1, axes=[1]),
+         helper.make_node("Conv", ["m", "k1"], ["y"], name="conv1x1")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 5, 6, 6])],
+        [inits[0], numpy_helper.from_array(np.ones((5, 1, 1, 1), np.float32), "k1")])
+    kept = compile_model(helper.make_model(over, opset_imports=[helper.make_opsetid("", 17)]),
+                         "prune-channels{include=[conv$]}").records[0].report["kept_whole"]
+    assert kept == [{"node": "conv", "reason": "ReduceMean 'mean' reduces over the channels"}]
