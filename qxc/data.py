@@ -286,6 +286,8 @@ def make_dataset(arrays: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.nda
             raise DataError(f"{source}: input '{name}' has zero rows")
         if arr.dtype.kind == "f" and np.isinf(arr).any():  # NaN is a missing value, which models may impute
             raise DataError(f"{source}: input '{name}' holds infinite values")
+        if arr.ndim == 1 and spec.shape is not None and len(spec.shape) == 2 and spec.shape[1] == 1:
+            arr = arr[:, None]  # a column for a [rows, 1] input (a table export's one input per column)
         fixed[name] = _cast(name, arr, spec, source)
         layouts[name] = _layout(name, fixed[name], spec, source)
     counts = {len(a) for a in fixed.values()}

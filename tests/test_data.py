@@ -92,6 +92,8 @@ def test_string_inputs_from_str_arrays_and_csv_columns_by_input_name(tmp_path):
     np.savez(tmp_path / "d.npz", **feeds, labels=y)
     ds = load_data(tmp_path / "d.npz", model)
     assert ds.stacked["cat"].dtype == object and ds.stacked["cat"][0, 0] == feeds["cat"][0, 0]
+    flat = load_data({k: v[:, 0] for k, v in feeds.items()}, model)  # 1-D columns for the [rows, 1] inputs
+    assert flat.stacked["a"].shape == (len(y), 1) and flat.stacked["cat"].tolist() == ds.stacked["cat"].tolist()
     lines = ["label,cat,c,b,a"] + [f"{t},{s},{c},{b},{a}" for t, s, a, b, c in
                                    zip(y, feeds["cat"][:, 0], feeds["a"][:, 0], feeds["b"][:, 0], feeds["c"][:, 0])]
     (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
