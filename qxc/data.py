@@ -201,6 +201,9 @@ def _csv_by_input(path: Path, header: list[str] | None, columns: list[tuple[str,
                 raise DataError(f"{path}: column '{spec.name}': non-numeric cell ({e}) for a "
                                 f"{spec.dtype} input") from None
             if spec.dtype is not None and spec.dtype.kind in "iub":
+                if np.isnan(col).any():
+                    raise DataError(f"{path}: column '{spec.name}' has empty cells, and its {spec.dtype} input cannot "
+                                    "take a missing value")
                 if not np.array_equal(col, np.round(col)):
                     raise DataError(f"{path}: column '{spec.name}' holds fractions for a {spec.dtype} input")
                 col = col.astype(spec.dtype)

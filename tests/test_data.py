@@ -141,3 +141,17 @@ def test_a_dataframe_feeds_a_column_per_input_or_a_single_inputs_features(mlp):
     single = load_data(table.assign(target=[0, 1, 0]), mlp)
     assert single.stacked["x"].shape == (3, 8) and single.meta["feature_names"][0] == "f0"
     assert single.labels.tolist() == [0, 1, 0]
+
+
+def test_an_empty_cell_for_an_integer_input_is_named(tmp_path):
+    graph = helper.make_graph([helper.make_node("Cast", ["k"], ["y"], to=TensorProto.FLOAT)], "g",
+                              [helper.make_tensor_value_info("k", TensorProto.INT64, [None, 1]),
+                               helper.make_tensor_value_info("s", TensorProto.STRING, [None, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1])])
+    model = qir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    (tmp_path / "x.csv").write_text("k,s\n1,a\n,b\n")
+    with pytest.raises(DataError, match="column 'k' has empty cells, and its int64 input cannot take a missing"):
+        load_data(tmp_path / "x.csv", model)
+    (tmp_path / "ok.csv").write_text('k,s\n1,"a, quoted"\n2,b\n')
+    ds = load_data(tmp_path / "ok.csv", model)
+    assert ds.stacked["k"].dtype == np.int64 and ds.stacked["s"][0, 0] == "a, quoted"
