@@ -257,13 +257,14 @@ def _backend(args, model):
                         workers=args.workers, threads=getattr(args, "threads", None), predictor_options=options)
 
 
-def _input_key(model) -> str:
+def _input_key(model, instead: str) -> str:
+    """The single input the chunked backends read; a multi-input model is refused, saying what to do ``instead``."""
     from qxc.data import input_specs
 
     specs = input_specs(model)
     if len(specs) != 1:
         raise UsageError(f"the chunked backends (--backend ray, a folder of shards) take single-input models; this "
-                         f"one has inputs {', '.join(s.name for s in specs)}: explain it with --backend local")
+                         f"one has inputs {', '.join(s.name for s in specs)}: {instead}")
     return specs[0].name
 
 
@@ -283,7 +284,7 @@ def cmd_explain_chunked(args, model) -> int:
         raise UsageError(f"method '{unsupported[0]}' needs the rows in one process; with --backend ray or a folder "
                          "of shards use permutation, shapley, tree")
     t0 = time.perf_counter()
-    key = _input_key(model)  # before a Ray cluster is started for nothing
+    key = _input_key(model, "explain it with --backend local")  # before a Ray cluster is started for nothing
     backend = _backend(args, model)
     doc: dict = {"schema": "qxc.explain/1", "model": str(args.model)}
     if args.explain_output:
@@ -351,9 +352,10 @@ def cmd_calibrate(args) -> int:
     from qxc.scale import chunks_of, distributed_ranges
 
     model = qir.load(args.model)
+    key = _input_key(model, "calibrate it in one process with qxc compile --data (insert-qdq{save-ranges=FILE})")
     backend = _backend(args, model)
     try:
-        chunks = chunks_of(args.data, _input_key(model), args.chunk_rows)
+        chunks = chunks_of(args.data, key, args.chunk_rows)
         ranges = distributed_ranges(backend, chunks, method=args.method, keep_minmax=[v.name for v in
                                                                                       model.graph.outputs])
     finally:
@@ -445,10 +447,11 @@ def cmd_compare_chunked(args, ref) -> int:
     if args.candidate is None:
         raise UsageError("with --backend ray or a folder of shards give a candidate model")
     cand = qir.load(args.candidate)
+    key = _input_key(ref, "compare it with --backend local")
     backend = make_backend(args.backend, [ref, cand], args.provider.split(",")[:1], address=args.ray_address,
                            workers=args.workers)
     try:
-        result = distributed_compare(backend, chunks_of(args.data, _input_key(ref), args.chunk_rows), ref, cand,
+        result = distributed_compare(backend, chunks_of(args.data, key, args.chunk_rows), ref, cand,
                                      layers=not args.no_layers, jump_db=args.jump_db)
     finally:
         backend.close()

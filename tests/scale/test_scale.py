@@ -232,3 +232,23 @@ def test_csv_chunks_read_empty_cells_as_missing_like_the_local_reader(tmp_path):
     local = load_data(tmp_path / "d.csv", model)
     np.testing.assert_array_equal(table, local.stacked["X"].astype(np.float64))
     assert np.isnan(table).sum() == 2
+
+
+def test_chunked_commands_refuse_multi_input_models_saying_what_to_do(tmp_path, capsys):
+    import onnx
+    from helpers import mixed_pipeline
+
+    from qxc.cli import main
+
+    proto, feeds, y = mixed_pipeline()
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", **feeds, labels=y)
+    m, d = str(tmp_path / "m.onnx"), str(tmp_path / "d.npz")
+    for argv, hint in ((["calibrate", m, "--data", d, "-o", str(tmp_path / "r.json")], "qxc compile --data"),
+                       (["compare", m, m, "--data", d, "--backend", "ray"], "compare it with --backend local"),
+                       (["explain", m, "--data", d, "--backend", "ray", "--method", "permutation"],
+                        "explain it with --backend local")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "take single-input models; this one has inputs num, cat" in err and hint in err
+    assert not (tmp_path / "r.json").exists()
