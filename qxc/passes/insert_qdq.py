@@ -273,6 +273,11 @@ class InsertQdqPass(QxcPass):
         if model_is_quantized(model):
             self.report = {"skipped_model": "the model already holds QuantizeLinear nodes; left alone"}
             return ir.passes.PassResult(model, modified=False)
+        present = {n.op_type for g in all_graphs(model) for n in g if n.domain in ("", "ai.onnx")}
+        if not present & set(COMPUTE) and not o.isolated:  # nothing an integer kernel runs: no calibration, no
+            self.report = {"quantized_nodes": 0,     # opset upgrade, the model as it was
+                           "warnings": [nothing_to_do(model, COMPUTE, "quantize")]}
+            return ir.passes.PassResult(model, modified=False)
         if not o.ranges and self.context.ranges is None and self.context.data is None:
             raise UsageError("pass 'insert-qdq' needs sample data to calibrate; pass --data (or ranges=FILE)")
         needed = 21 if (o.int16 or o.fallback == "int16" and o.max_error) else 13
@@ -305,9 +310,6 @@ class InsertQdqPass(QxcPass):
             "skipped": plan.skipped + inserted["skipped"], "opset_raised_to": needed if upgraded else None,
             "int16_tensors": sorted(plan.wide), **report_extra,
         }
-        present = {n.op_type for g in all_graphs(model) for n in g if n.domain in ("", "ai.onnx")}
-        if not plan.nodes and not present & set(COMPUTE):
-            self.report.setdefault("warnings", []).append(nothing_to_do(model, COMPUTE, "quantize"))
         return ir.passes.PassResult(model, modified=bool(plan.nodes) or upgraded)
 
     def _ranges(self, model: ir.Model, plan: _Plan) -> Ranges:
