@@ -652,6 +652,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     debug = getattr(args, "debug", False) or "--debug" in argv
+    from qxc.runtime.progress import set_quiet
+
+    set_quiet(getattr(args, "quiet", False))  # bars on a terminal only, and never with -q
     if not debug:  # libraries' own warnings (onnx-ir's "model is invalid but...") would break the one-line contract
         logging.getLogger("onnx_ir").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", module="onnx_ir")

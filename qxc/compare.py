@@ -218,7 +218,10 @@ def compare_models(ref: ir.Model, cand: ir.Model, data: Dataset, *, ref_provider
     state = acc.empty()
     labels = data.labels
     start = 0
-    for feed in data.batches(batch_size):
+    from qxc.runtime.progress import progress
+
+    batches = -(-len(data) // batch_size) if data.stacked is not None else len(data)
+    for feed in progress(data.batches(batch_size), total=batches, desc="comparing"):
         n = len(next(iter(feed.values()))) if data.stacked is not None else 1
         state["rows"] += n
         acc.update(state, feed, None if labels is None else np.asarray(labels)[start : start + n])

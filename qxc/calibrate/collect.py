@@ -11,6 +11,7 @@ import onnx_ir as ir
 from qxc.calibrate.observers import Histogram, MinMax
 from qxc.calibrate.ranges import Ranges
 from qxc.data import Dataset
+from qxc.runtime.progress import progress
 
 CalibrationMethod = Literal["minmax", "percentile", "entropy", "mse"]
 
@@ -75,14 +76,14 @@ def collect_ranges(model: ir.Model, data: Dataset, *, tensors: Iterable[str] | N
     runner = TapRunner(model, tensors, providers)
     mm: dict[str, MinMax] = {}
     batches = list(_schedule(runner, data, batch_size))
-    for start, stop in batches:
+    for start, stop in progress(batches, desc="calibrating (min/max)"):
         for name, arr in runner.run(next(data.slice(start, stop).batches(stop - start))).items():
             mm.setdefault(name, MinMax()).update(np.asarray(arr))
     seen = {k: v for k, v in mm.items() if v.seen}
     ranges = {k: (v.lo, v.hi) for k, v in seen.items()}
     if method != "minmax":
         hists = {k: Histogram(v.lo, v.hi, bins) for k, v in seen.items()}
-        for start, stop in batches:
+        for start, stop in progress(batches, desc=f"calibrating ({method} histograms)"):
             for name, arr in runner.run(next(data.slice(start, stop).batches(stop - start))).items():
                 if name in hists:
                     hists[name].update(np.asarray(arr))

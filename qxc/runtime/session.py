@@ -155,9 +155,9 @@ def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, 
     parts: list[list[np.ndarray]] = [[] for _ in names]
     starts = range(0, n, batch_size)
     if progress:
-        from tqdm import tqdm
+        from qxc.runtime.progress import progress as bar
 
-        starts = tqdm(starts, unit="batch", leave=False)
+        starts = bar(starts, total=len(starts), desc="running")
     for s in starts:
         chunk = {k: v[s : s + batch_size] for k, v in feeds.items()}
         for i, out in enumerate(run(session, names, chunk)):
