@@ -218,6 +218,11 @@ def compare_models(ref: ir.Model, cand: ir.Model, data: Dataset, *, ref_provider
     state = acc.empty()
     labels = data.labels
     start = 0
+    from qxc.data import input_specs
+
+    fixed = [s.shape[0] for m in (ref, cand) for s in input_specs(m) if s.shape and isinstance(s.shape[0], int)]
+    if fixed:  # a model exported without a dynamic batch axis runs that many rows at a time
+        batch_size = min(batch_size, *fixed)
     from qxc.runtime.progress import progress
 
     batches = -(-len(data) // batch_size) if data.stacked is not None else len(data)

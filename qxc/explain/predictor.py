@@ -102,12 +102,18 @@ class Predictor:
         label_out = self.label_out if with_labels else None
         names = [n for n in (label_out, self.score_out) if n is not None]
         labels, scores = [], []
-        for s in range(0, len(x), self.batch_size):
-            out = run(self.session, names, self.table_inputs.feeds(x[s : s + self.batch_size]))
+        fixed = self.table_inputs.fixed_batch  # an export without a dynamic batch axis takes exactly that many rows
+        step = fixed or self.batch_size
+        for s in range(0, len(x), step):
+            block = x[s : s + step]
+            short = fixed - len(block) if fixed else 0
+            if short:  # the last block, padded with its last row; the padding's outputs are dropped
+                block = np.concatenate([block, np.repeat(block[-1:], short, axis=0)])
+            out = run(self.session, names, self.table_inputs.feeds(block))
             self.calls += 1
             if label_out is not None:
-                labels.append(np.asarray(out[0]))
-            scores.append(normalize_output(out[-1]))
+                labels.append(np.asarray(out[0])[: len(block) - short])
+            scores.append(normalize_output(out[-1])[: len(block) - short])
         self.rows_evaluated += len(x)
         sc = np.concatenate(scores) if scores else np.zeros((0,), np.float32)
         if self.argmax_labels and with_labels:
@@ -180,12 +186,14 @@ class _TableInputs:
             spec = specs[0]
             if spec.shape is not None and len(spec.shape) != 2:
                 raise UsageError(f"input '{spec.name}' has rank {len(spec.shape)}; explanations take [rows, features]")
+            self.fixed_batch = _fixed_batch(specs)
             self.single, self.dtype = spec.name, spec.dtype or np.dtype(np.float32)
             self.n_features = spec.shape[1] if spec.shape is not None else None
             self.what, self.names, self.slices = f"input '{spec.name}'", None, []
             self.categorical = np.zeros(self.n_features or 0, bool)
             self.categories = {}
             return
+        self.fixed_batch = _fixed_batch(specs)
         self.single, self.slices, start = None, [], 0
         for spec in specs:
             if spec.shape is None or len(spec.shape) not in (1, 2) or (len(spec.shape) == 2 and not isinstance(
@@ -206,16 +214,15 @@ class _TableInputs:
         self.categories = {k: [np.asarray(c, dtype=object) for c in v] for k, v in (categories or {}).items()}
 
     def table(self, data) -> np.ndarray:
-        if data.stacked is None:
-            raise DataError(f"{data.source}: explanations need a stacked [rows, features] table")
+        stacked = data.stacked if data.stacked is not None else _stack_samples(data, self.specs)
         if self.single is not None:
-            x = data.stacked[self.single]
+            x = stacked[self.single]
             if x.ndim != 2:
                 raise DataError(f"{data.source}: input '{self.single}' must be [rows, features]; got shape {x.shape}")
             return x
         parts = []
         for spec, _, width in self.slices:
-            col = data.stacked[spec.name].reshape(len(data), width)
+            col = stacked[spec.name].reshape(len(data), width)
             if spec.dtype == np.dtype(object):
                 if spec.name not in self.categories:
                     self.categories[spec.name] = [np.unique(col[:, j].astype(str)).astype(object)
@@ -258,3 +265,19 @@ class _TableInputs:
                 part = np.ascontiguousarray(part, dtype=spec.dtype)
             feeds[spec.name] = part.reshape(len(x)) if len(spec.shape) == 1 else part
         return feeds
+
+
+def _fixed_batch(specs) -> int | None:
+    """The rows per run of a model exported without a dynamic batch axis (the inputs' fixed first dimension)."""
+    dims = {s.shape[0] for s in specs if s.shape}
+    return dims.pop() if len(dims) == 1 and isinstance(next(iter(dims)), int) else None
+
+
+def _stack_samples(data, specs) -> dict[str, np.ndarray]:
+    """The table of per-sample data (a fixed batch of one makes the data a list of one-row feeds)."""
+    out = {}
+    for spec in specs:
+        arrays = [np.asarray(sample[spec.name]) for sample in data.samples]
+        rank = len(spec.shape) if spec.shape is not None else arrays[0].ndim
+        out[spec.name] = np.concatenate(arrays) if arrays[0].ndim == rank else np.stack(arrays)
+    return out

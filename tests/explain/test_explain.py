@@ -873,3 +873,25 @@ def test_the_datas_feature_names_win_over_the_input_names(tmp_path):
     np.savez(tmp_path / "short.npz", **feeds, labels=y, feature_names=np.array(names[:2]))  # not one per feature
     assert explain_model(tmp_path / "m.onnx", tmp_path / "short.npz", methods=["permutation"])["features"] == [
         "num[0]", "num[1]", "num[2]", "cat"]
+
+
+def test_a_model_exported_with_a_fixed_batch_of_one_is_explained_and_compared(tmp_path):
+    """Exports without a dynamic batch axis take one row per run: explain runs them one at a time (the last block
+    padded, the padding dropped) and gives what the dynamic model gives; compare runs both a row at a time."""
+    import onnx
+
+    from qxc.compare import compare_models
+
+    proto = onnx.load(MODELS / "diabetes_mlp.onnx")
+    for v in [*proto.graph.input, *proto.graph.output]:
+        v.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(proto, tmp_path / "fixed.onnx")
+    data = MODELS / "diabetes_test.npz"
+    fixed = explain_model(tmp_path / "fixed.onnx", data, methods=["permutation", "shapley"], instances=2)
+    dynamic = explain_model(MODELS / "diabetes_mlp.onnx", data, methods=["permutation", "shapley"], instances=2)
+    assert fixed["permutation"]["values"] == dynamic["permutation"]["values"]
+    assert fixed["shapley"]["values"] == dynamic["shapley"]["values"]
+    assert fixed["timing"]["onnxruntime_calls"] == fixed["timing"]["rows_evaluated"]
+    ref = qir.load(MODELS / "diabetes_mlp.onnx")
+    result = compare_models(ref, qir.load(tmp_path / "fixed.onnx"), load_data(data, ref)).to_json()
+    assert all(o["max_abs"] == 0 for o in result["outputs"].values())
