@@ -111,9 +111,11 @@ class Predictor:
                 block = np.concatenate([block, np.repeat(block[-1:], short, axis=0)])
             out = run(self.session, names, self.table_inputs.feeds(block))
             self.calls += 1
+            # an unpadded block keeps every row the model gave: one giving too many is caught below
+            keep = slice(None, len(block) - short if short else None)
             if label_out is not None:
-                labels.append(np.asarray(out[0])[: len(block) - short])
-            scores.append(normalize_output(out[-1])[: len(block) - short])
+                labels.append(np.asarray(out[0])[keep])
+            scores.append(normalize_output(out[-1])[keep])
         self.rows_evaluated += len(x)
         sc = np.concatenate(scores) if scores else np.zeros((0,), np.float32)
         if self.argmax_labels and with_labels:
