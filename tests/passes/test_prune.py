@@ -183,6 +183,18 @@ def _kept_columns(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     return np.array([int(np.flatnonzero((before == after[:, [j]]).all(axis=0))[0]) for j in range(after.shape[1])])
 
 
+def _removal_reference(proto: onnx.ModelProto, name: str, axis: int, kept: np.ndarray) -> onnx.ModelProto:
+    """A copy of ``proto`` whose initializer ``name`` has every slice along ``axis`` outside ``kept`` zeroed: what
+    the model must compute once those channels are removed."""
+    ref = onnx.ModelProto()
+    ref.CopyFrom(proto)
+    tensor = next(t for t in ref.graph.initializer if t.name == name)
+    array = onnx.numpy_helper.to_array(tensor).copy()
+    np.moveaxis(array, axis, 0)[np.setdiff1d(np.arange(array.shape[axis]), kept)] = 0
+    tensor.CopyFrom(onnx.numpy_helper.from_array(array, name))
+    return ref
+
+
 @pytest.mark.parametrize("kind", ["erf-gelu", "swiglu", "ms-gelu"])
 def test_channels_shrink_exported_feed_forward_blocks(kind):
     """The feed-forward block of every transformer export shrinks: the erf-Gelu reads its input twice and the SwiGLU
@@ -202,12 +214,7 @@ def test_channels_shrink_exported_feed_forward_blocks(kind):
     for name in ("wg", "wu") if kind == "swiglu" else ("w1", "b1"):
         np.testing.assert_array_equal(after[name], before[name][..., kept])
     assert after["w2"].shape == (24, 16)
-    zeroed = onnx.ModelProto()
-    zeroed.CopyFrom(proto)
-    w2 = next(t for t in zeroed.graph.initializer if t.name == "w2")
-    rows = before["w2"].copy()
-    rows[np.setdiff1d(np.arange(48), kept)] = 0
-    w2.CopyFrom(onnx.numpy_helper.from_array(rows, "w2"))
+    zeroed = _removal_reference(proto, "w2", 0, kept)
     x = {"x": np.random.default_rng(1).normal(size=(32, 5, 16)).astype(np.float32)}
     np.testing.assert_allclose(run(qir.to_proto(result.model), x)[0], run(zeroed, x)[0], rtol=1e-5, atol=1e-5)
 
@@ -232,11 +239,7 @@ def test_channels_through_reversed_operands_and_prelu():
     assert after["k1"].shape == (4, 3, 3, 3) and after["c"].shape == (4, 1, 1) and after["slope"].shape == (4, 1, 1)
     assert after["k2"].shape == (4, 4, 1, 1)
     kept = _kept_columns(numpy_helper.to_array(inits[0]).reshape(8, -1).T, after["k1"].reshape(4, -1).T)
-    zeroed = numpy_helper.to_array(inits[3]).copy()
-    zeroed[:, np.setdiff1d(np.arange(8), kept)] = 0
-    ref = onnx.ModelProto()
-    ref.CopyFrom(proto)
-    ref.graph.initializer[3].CopyFrom(numpy_helper.from_array(zeroed, "k2"))
+    ref = _removal_reference(proto, "k2", 1, kept)
     x = {"x": rng.normal(size=(4, 3, 6, 6)).astype(np.float32)}
     np.testing.assert_allclose(run(qir.to_proto(result.model), x)[0], run(ref, x)[0], rtol=1e-4, atol=1e-4)
 
@@ -286,11 +289,7 @@ def test_channels_of_a_transposed_convolution_and_into_one():
     only_up = _weights(only_up_model)
     kt = numpy_helper.to_array(inits[2])
     kept = _kept_columns(np.moveaxis(kt, 1, 0).reshape(6, -1).T, np.moveaxis(only_up["kt"], 1, 0).reshape(3, -1).T)
-    k3 = numpy_helper.to_array(inits[3]).copy()
-    k3[:, np.setdiff1d(np.arange(6), kept)] = 0
-    ref = onnx.ModelProto()
-    ref.CopyFrom(proto)
-    ref.graph.initializer[3].CopyFrom(numpy_helper.from_array(k3, "k3"))
+    ref = _removal_reference(proto, "k3", 1, kept)
     x = {"x": rng.normal(size=(2, 3, 6, 6)).astype(np.float32)}
     np.testing.assert_allclose(run(qir.to_proto(only_up_model), x)[0], run(ref, x)[0], rtol=1e-4, atol=1e-4)
 
@@ -331,11 +330,7 @@ def test_channels_through_a_mean_over_the_spatial_axes(opset):
     after = _weights(result.model)
     assert after["k"].shape == (4, 3, 3, 3) and after["w"].shape == (5, 4)
     kept = _kept_columns(numpy_helper.to_array(inits[0]).reshape(8, -1).T, after["k"].reshape(4, -1).T)
-    ref = onnx.ModelProto()
-    ref.CopyFrom(proto)
-    w = numpy_helper.to_array(inits[1]).copy()
-    w[:, np.setdiff1d(np.arange(8), kept)] = 0
-    ref.graph.initializer[1].CopyFrom(numpy_helper.from_array(w, "w"))
+    ref = _removal_reference(proto, "w", 1, kept)
     x = {"x": rng.normal(size=(4, 3, 6, 6)).astype(np.float32)}
     np.testing.assert_allclose(run(qir.to_proto(result.model), x)[0], run(ref, x)[0], rtol=1e-4, atol=1e-4)
     over = helper.make_graph(  # a mean over the channels, into a 1-channel Conv
