@@ -150,7 +150,6 @@ class Predictor:
         cls = classes if classes is not None else np.argmax(p.scores, axis=1)
         return p.scores[np.arange(len(x)), cls].astype(np.float64)
 
-
     @property
     def feature_names(self) -> list[str] | None:
         """The table's column names where the model's inputs give them (one input per column), else None."""
@@ -183,19 +182,18 @@ class _TableInputs:
         if not specs:
             raise UsageError("the model has no inputs to explain")
         self.specs = specs
+        self.fixed_batch = _fixed_batch(specs)
         strings = [s for s in specs if s.dtype == np.dtype(object)]
         if len(specs) == 1 and not strings:
             spec = specs[0]
             if spec.shape is not None and len(spec.shape) != 2:
                 raise UsageError(f"input '{spec.name}' has rank {len(spec.shape)}; explanations take [rows, features]")
-            self.fixed_batch = _fixed_batch(specs)
             self.single, self.dtype = spec.name, spec.dtype or np.dtype(np.float32)
             self.n_features = spec.shape[1] if spec.shape is not None else None
             self.what, self.names, self.slices = f"input '{spec.name}'", None, []
             self.categorical = np.zeros(self.n_features or 0, bool)
             self.categories = {}
             return
-        self.fixed_batch = _fixed_batch(specs)
         self.single, self.slices, start = None, [], 0
         for spec in specs:
             if spec.shape is None or len(spec.shape) not in (1, 2) or (len(spec.shape) == 2 and not isinstance(
@@ -261,7 +259,7 @@ class _TableInputs:
                 else:
                     part = np.stack([c[np.clip(np.rint(part[:, j]), 0, len(c) - 1).astype(np.int64)]
                                      for j, c in enumerate(cats)], axis=1)
-            elif spec.dtype.kind in "iub" and part.dtype.kind == "f":  # a sampled value between integers: nearest
+            elif spec.dtype is not None and spec.dtype.kind in "iub" and part.dtype.kind == "f":  # a sampled value between integers: nearest
                 part = np.ascontiguousarray(np.rint(part), dtype=spec.dtype)
             else:
                 part = np.ascontiguousarray(part, dtype=spec.dtype)
