@@ -48,22 +48,27 @@ def _csv_header(path: Path) -> list[str] | None:
 
 def _csv_rows(path: Path, start: int, stop: int, labels_key: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Rows [start, stop) of a numeric CSV (the worker reads them itself); a header column named
-    label/labels/target/y holds the labels and an empty cell is a missing value (NaN), as for local CSV data."""
+    label/labels/target/y holds the labels, which may be class names, and an empty cell is a missing value (NaN), as
+    for local CSV data."""
     from qxc.data import LABEL_KEYS
 
     header = _csv_header(path)
     skip = start + (1 if header else 0)
+    label = next((i for i, h in enumerate(header or []) if h.lower() in LABEL_KEYS), None)
+    features = None if label is None else [i for i in range(len(header)) if i != label]
+    read = {"delimiter": ",", "skiprows": skip, "max_rows": stop - start, "ndmin": 2}
     try:
-        table = np.loadtxt(path, delimiter=",", skiprows=skip, max_rows=stop - start, dtype=np.float64, ndmin=2)
+        table = np.loadtxt(path, dtype=np.float64, usecols=features, **read)
     except ValueError:  # empty cells (missing values, as for local CSV data): the slower per-cell reading
-        table = np.loadtxt(path, delimiter=",", skiprows=skip, max_rows=stop - start, dtype=np.float64, ndmin=2,
-                           converters=lambda cell: float(cell) if cell.strip() else np.nan)
+        table = np.loadtxt(path, dtype=np.float64, usecols=features,
+                           converters=lambda cell: float(cell) if cell.strip() else np.nan, **read)
     labels = None
-    if header:
-        cols = [i for i, h in enumerate(header) if h.lower() in LABEL_KEYS]
-        if cols:
-            labels = table[:, cols[0]] if labels_key else None
-            table = np.delete(table, cols[0], axis=1)
+    if label is not None and labels_key:
+        cells = np.loadtxt(path, dtype=str, usecols=[label], **read)[:, 0]
+        try:
+            labels = cells.astype(np.float64)
+        except ValueError:
+            labels = cells  # class names
     return table, labels
 
 

@@ -252,3 +252,19 @@ def test_chunked_commands_refuse_multi_input_models_saying_what_to_do(tmp_path, 
         err = capsys.readouterr().err
         assert "take single-input models; this one has inputs num, cat" in err and hint in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_csv_chunks_read_class_name_labels_like_the_local_reader(tmp_path):
+    from helpers import iris_classifier
+
+    from qxc.data import load_data
+
+    proto, x, labels = iris_classifier("logistic")
+    lines = ["a,label,b,c,d"] + [",".join([repr(float(r[0])), name, *map(lambda v: repr(float(v)), r[1:])])
+                                 for r, name in zip(x, labels)]
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    chunks = chunks_of(tmp_path / "d.csv", "X", 40)
+    got = [c.load() for c in chunks]
+    local = load_data(tmp_path / "d.csv", qir.from_proto(proto))
+    np.testing.assert_array_equal(np.concatenate([t for t, _ in got]), local.stacked["X"].astype(np.float64))
+    assert np.concatenate([y for _, y in got]).tolist() == local.labels.tolist() == labels.tolist()
