@@ -162,7 +162,7 @@ def _read_csv(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray]
         header = [h for i, h in enumerate(header) if i != label_col]
     if len(specs) == 1 and specs[0].dtype != np.dtype(object):
         try:
-            table = np.array([[_number(c) for c in col] for col in columns], dtype=np.float64).T.reshape(len(rows),
+            table = np.array([[csv_number(c) for c in col] for col in columns], dtype=np.float64).T.reshape(len(rows),
                                                                                                        -1)
         except ValueError as e:
             raise DataError(f"{path}: non-numeric CSV cell ({e}); features must be numbers (a label column may hold "
@@ -171,9 +171,9 @@ def _read_csv(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray]
     return _csv_by_input(path, header, columns, specs), labels, {}
 
 
-def _number(cell: str) -> float:
+def csv_number(cell: str) -> float:
     """A CSV cell as a number; an empty cell is a missing value (NaN), as pandas writes one."""
-    return float(cell) if cell else float("nan")
+    return float(cell) if cell.strip() else float("nan")
 
 
 def _csv_by_input(path: Path, header: list[str] | None, columns: list[tuple[str, ...]], specs: list[InputSpec]
@@ -196,7 +196,7 @@ def _csv_by_input(path: Path, header: list[str] | None, columns: list[tuple[str,
             col = np.array(cells, dtype=object)
         else:
             try:
-                col = np.array([_number(c) for c in cells], dtype=np.float64)
+                col = np.array([csv_number(c) for c in cells], dtype=np.float64)
             except ValueError as e:
                 raise DataError(f"{path}: column '{spec.name}': non-numeric cell ({e}) for a "
                                 f"{spec.dtype} input") from None

@@ -18,18 +18,13 @@ from qxc.graphs import all_graphs, initializer, is_weight, unique_name, value_na
 from qxc.pipeline import QxcPass, register_pass
 
 
-def _attr(node: ir.Node, name: str, default):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
-
-
 def _private(v: ir.Value) -> bool:
     return len(list(v.uses())) == 1 and not v.is_graph_output()
 
 
 def _why_not(bn: ir.Node) -> tuple[ir.Node | None, str]:
     """The layer ``bn`` folds into, or None and the reason it cannot."""
-    if _attr(bn, "training_mode", 0):
+    if bn.attributes.get_int("training_mode", 0):
         return None, "training_mode=1"
     if any(o is not None and list(o.uses()) or (o is not None and o.is_graph_output()) for o in bn.outputs[1:]):
         return None, "its running statistics outputs are used"
@@ -49,9 +44,9 @@ def _why_not(bn: ir.Node) -> tuple[ir.Node | None, str]:
     bias = layer.inputs[2] if len(layer.inputs) > 2 else None
     if bias is not None and (not is_weight(bias) or not _private(bias)):
         return None, f"'{layer.name}' has no private constant bias"
-    if layer.op_type == "ConvTranspose" and _attr(layer, "group", 1) != 1:
+    if layer.op_type == "ConvTranspose" and layer.attributes.get_int("group", 1) != 1:
         return None, f"'{layer.name}' is a grouped transposed convolution"
-    if layer.op_type == "Gemm" and (_attr(layer, "alpha", 1.0) != 1.0 or _attr(layer, "beta", 1.0) != 1.0):
+    if layer.op_type == "Gemm" and (layer.attributes.get_float("alpha", 1.0) != 1.0 or layer.attributes.get_float("beta", 1.0) != 1.0):
         return None, f"Gemm '{layer.name}' scales by alpha/beta"
     channels = bn.inputs[1].const_value.size
     axis = _out_axis(layer)
@@ -67,7 +62,7 @@ def _out_axis(layer: ir.Node) -> int:
         return 0
     if layer.op_type == "ConvTranspose":
         return 1
-    return 0 if _attr(layer, "transB", 0) else 1  # Gemm
+    return 0 if layer.attributes.get_int("transB", 0) else 1  # Gemm
 
 
 @register_pass("fold-batchnorm")
@@ -91,7 +86,7 @@ class FoldBatchnormPass(QxcPass):
     @staticmethod
     def _fold(graph: ir.Graph, bn: ir.Node, layer: ir.Node, taken: set[str]) -> None:
         gamma, beta, mean, var = (p.const_value.numpy().astype(np.float64).reshape(-1) for p in bn.inputs[1:5])
-        s = gamma / np.sqrt(var + _attr(bn, "epsilon", 1e-5))
+        s = gamma / np.sqrt(var + bn.attributes.get_float("epsilon", 1e-5))
         w = layer.inputs[1]
         wa = w.const_value.numpy()
         axis = _out_axis(layer)

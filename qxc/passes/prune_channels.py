@@ -133,8 +133,7 @@ class _Tracer:
             raise _Untied(f"'{node.name}' writes {w.shape[axis]} channels into the same tensor, not {c}")
         if not self._private(weight):
             raise _Untied(f"weight '{weight.name}' of '{node.name}' is shared")
-        group = node.attributes.get("group")
-        if node.op_type.startswith("Conv") and group is not None and group.value != 1:
+        if node.op_type.startswith("Conv") and node.attributes.get_int("group", 1) != 1:
             raise _Untied(f"'{node.name}' is a grouped convolution")
         layer = _Layer(node, weight, axis)
         if node.op_type in ("Gemm", "Conv", "ConvTranspose") and len(node.inputs) > 2 and node.inputs[2] is not None:
@@ -261,9 +260,8 @@ class _Tracer:
 
     def _flatten(self, n: ir.Node, x: ir.Value) -> None:
         neg, block = self.where[x]
-        ax = n.attributes.get("axis")
         rank = self._rank(x)
-        if (block != 1 or (ax.value if ax is not None else 1) != 1 or rank is None or neg != 1 - rank
+        if (block != 1 or n.attributes.get_int("axis", 1) != 1 or rank is None or neg != 1 - rank
                 or any(not isinstance(d, int) for d in list(x.shape)[2:])):
             raise _Untied(f"Flatten '{n.name}' needs axis 1 over the channels and static spatial dims")
         self._join(n.outputs[0], -1, int(np.prod(list(x.shape)[2:])) if rank > 2 else 1)
@@ -273,8 +271,7 @@ class _Tracer:
         keepdims=0 they move as many places towards the end as reduced axes follow them."""
         neg, block = self.where[x]
         rank = self._rank(x)
-        axes = n.attributes.get("axes")
-        axes = list(axes.value) if axes is not None else None
+        axes = n.attributes.get_ints("axes")
         if axes is None and len(n.inputs) > 1 and n.inputs[1] is not None:
             axes = n.inputs[1].const_value.numpy().reshape(-1).tolist() if is_weight(n.inputs[1]) else None
         if rank is None or block != 1 or not axes:
@@ -283,7 +280,7 @@ class _Tracer:
         channel = rank + neg
         if channel in axes:
             raise _Untied(f"{n.op_type} '{n.name}' reduces over the channels")
-        if n.attributes.get("keepdims") is not None and n.attributes["keepdims"].value == 0:
+        if n.attributes.get_int("keepdims", 1) == 0:
             neg += sum(a > channel for a in axes)
         self._join(n.outputs[0], neg, 1)
 
@@ -294,14 +291,12 @@ class _Tracer:
             raise _Untied(f"next layer '{name}' has no private constant weight")
         neg, block = self.where[via]
         rank = self._rank(via)
-        trans_a = n.attributes.get("transA")
         if op in ("Conv", "ConvTranspose"):
-            group = n.attributes.get("group")
-            if group is not None and group.value != 1:
+            if n.attributes.get_int("group", 1) != 1:
                 raise _Untied(f"next layer '{name}' is a grouped convolution")
             reads_channels = rank is not None and neg == 1 - rank
         else:
-            reads_channels = neg == -1 and not (op == "Gemm" and trans_a is not None and trans_a.value)
+            reads_channels = neg == -1 and not (op == "Gemm" and n.attributes.get_int("transA", 0))
         if not reads_channels:
             raise _Untied(f"next layer '{name}' reduces over another axis than the channels")
         in_axis = weight_rule(n)[2] % len(wv.const_value.shape)

@@ -50,7 +50,7 @@ def _csv_rows(path: Path, start: int, stop: int, labels_key: str) -> tuple[np.nd
     """Rows [start, stop) of a numeric CSV (the worker reads them itself); a header column named
     label/labels/target/y holds the labels, which may be class names, and an empty cell is a missing value (NaN), as
     for local CSV data."""
-    from qxc.data import LABEL_KEYS
+    from qxc.data import LABEL_KEYS, csv_number
 
     header = _csv_header(path)
     skip = start + (1 if header else 0)
@@ -61,7 +61,7 @@ def _csv_rows(path: Path, start: int, stop: int, labels_key: str) -> tuple[np.nd
         table = np.loadtxt(path, dtype=np.float64, usecols=features, **read)
     except ValueError:  # empty cells (missing values, as for local CSV data): the slower per-cell reading
         table = np.loadtxt(path, dtype=np.float64, usecols=features,
-                           converters=lambda cell: float(cell) if cell.strip() else np.nan, **read)
+                           converters=csv_number, **read)
     labels = None
     if label is not None and labels_key:
         cells = np.loadtxt(path, dtype=str, usecols=[label], **read)[:, 0]
