@@ -13,6 +13,7 @@ With data, ``keep-sensitive=K`` keeps the K weights whose int4 quantization alon
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,8 @@ class QuantizeWeightsOptions:
     symmetric: bool = opt(True, "symmetric ranges (zero point 0) instead of min/max ranges")
     granularity: Literal["auto", "tensor", "channel", "block"] = opt(
         "auto", "scale per tensor, per output channel or per block along the reduction axis (auto: 8 bits channel, "
-                "4 bits block; MatMulNBits weights: block)")
+                "4 bits block; MatMulNBits weights: block); an output channel of no more than block-size weights "
+                "(an RGB stem's or a depthwise Conv's) is one group instead of blocks shorter than asked")
     block_size: int = opt(32, "block length along the reduction axis for granularity=block (power of two >= 16)")
     method: Literal["rtn", "mse"] = opt("mse", "round-to-nearest on min/max, or a clipping search minimising MSE")
     format: Literal["qdq", "matmulnbits"] = opt("qdq", "DequantizeLinear nodes, or MatMulNBits for 2-D MatMul weights")
@@ -101,14 +103,22 @@ class QuantizeWeightsPass(QxcPass):
     Options = QuantizeWeightsOptions
 
     # ------------------------------------------------------------------ selection
-    def _granularity(self, use: _Use, rank: int) -> Granularity:
+    def _granularity(self, use: _Use, shape: tuple[int, ...]) -> Granularity:
+        """The weight's groups. Blocks run along the reduction axis; where that axis is shorter than a block (a
+        Conv's input channels: 3 in an RGB stem, 1 in a depthwise Conv) each block would shrink to that length, down
+        to a scale and zero point per weight. When a whole output channel holds no more than a block's weights,
+        the channel is the group instead: the group nearest the block size asked for."""
         o = self.options
+        rank = len(shape)
         kind = o.granularity if o.granularity != "auto" else ("channel" if o.bits == 8 else "block")
         if kind == "tensor":
             return Granularity()
+        channel, reduction = use.channel_axis % rank, use.reduction_axis % rank
         if kind == "channel":
-            return Granularity(axis=use.channel_axis % rank)
-        return Granularity(axis=use.reduction_axis % rank, block=o.block_size)
+            return Granularity(axis=channel)
+        if shape[reduction] < o.block_size and math.prod(shape) // max(1, shape[channel]) <= o.block_size:
+            return Granularity(axis=channel)
+        return Granularity(axis=reduction, block=o.block_size)
 
     def _select(self, model: ir.Model) -> tuple[dict[ir.Value, list[_Use]], list[dict]]:
         o = self.options
@@ -211,7 +221,7 @@ class QuantizeWeightsPass(QxcPass):
             entry = {"weight": value.name, "nodes": [u.node.name for u in value_uses],
                      "op": value_uses[0].node.op_type, "shape": list(t.shape), "bits": bits,
                      "granularity": "tensor" if g.axis is None else ("channel" if g.block is None else
-                                                                    f"block{g.block}"),
+                                                                    f"block{min(g.block, t.shape[g.axis])}"),
                      "format": fmt, "scale_dtype": self._scale_storage(qt, fmt, opset), "sqnr_db": round(qt.sqnr, 3),
                      "bytes_before": t.nbytes}
             if fmt == "matmulnbits":
@@ -246,7 +256,7 @@ class QuantizeWeightsPass(QxcPass):
         for value, value_uses in uses.items():
             if self._eligible(value, value_uses) is not None:
                 continue
-            g = self._granularity(value_uses[0], len(value.const_value.shape))
+            g = self._granularity(value_uses[0], tuple(value.const_value.shape))
             fmt = self._format_for(value, value_uses)
             bits = 8 if (self.options.keep_sensitive or self.options.max_error) else self.options.bits
             plan[value] = {"opset": max(_required_opset(bits, g, fmt), _required_opset(self.options.bits, g, fmt))}
@@ -264,7 +274,7 @@ class QuantizeWeightsPass(QxcPass):
     def _quantize_one(self, value: ir.Value, value_uses: list[_Use], bits: int, keep: bool = False):
         o = self.options
         t = value.const_value
-        g = self._granularity(value_uses[0], len(t.shape))
+        g = self._granularity(value_uses[0], tuple(t.shape))
         if self._format_for(value, value_uses) == "matmulnbits":
             g = self._nbits_granularity()
         qt_name = ("int4" if o.symmetric else "uint4") if bits == 4 else ("int8" if o.symmetric else "uint8")

@@ -60,8 +60,9 @@ def test_matmulnbits_layout_computes_our_reconstruction(tmp_path, bits, symmetri
     result = compile_model(path, spec, verify_runtime=True)
     assert result.stats_after["ops"]["com.microsoft::MatMulNBits"] == 2
     g = {"block": Granularity(axis=0, block=32), "channel": Granularity(axis=1), "tensor": Granularity()}[granularity]
-    assert {e["granularity"] for e in result.records[0].report["quantized"]} == {
-        {"block": "block32"}.get(granularity, granularity)}
+    # the second weight's K of 24 is one block of 24 per column: the report names the groups as they are
+    assert [e["granularity"] for e in result.records[0].report["quantized"]] == (
+        ["block32", "block24"] if granularity == "block" else [granularity] * 2)
     got = run(qir.to_proto(result.model), {"x": x})[0]
     want = _fake_quant_outputs(path, {"x": x}, bits, symmetric, 32, g)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -93,6 +94,45 @@ def test_gemm_transb_and_conv_use_output_channel_axes():
     assert dq_axes == {"Conv": 0, "Gemm": 0}  # Gemm has transB=1: B is [N, K]
     feeds = feeds_for(*REFERENCE["cnn_digits"])
     assert sqnr_db(run(MODELS / "cnn_digits.onnx", feeds)[0], run(qir.to_proto(result.model), feeds)[0]) > 30
+
+
+def _conv_stack() -> onnx.ModelProto:
+    """An RGB stem (3 input channels), a depthwise Conv (1 per group) and a Conv of 16 input channels."""
+    rng = np.random.default_rng(4)
+    shapes = {"w_stem": (16, 3, 3, 3), "w_dw": (16, 1, 3, 3), "w_mix": (8, 16, 3, 3)}
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n) for n, s in shapes.items()]
+    nodes = [helper.make_node("Conv", ["x", "w_stem"], ["a"], pads=[1, 1, 1, 1], name="stem"),
+             helper.make_node("Relu", ["a"], ["ar"]),
+             helper.make_node("Conv", ["ar", "w_dw"], ["b"], pads=[1, 1, 1, 1], group=16, name="dw"),
+             helper.make_node("Relu", ["b"], ["br"]),
+             helper.make_node("Conv", ["br", "w_mix"], ["y"], name="mix")]
+    g = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8, 6, 6])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_int4_blocks_on_short_conv_axes_become_channels(tmp_path):
+    """Blocks of 32 along 3 or 1 input channels would be groups of 3 or 1 weights (a scale and zero point per
+    weight in the depthwise Conv: more bytes than float16). A channel holding no more than a block's weights is one
+    group instead; a longer channel keeps blocks, as long as its axis allows, and the report says how long."""
+    proto = _conv_stack()
+    onnx.save(proto, tmp_path / "m.onnx")
+    result = compile_model(tmp_path / "m.onnx", "quantize-weights{bits=4,method=rtn,symmetric=false}")
+    report = {e["weight"]: e for e in result.records[0].report["quantized"]}
+    assert {w: e["granularity"] for w, e in report.items()} == {"w_stem": "channel", "w_dw": "channel",
+                                                               "w_mix": "block16"}
+    assert all(e["bytes_after"] < 0.3 * e["bytes_before"] for w, e in report.items() if w != "w_mix")
+    # onnxruntime computes with exactly these groups' reconstruction
+    ref = onnx.load(tmp_path / "m.onnx")
+    groups = {"w_stem": Granularity(axis=0), "w_dw": Granularity(axis=0), "w_mix": Granularity(axis=1, block=32)}
+    for t in ref.graph.initializer:
+        qt = quantize_tensor(numpy_helper.to_array(t), "uint4", symmetric=False, granularity=groups[t.name])
+        t.CopyFrom(numpy_helper.from_array(qt.dequantized, t.name))
+    x = np.random.default_rng(0).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(qir.to_proto(result.model), {"x": x}, optimization=False)[0], run(ref, {"x": x})[0],
+                               rtol=1e-4, atol=1e-5)
 
 
 def _shared_model(extra_use: bool):
