@@ -145,3 +145,21 @@ def mixed_pipeline(per_column: bool = False):
     proto = convert_sklearn(pipe, initial_types=types, options={"zipmap": False},
                             target_opset={"": 17, "ai.onnx.ml": 3})
     return proto, feeds, y
+
+
+def left_weight_model(seed: int = 0) -> onnx.ModelProto:
+    """``y = (W2 @ relu(W1 @ x^T))^T``: MatMuls whose constant weight comes first (``W @ x``), a weight applied to column
+    vectors, as PyTorch exports ``torch.matmul(W, x)``; W1 is (24, 64), W2 (8, 24)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 1 / 8, (24, 64)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (8, 24)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0], name="cols"),
+             helper.make_node("MatMul", ["w1", "xt"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+             helper.make_node("MatMul", ["w2", "hr"], ["o"], name="fc2"),
+             helper.make_node("Transpose", ["o"], ["y"], perm=[1, 0], name="rows")]
+    graph = helper.make_graph(nodes, "left", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m

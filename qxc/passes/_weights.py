@@ -11,10 +11,22 @@ from qxc.errors import UsageError
 from qxc.graphs import all_graphs, is_weight
 
 
+def _constant(value: ir.Value | None) -> bool:
+    """An initializer, or a ``Constant`` node's output (which fold-constants makes one)."""
+    if value is None:
+        return False
+    producer = value.producer()
+    return value.const_value is not None or (producer is not None and producer.op_type == "Constant")
+
+
 def weight_rule(node: ir.Node) -> tuple[int, int, int] | None:
-    """(input index, output-channel axis, reduction axis) of the weight ``node`` reads, or None."""
+    """(input index, output-channel axis, reduction axis) of the weight ``node`` reads, or None. A MatMul reads its
+    weight second (``x @ W``), or first when only the first is constant (``W @ x``: a weight applied to column
+    vectors, as PyTorch exports ``torch.matmul(W, x)``): then W's rows are the output rows and its columns the reduction."""
     op = node.op_type
     if op == "MatMul":
+        if len(node.inputs) > 1 and _constant(node.inputs[0]) and not _constant(node.inputs[1]):
+            return 0, -2, -1
         return 1, -1, -2
     if op == "Gemm":
         trans_b = node.attributes.get("transB")

@@ -33,6 +33,7 @@ from qxc.graphs import (
     unique_name,
     value_names,
 )
+from qxc.passes._weights import weight_rule
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.quant import Granularity, compute_params, qtype, quantize, quantize_tensor
 
@@ -103,7 +104,11 @@ def _float(v: ir.Value | None) -> bool:
     return v is not None and v.dtype in FLOATS
 
 
-def _weight_axis(node: ir.Node, rank: int) -> int:
+def _weight_axis(node: ir.Node, index: int, rank: int) -> int | None:
+    """The axis of a weight's per-channel scales; None (one scale) for a MatMul's weight applied from the left,
+    where onnxruntime's QLinearMatMul takes a per-tensor scale."""
+    if index == 0:
+        return None
     if node.op_type == "Conv":
         return 0
     if node.op_type == "ConvTranspose":
@@ -238,8 +243,8 @@ class InsertQdqPass(QxcPass):
                     if v is None or not _float(v):
                         continue
                     if is_weight(v):
-                        if op in COMPUTE and i == 1:
-                            plan.weights.append((node, i, _weight_axis(node, len(v.const_value.shape))))
+                        if op in COMPUTE and i == weight_rule(node)[0]:
+                            plan.weights.append((node, i, _weight_axis(node, i, len(v.const_value.shape))))
                         elif op in ("Conv", "ConvTranspose", "Gemm") and i == 2 and len(v.const_value.shape) == 1:
                             plan.biases.append((node, i, node.inputs[0].name if node.inputs[0] else "", 1))
                         elif op in ELEMENTWISE or op == "Concat":
@@ -383,8 +388,12 @@ class InsertQdqPass(QxcPass):
             g = Granularity(axis=axis) if self.options.per_channel else Granularity()
             t = v.const_value
             half = t.dtype == ir.DataType.FLOAT16
-            qt = quantize_tensor(np.asarray(t.numpy(), dtype=np.float32), "int8", symmetric=True, granularity=g,
-                                 name=v.name, keep_dequantized=False, scale_dtype="float16" if half else "float32")
+            # a weight applied from the left is QLinearMatMul's input A, which must share the activations' type
+            # (onnxruntime fuses no (int8, uint8) pair): uint8 beside uint8 activations
+            unsigned = i == 0 and self._activation_type()[0] == "uint8"
+            qt = quantize_tensor(np.asarray(t.numpy(), dtype=np.float32), "uint8" if unsigned else "int8",
+                                 symmetric=not unsigned, granularity=g, name=v.name, keep_dequantized=False,
+                                 scale_dtype="float16" if half else "float32")
             dequantize_weight(v, qt.q, qt.scale.astype(qt.scale_dtype), qt.zero_point, taken, axis=g.axis,
                               opset=model.opset_imports.get("", 1))
             qir.release_weights(model, [t])  # unmap the float weight: its pages no longer count against us

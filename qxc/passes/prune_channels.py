@@ -92,6 +92,9 @@ def _out_neg_axis(node: ir.Node, weight: np.ndarray) -> int:
     return 1 - weight.ndim if node.op_type in ("Conv", "ConvTranspose") else -1
 
 
+_LEFT = "{} '{}' applies its weight from the left (W @ x): its channels are the output's rows"
+
+
 class _Tracer:
     """Follows one layer's output channels forward and backward through channel-wise ops (a DAG: an erf Gelu, a
     SiLU's x * sigmoid(x), a SwiGLU's gate * up) to every layer that writes them and every layer that reads them."""
@@ -126,6 +129,8 @@ class _Tracer:
 
     def _producer(self, node: ir.Node, weight: ir.Value, axis: int) -> None:
         c = self.group.channels
+        if weight_rule(node)[0] == 0:
+            raise _Untied(_LEFT.format(node.op_type, node.name))
         if node not in self.selected:
             raise _Untied(f"its channels are tied to '{node.name}', which is not selected")
         w = weight.const_value
@@ -173,6 +178,8 @@ class _Tracer:
             raise _Untied(f"consumed by {n.domain}::{op} '{name}'")
         if op in LAYERS:
             rule = weight_rule(n)
+            if rule[0] == 0:
+                raise _Untied(_LEFT.format(op, name))
             wv = n.inputs[rule[0]] if rule[0] < len(n.inputs) else None
             if via is not None and via is not n.inputs[0]:
                 raise _Untied(f"{op} '{name}' reads the channels as its weight")

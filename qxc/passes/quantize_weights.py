@@ -1,6 +1,6 @@
 """``quantize-weights``: weight-only int8/int4 quantization (QDQ or onnxruntime's MatMulNBits).
 
-Weights of MatMul, Gemm (``transB`` respected), Conv/ConvTranspose (per output channel) and, on request, Gather
+Weights of MatMul (``x @ W``, or ``W @ x`` when only the first input is constant), Gemm (``transB`` respected), Conv/ConvTranspose (per output channel) and, on request, Gather
 embeddings and LSTM/GRU matrices become integer initializers followed by ``DequantizeLinear``; with
 ``format=matmulnbits`` 2-D MatMul weights become ``com.microsoft.MatMulNBits`` (4 or 8 bits, blocked), onnxruntime's
 fast weight-only kernels. The opset is raised when the chosen form needs it (per-axis 13, blocked/int4 21).
@@ -266,7 +266,7 @@ class QuantizeWeightsPass(QxcPass):
         if self.options.format != "matmulnbits":
             return "qdq"
         t = value.const_value
-        if (all(u.node.op_type == "MatMul" for u in value_uses) and len(t.shape) == 2
+        if (all(u.node.op_type == "MatMul" and u.index == 1 for u in value_uses) and len(t.shape) == 2
                 and t.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)):  # onnxruntime's MatMulNBits types
             return "matmulnbits"
         return "qdq"

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import MODELS, REFERENCE, as_half, feeds_for, mlp_model, run, sqnr_db
+from helpers import MODELS, REFERENCE, as_half, feeds_for, left_weight_model, mlp_model, run, sqnr_db
 
 from qxc import compile_model
 from qxc import ir as qir
@@ -42,6 +42,25 @@ def test_digits_accuracy_and_full_fusion():
     assert drop <= 0.005
     ops = _optimized_ops(result.model)
     assert ops["QLinearMatMul"] == 3 and ops["QLinearAdd"] == 3 and "MatMul" not in ops
+
+
+@pytest.mark.parametrize("activations", ["uint8", "int8"])
+def test_weights_applied_from_the_left_fuse_into_qlinear_matmul(tmp_path, activations):
+    """``W @ x``: the weight is QLinearMatMul's input A, whose type onnxruntime requires to be the activations'
+    (no (int8, uint8) pair fuses): uint8 beside uint8 activations, int8 beside int8; one scale (A's per-tensor)."""
+    onnx.save(left_weight_model(), tmp_path / "m.onnx")
+    x = np.random.default_rng(0).normal(size=(256, 64)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    result = compile_model(tmp_path / "m.onnx", f"insert-qdq{{activations={activations}}}", data=tmp_path / "d.npz",
+                           verify_runtime=True)
+    assert result.records[0].report["weights"] == 2
+    weights = {n.inputs[0].name: n.inputs[0].const_value for n in result.model.graph
+               if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None}
+    assert {w.dtype.name.lower() for w in weights.values()} == {activations}
+    if activations == "uint8":  # onnxruntime's CPU kernels (int8 activations are for CUDA/TensorRT)
+        ops = _optimized_ops(result.model)
+        assert ops["QLinearMatMul"] == 2 and "MatMul" not in ops
+    assert sqnr_db(run(left_weight_model(), {"x": x})[0], run(qir.to_proto(result.model), {"x": x})[0]) > 30
 
 
 def test_cnn_fuses_conv_relu_pool_gemm_and_matches_quantize_static(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import MODELS, REFERENCE, feeds_for, run
+from helpers import MODELS, REFERENCE, feeds_for, left_weight_model, run
 
 from qxc import compile_model
 from qxc import ir as qir
@@ -36,6 +36,21 @@ def test_two_of_four_holds_on_every_group_and_respects_transb():
     assert nm_holds(w["conv2.w"], 2, 4, axis=1)
     skipped = result.records[0].report["skipped"]
     assert skipped == [{"weight": "conv1.w", "reason": "reduction axis of 1 is not a multiple of 4"}]
+
+
+def test_weights_applied_from_the_left_prune_along_their_columns():
+    """``W @ x`` sums over W's columns: 2:4 groups run along them; prune-channels keeps such a layer whole, naming
+    why (its channels are the output's rows)."""
+    model = qir.from_proto(left_weight_model())
+    result = compile_model(model, "prune-nm")
+    layers = {e["weight"]: e for e in result.records[0].report["layers"]}
+    assert set(layers) == {"w1", "w2"}
+    for name, e in layers.items():
+        assert e["pattern"] == "2:4 along axis 1 (verified)"
+        w = next(v for v in result.model.graph.initializers.values() if v.name == name).const_value.numpy()
+        assert nm_holds(w, 2, 4, axis=1) and not nm_holds(w, 2, 4, axis=0)
+    kept = compile_model(qir.from_proto(left_weight_model()), "prune-channels").records[0].report["kept_whole"]
+    assert {k["node"] for k in kept if "applies its weight from the left" in k["reason"]} == {"fc1", "fc2"}
 
 
 def test_channels_shrink_matrices_and_the_model_runs(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from helpers import MODELS, REFERENCE, as_half, feeds_for, mlp_model, run, sqnr_db
+from helpers import MODELS, REFERENCE, as_half, feeds_for, left_weight_model, mlp_model, run, sqnr_db
 from onnx import TensorProto, helper, numpy_helper
 
 from qxc import compile_model
@@ -133,6 +133,34 @@ def test_int4_blocks_on_short_conv_axes_become_channels(tmp_path):
     x = np.random.default_rng(0).normal(size=(4, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(run(qir.to_proto(result.model), {"x": x}, optimization=False)[0], run(ref, {"x": x})[0],
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weights_applied_from_the_left_are_quantized_along_their_rows(tmp_path, bits):
+    """``W @ x``: W's rows are the output channels and its columns the reduction (blocks run along them);
+    MatMulNBits, whose weight is the second input, is not used for it. onnxruntime computes exactly the
+    reconstruction of those groups."""
+    onnx.save(left_weight_model(), tmp_path / "m.onnx")
+    result = compile_model(tmp_path / "m.onnx", f"quantize-weights{{bits={bits},method=rtn,format=matmulnbits}}",
+                           verify_runtime=True)
+    report = {e["weight"]: e for e in result.records[0].report["quantized"]}
+    assert set(report) == {"w1", "w2"} and all(e["format"] == "qdq" for e in report.values())
+    # int4: blocks of 32 along W1's 64 columns; W2's rows hold 24 weights, one group each
+    groups = ({"w1": Granularity(axis=1, block=32), "w2": Granularity(axis=0)} if bits == 4 else
+              {"w1": Granularity(axis=0), "w2": Granularity(axis=0)})
+    assert {w: e["granularity"] for w, e in report.items()} == (
+        {"w1": "block32", "w2": "channel"} if bits == 4 else {"w1": "channel", "w2": "channel"})
+    axes = {n.inputs[0].name: n.attributes.get_int("axis", 1) for n in result.model.graph
+            if n.op_type == "DequantizeLinear"}
+    assert axes == {"w1_quantized": 1 if bits == 4 else 0, "w2_quantized": 0}
+    ref = left_weight_model()
+    for t in ref.graph.initializer:
+        g = groups[t.name]
+        qt = quantize_tensor(numpy_helper.to_array(t), "int4" if bits == 4 else "int8", symmetric=True, granularity=g)
+        t.CopyFrom(numpy_helper.from_array(qt.dequantized, t.name))
+    x = np.random.default_rng(1).normal(size=(16, 64)).astype(np.float32)
+    np.testing.assert_allclose(run(qir.to_proto(result.model), {"x": x}, optimization=False)[0],
+                               run(ref, {"x": x})[0], rtol=1e-4, atol=1e-5)
 
 
 def _shared_model(extra_use: bool):
