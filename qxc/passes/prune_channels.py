@@ -51,6 +51,9 @@ class PruneChannelsOptions:
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError("sparsity must be in [0, 1)")
+        other = [op for op in self.ops if op not in LAYERS]
+        if other:
+            raise ValueError(f"ops: prune-channels does not shrink {other[0]} layers; use {', '.join(LAYERS)}")
 
 
 @dataclass

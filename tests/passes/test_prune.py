@@ -113,6 +113,8 @@ def test_pruning_needs_data_for_sensitivity_and_checks_patterns():
     for name in ("prune-magnitude", "prune-nm", "prune-channels"):
         with pytest.raises(UsageError, match=f"pass '{name}': ops is empty"):
             compile_model(MODELS / "digits_mlp.onnx", f"{name}{{ops=[]}}")
+    with pytest.raises(UsageError, match="prune-channels does not shrink LSTM layers"):
+        compile_model(MODELS / "digits_mlp.onnx", "prune-channels{ops=[MatMul,LSTM]}")
 
 
 def test_prune_then_quantize_recipe_keeps_digits_accuracy():
