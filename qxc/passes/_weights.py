@@ -39,7 +39,33 @@ def weight_rule(node: ir.Node) -> tuple[int, int, int] | None:
         return 0, 0, 1
     if op in ("LSTM", "GRU"):
         return 1, 1, 2
+    if op == "Einsum":
+        return einsum_rule(node)
     return None
+
+
+def einsum_rule(node: ir.Node) -> tuple[int, int, int] | None:
+    """An Einsum of an activation and a constant weight (Keras' EinsumDense, ``abc,cde->abde``, in every
+    tf2onnx-exported MultiHeadAttention): the weight's last subscript kept in the output is its channel axis, its
+    last subscript summed over the reduction axis. None for another form (two activations, ellipses in the weight,
+    a repeated subscript, no subscript kept or none summed)."""
+    equation = (node.attributes.get_string("equation") or "").replace(" ", "")
+    if "->" not in equation or len(node.inputs) != 2:
+        return None
+    operands, output = equation.split("->")
+    terms = operands.split(",")
+    constant = [_constant(v) for v in node.inputs]
+    if len(terms) != 2 or constant[0] == constant[1]:
+        return None
+    index = 1 if constant[1] else 0
+    term = terms[index]
+    if not term.isalpha() or len(set(term)) != len(term):
+        return None
+    kept = [i for i, c in enumerate(term) if c in output]
+    summed = [i for i, c in enumerate(term) if c not in output]
+    if not kept or not summed:
+        return None
+    return index, kept[-1], summed[-1]
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """``quantize-weights``: weight-only int8/int4 quantization (QDQ or onnxruntime's MatMulNBits).
 
-Weights of MatMul (``x @ W``, or ``W @ x`` when only the first input is constant), Gemm (``transB`` respected), Conv/ConvTranspose (per output channel) and, on request, Gather
-embeddings and LSTM/GRU matrices become integer initializers followed by ``DequantizeLinear``; with
+Weights of MatMul (``x @ W``, or ``W @ x`` when only the first input is constant), Gemm (``transB`` respected),
+Conv/ConvTranspose (per output channel), Einsum of an activation and a weight (Keras' EinsumDense) and, on request,
+Gather embeddings and LSTM/GRU matrices become integer initializers followed by ``DequantizeLinear``; with
 ``format=matmulnbits`` 2-D MatMul weights become ``com.microsoft.MatMulNBits`` (4 or 8 bits, blocked), onnxruntime's
 fast weight-only kernels. The opset is raised when the chosen form needs it (per-axis 13, blocked/int4 21).
 A weight shared by several selected nodes is quantized once. Every weight considered is reported, quantized or
@@ -25,14 +26,23 @@ import onnx_ir as ir
 
 from qxc import ir as qir
 from qxc.errors import UsageError
-from qxc.graphs import all_graphs, dequantize_weight, float_scale, initializer, nothing_to_do, unique_name, value_names
+from qxc.graphs import (
+    all_graphs,
+    dequantize_weight,
+    float_scale,
+    initializer,
+    is_weight,
+    nothing_to_do,
+    unique_name,
+    value_names,
+)
 from qxc.passes._weights import weight_rule
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.quant import Granularity, QuantizedTensor, quantize_tensor
 from qxc.quant.numerics import pack_uint4
 
 # op type -> (weight input index, channel axis, reduction axis) for a weight of rank r; axes may depend on attrs
-DEFAULT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+DEFAULT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
 OPTIONAL_OPS = ("Gather", "LSTM", "GRU")
 
 
@@ -130,7 +140,7 @@ class QuantizeWeightsPass(QxcPass):
                 if node.domain not in ("", "ai.onnx") or node.op_type not in o.ops:
                     continue
                 rule = weight_rule(node)
-                if rule is None:
+                if rule is None and not (node.op_type == "Einsum" and any(map(is_weight, node.inputs))):
                     continue
                 name = node.name or ""
                 if o.include:
@@ -144,6 +154,11 @@ class QuantizeWeightsPass(QxcPass):
                     matched[p] = True
                 if excl:
                     skipped.append({"node": name, "reason": f"excluded by '{excl[0]}'"})
+                    continue
+                if rule is None:
+                    equation = node.attributes.get_string("equation")
+                    skipped.append({"node": name, "reason": f"Einsum '{equation}': not an activation times a weight "
+                                    "with subscripts both kept and summed"})
                     continue
                 idx, ch, red = rule
                 indices = [idx] + ([2] if node.op_type in ("LSTM", "GRU") else [])

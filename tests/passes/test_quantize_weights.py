@@ -163,6 +163,60 @@ def test_weights_applied_from_the_left_are_quantized_along_their_rows(tmp_path, 
                                run(ref, {"x": x})[0], rtol=1e-4, atol=1e-5)
 
 
+def _einsum_attention_projections() -> onnx.ModelProto:
+    """Keras' EinsumDense as tf2onnx exports a MultiHeadAttention's projections: ``abc,cde->abde`` into 4 heads of
+    8, ``abcd,cde->abe`` back to 64 features; and an Einsum of two activations (the scores)."""
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, (64, 4, 8)).astype(np.float32), "wq"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (4, 8, 64)).astype(np.float32), "wo")]
+    nodes = [helper.make_node("Einsum", ["x", "wq"], ["q"], equation="abc,cde->abde", name="query"),
+             helper.make_node("Einsum", ["q", "q"], ["s"], equation="abcd,aecd->acbe", name="scores"),
+             helper.make_node("Relu", ["q"], ["qr"]),
+             helper.make_node("Einsum", ["qr", "wo"], ["y"], equation="abcd,cde->abe", name="output")]
+    g = helper.make_graph(nodes, "mha", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 5, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 5, 64]),
+                           helper.make_tensor_value_info("s", TensorProto.FLOAT, [None, 4, 5, 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_einsum_dense_weights_are_quantized(tmp_path, bits):
+    """The weight's last subscript kept in the output is its channel axis (e, in both projections), its last
+    summed subscript the block axis (c of the query's; the output's d holds 8, and its channels 4 x 8 weights: one
+    group each); the scores' Einsum has no weight."""
+    onnx.save(_einsum_attention_projections(), tmp_path / "m.onnx")
+    result = compile_model(tmp_path / "m.onnx", f"quantize-weights{{bits={bits},method=rtn}}", verify_runtime=True)
+    report = result.records[0].report
+    assert {e["weight"]: e["granularity"] for e in report["quantized"]} == (
+        {"wq": "block32", "wo": "channel"} if bits == 4 else {"wq": "channel", "wo": "channel"})
+    assert report["skipped"] == []
+    groups = ({"wq": Granularity(axis=0, block=32), "wo": Granularity(axis=2)} if bits == 4 else
+              {"wq": Granularity(axis=2), "wo": Granularity(axis=2)})
+    ref = _einsum_attention_projections()
+    for t in ref.graph.initializer:
+        qt = quantize_tensor(numpy_helper.to_array(t), "int4" if bits == 4 else "int8", symmetric=True,
+                             granularity=groups[t.name])
+        t.CopyFrom(numpy_helper.from_array(qt.dequantized, t.name))
+    x = np.random.default_rng(1).normal(size=(3, 5, 64)).astype(np.float32)
+    got = run(qir.to_proto(result.model), {"x": x}, optimization=False)
+    np.testing.assert_allclose(got[0], run(ref, {"x": x})[0], rtol=1e-4, atol=1e-5)
+    assert sqnr_db(run(_einsum_attention_projections(), {"x": x})[0], got[0]) > (15 if bits == 4 else 35)
+
+
+def test_an_einsum_weight_of_another_form_is_reported():
+    w = numpy_helper.from_array(np.ones((64, 64, 4), np.float32), "wq")
+    node = helper.make_node("Einsum", ["x", "wq"], ["y"], equation="abc,cce->abe", name="query")  # W's diagonal
+    g = helper.make_graph([node], "diag", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 5, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 5, 4])], [w])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    result = compile_model(qir.from_proto(proto), "quantize-weights{ops=[Einsum]}")
+    assert result.records[0].report["skipped"] == [
+        {"node": "query", "reason": "Einsum 'abc,cce->abe': not an activation times a weight with subscripts both "
+                                    "kept and summed"}]
+
+
 def _shared_model(extra_use: bool):
     w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32), "w")
     nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="mm1"),
