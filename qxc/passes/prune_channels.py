@@ -209,6 +209,8 @@ class _Tracer:
             self._flatten(n, via)
         elif op in REDUCE and via is n.inputs[0]:
             self._reduce(n, via)
+        elif op in ("Resize", "Upsample") and (via is None or via is n.inputs[0]):
+            self._resize(n)
         elif via is None:
             raise _Untied(self._combined(n.outputs[0], f"{op} '{name}'"))
         else:
@@ -293,6 +295,24 @@ class _Tracer:
         if n.attributes.get_int("keepdims", 1) == 0:
             neg += sum(a > channel for a in axes)
         self._join(n.outputs[0], neg, 1)
+
+    def _resize(self, n: ir.Node) -> None:
+        """Resize/Upsample by constant scales (an FPN's or a U-Net's upsampling) keep the channels when their
+        scale is 1; output ``sizes`` count the channels, so they keep the layer whole."""
+        x, out = n.inputs[0], n.outputs[0]
+        neg, block = self.where[x] if x in self.where else self.where[out]
+        rank = self._rank(x) or self._rank(out)
+        scales = n.attributes.get_floats("scales")  # Upsample before opset 9
+        if scales is None:  # inputs: Upsample-9/Resize-10 (X, scales); Resize-11+ (X, roi, scales, sizes)
+            at = 1 if n.op_type == "Upsample" or len(n.inputs) == 2 else 2
+            if len(n.inputs) > 3 and n.inputs[3] is not None:
+                raise _Untied(f"{n.op_type} '{n.name}' sets output sizes, which count the channels")
+            c = n.inputs[at] if len(n.inputs) > at else None
+            scales = c.const_value.numpy().reshape(-1).tolist() if is_weight(c) else None
+        if rank is None or block != 1 or not scales or len(scales) != rank or scales[rank + neg] != 1:
+            raise _Untied(f"{n.op_type} '{n.name}' needs constant scales of 1 on the channels")
+        self._join(x, neg, 1)
+        self._join(out, neg, 1)
 
     def _consumer(self, n: ir.Node, wv: ir.Value, via: ir.Value) -> None:
         op, name = n.op_type, n.name

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from helpers import MODELS, REFERENCE, feeds_for, left_weight_model, run
+from onnx import TensorProto, helper, numpy_helper
 
 from qxc import compile_model
 from qxc import ir as qir
@@ -147,8 +148,6 @@ def test_sensitivity_is_measured_on_zipmap_probabilities():
 
 
 def test_sensitivity_needs_a_float_output():
-    from onnx import TensorProto, helper, numpy_helper
-
     w = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("ArgMax", ["m"], ["y"], axis=1)],
@@ -165,8 +164,6 @@ def _ffn(kind: str, d: int = 16, f: int = 48, seed: int = 0) -> onnx.ModelProto:
     (torch.nn.GELU before opset 20: Div, Erf, Add, Mul, Mul, the bias Add with the bias first), ``swiglu`` (LLaMA:
     down(silu(gate(x)) * up(x)), SiLU as x * Sigmoid(x)) and ``ms-gelu`` (onnxruntime's fused com.microsoft
     FastGelu with its bias)."""
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(seed)
 
     def w(name, *shape):
@@ -239,8 +236,6 @@ def test_channels_shrink_exported_feed_forward_blocks(kind):
 def test_channels_through_reversed_operands_and_prelu():
     """Conv -> Sub(per-channel constant, y) -> PRelu(per-channel slope) -> Conv: a constant first operand and a
     per-channel slope shrink with the channels."""
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
              (("k1", rng.normal(size=(8, 3, 3, 3))), ("c", rng.normal(size=(8, 1, 1))),
@@ -263,8 +258,6 @@ def test_channels_through_reversed_operands_and_prelu():
 
 def test_channels_report_why_attention_stays_whole():
     """Attention's projections meet MatMuls of two computed tensors (and a Transpose); the report names them."""
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), n) for n in ("wq", "wk", "wv")]
     mk = helper.make_node
@@ -286,8 +279,6 @@ def test_channels_report_why_attention_stays_whole():
 
 def test_channels_of_a_transposed_convolution_and_into_one():
     """ConvTranspose writes its channels along its weight's axis 1 and reads them along axis 0."""
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n) for n, s in
              (("k1", (8, 3, 3, 3)), ("b1", (8,)), ("kt", (8, 6, 2, 2)), ("k3", (4, 6, 1, 1)))]
@@ -324,8 +315,6 @@ def test_pruning_a_model_without_matrices_warns(name):
 def test_channels_through_a_mean_over_the_spatial_axes(opset):
     """PyTorch's ``x.mean(dim=(2, 3))`` between a Conv and a Linear: ReduceMean with keepdims=0 (axes an attribute
     before opset 18, an input from it) keeps the channels, which move to the last axis. Over the channels, it ties."""
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "k"),
              numpy_helper.from_array(rng.normal(size=(5, 8)).astype(np.float32), "w")]
@@ -360,3 +349,41 @@ def test_channels_through_a_mean_over_the_spatial_axes(opset):
     kept = compile_model(helper.make_model(over, opset_imports=[helper.make_opsetid("", 17)]),
                          "prune-channels{include=[conv$]}").records[0].report["kept_whole"]
     assert kept == [{"node": "conv", "reason": "ReduceMean 'mean' reduces over the channels"}]
+
+
+@pytest.mark.parametrize("form", ["resize-13", "upsample-8", "resize-sizes"])
+def test_channels_through_an_upsampling(form):
+    """An FPN's or a U-Net's Resize (Upsample before opset 10) scales the spatial axes only: the Conv before it
+    shrinks, and the model computes what the original does with the next Conv's removed input channels zeroed.
+    Output sizes count the channels: that Resize keeps the layer whole."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "k"),
+             numpy_helper.from_array(rng.normal(size=(4, 8, 1, 1)).astype(np.float32), "k2")]
+    if form == "upsample-8":
+        up, opset = helper.make_node("Upsample", ["r"], ["u"], mode="nearest", scales=[1.0, 1.0, 2.0, 2.0]), 8
+    elif form == "resize-13":
+        up, opset = helper.make_node("Resize", ["r", "", "scales"], ["u"], mode="nearest", name="up"), 13
+        inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+    else:
+        up, opset = helper.make_node("Resize", ["r", "", "", "sizes"], ["u"], mode="nearest", name="up"), 13
+        inits.append(numpy_helper.from_array(np.array([2, 8, 12, 12], np.int64), "sizes"))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "k"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["r"]), up,
+         helper.make_node("Conv", ["u", "k2"], ["y"], name="conv1x1")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 12, 12])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 8
+    result = compile_model(proto, "prune-channels{include=[conv$]}", verify_runtime=True)
+    report = result.records[0].report
+    if form == "resize-sizes":
+        assert report["kept_whole"] == [{"node": "conv",
+                                         "reason": "Resize 'up' sets output sizes, which count the channels"}]
+        return
+    after = _weights(result.model)
+    assert after["k"].shape == (4, 3, 3, 3) and after["k2"].shape == (4, 4, 1, 1)
+    kept = _kept_columns(numpy_helper.to_array(inits[0]).reshape(8, -1).T, after["k"].reshape(4, -1).T)
+    x = {"x": rng.normal(size=(2, 3, 6, 6)).astype(np.float32)}
+    ref = _removal_reference(proto, "k2", 1, kept)
+    np.testing.assert_allclose(run(qir.to_proto(result.model), x)[0], run(ref, x)[0], rtol=1e-4, atol=1e-4)
