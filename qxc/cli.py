@@ -392,7 +392,7 @@ def cmd_explain(args) -> int:
         from qxc.explain.surrogates import fit_tree
 
         pred = Predictor(model, providers=args.provider.split(","), threads=args.threads, output=args.explain_output,
-                         task=args.task)
+                         task=doc["task"])  # as the explanation took it (logits with class labels: a classifier)
         if pred.input is None:
             raise UsageError(f"--embed: the surrogate reads one [rows, features] input; {args.model} has "
                              f"{pred.table_inputs.what[len('the table of '):]}")

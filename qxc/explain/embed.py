@@ -77,6 +77,11 @@ def embed(model: ir.Model, tree_model: ir.Model | None, mean: np.ndarray | None,
     x = next(v for v in graph.inputs if v.name not in init)
     taken = value_names(model)
     added = []
+    if x.shape is not None and len(x.shape) > 2:  # an image: the surrogates read its elements as one row
+        flat = ir.Node("", "Flatten", [x], [ir.AttrInt64("axis", 1)], name=f"{PREFIX}flatten")
+        flat.outputs[0].name = f"{PREFIX}features"
+        graph.append(flat)
+        x = flat.outputs[0]
     if tree_model is not None:
         tg = tree_model.graph
         t_in = tg.inputs[0]

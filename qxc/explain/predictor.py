@@ -7,6 +7,7 @@ ones already run (see ``importance`` and ``shapley``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -38,7 +39,8 @@ class Predictor:
                  threads: int | None = None, output: int = 0,
                  task: Literal["auto", "classification", "regression"] = "auto",
                  categories: dict[str, list[list[str]]] | None = None):
-        """The model reads a table of rows x features: its single [rows, features] input, or one input per column
+        """The model reads a table of rows x features: its single [rows, features] input (or [rows, d1, d2, ...] with
+        fixed d's, an image: each element a feature, in C order), or one input per column
         or group of columns (skl2onnx's DataFrame exports: [rows, 1] inputs, numbers or strings); string columns
         are coded as numbers (the index of the category in ``categories``, per string input and column, learned
         from the data by :meth:`table` when not given), so every explainer works on one numeric matrix.
@@ -186,11 +188,18 @@ class _TableInputs:
         strings = [s for s in specs if s.dtype == np.dtype(object)]
         if len(specs) == 1 and not strings:
             spec = specs[0]
-            if spec.shape is not None and len(spec.shape) != 2:
-                raise UsageError(f"input '{spec.name}' has rank {len(spec.shape)}; explanations take [rows, features]")
             self.single, self.dtype = spec.name, spec.dtype or np.dtype(np.float32)
-            self.n_features = spec.shape[1] if spec.shape is not None else None
             self.what, self.names, self.slices = f"input '{spec.name}'", None, []
+            self.item_shape = None  # an image's (channels, height, width): each element a feature
+            if spec.shape is not None and len(spec.shape) != 2:
+                dims = list(spec.shape)[1:]
+                if not dims or not all(isinstance(d, int) for d in dims):
+                    raise UsageError(f"input '{spec.name}' has shape {list(spec.shape)}; explanations take [rows, "
+                                     "features], or [rows, d1, d2, ...] with fixed d's (each element a feature)")
+                self.item_shape = tuple(dims)
+                self.names = [f"{spec.name}[{','.join(map(str, i))}]" for i in np.ndindex(*dims)]
+            self.n_features = (math.prod(self.item_shape) if self.item_shape else
+                               spec.shape[1] if spec.shape is not None else None)
             self.categorical = np.zeros(self.n_features or 0, bool)
             self.categories = {}
             return
@@ -217,6 +226,11 @@ class _TableInputs:
         stacked = data.stacked if data.stacked is not None else _stack_samples(data, self.specs)
         if self.single is not None:
             x = stacked[self.single]
+            if self.item_shape is not None:
+                if x.shape[1:] != self.item_shape:
+                    raise DataError(f"{data.source}: input '{self.single}' must be [rows, "
+                                    f"{', '.join(map(str, self.item_shape))}]; got shape {list(x.shape)}")
+                return x.reshape(len(x), -1)
             if x.ndim != 2:
                 raise DataError(f"{data.source}: input '{self.single}' must be [rows, features]; got shape {x.shape}")
             return x
@@ -244,7 +258,7 @@ class _TableInputs:
 
     def feeds(self, x: np.ndarray, probe: bool = False) -> dict[str, np.ndarray]:
         if self.single is not None:
-            return {self.single: x}
+            return {self.single: x if self.item_shape is None else x.reshape((len(x),) + self.item_shape)}
         feeds = {}
         for spec, start, width in self.slices:
             part = x[:, start : start + width]

@@ -56,6 +56,13 @@ def _output_columns(predictor: Predictor, x: np.ndarray, output: int) -> int:
     return columns
 
 
+def _class_labels(labels: np.ndarray | None, columns: int) -> bool:
+    """Whether ``labels`` are class indices of a (rows, ``columns``) score output."""
+    if labels is None or labels.ndim != 1 or columns < 2 or labels.dtype.kind not in "iuf" or not len(labels):
+        return False
+    return bool(np.all(labels == np.rint(labels)) and labels.min() >= 0 and labels.max() < columns)
+
+
 def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("permutation", "tree", "local"),
                   use_labels: bool = True, compare=None, providers=("cpu",), seed: int = 0, repeats: int = 5,
                   instances: int = 10, background: int = 100, max_depth: int = 4, max_leaf_nodes: int | None = None,
@@ -78,6 +85,11 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
     predictor = Predictor(model, providers=providers, threads=threads, output=output, task=task)
     x = _matrix(data, predictor)
     columns = _output_columns(predictor, x, output)
+    if task == "auto" and use_labels and _class_labels(data.labels, columns) and not predictor.is_classifier:
+        # logits (a CNN's last Gemm) with class indices as labels: a classifier, not a k-output regressor
+        task = "classification"
+        predictor = Predictor(model, providers=providers, threads=threads, output=output, task=task)
+        columns = 1
     y = data.labels if use_labels else None  # without labels: prediction change instead of a metric
     given = data.meta.get("feature_names")  # the data's own names win; then the model's input names
     features = given if given is not None and len(given) == x.shape[1] else (

@@ -14,7 +14,7 @@ from qxc import compile_model
 from qxc import ir as qir
 from qxc.cli import main
 from qxc.data import load_data
-from qxc.errors import ModelError, UsageError
+from qxc.errors import DataError, ModelError, UsageError
 from qxc.explain import PermutationImportance, ShapleyExplainer, SklearnView
 from qxc.explain.importance import ablation_importance, permutation_importance, shuffled_columns
 from qxc.explain.predictor import Predictor
@@ -295,9 +295,50 @@ def test_cli_explain_json_embed_and_drift(tmp_path):
     assert emb[-1].shape == (8, 10, 64)  # per-class, per-feature linear contributions
 
 
-def test_explain_refuses_non_tabular_models():
-    with pytest.raises(UsageError, match="rank 4"):
-        Predictor(qir.load(MODELS / "cnn_digits.onnx"))
+def test_images_are_explained_element_by_element(tmp_path):
+    """A CNN's [rows, 1, 8, 8] input is a row of 64 features named by their index. Permutation importance equals
+    scikit-learn's on an estimator that reshapes and feeds onnxruntime itself; with class labels, a logits output
+    is explained as a classifier; --embed flattens the image for the surrogates, which give scikit-learn's
+    predictions in the deployed model."""
+    import onnxruntime as ort
+    from sklearn.inspection import permutation_importance as sk_perm
+
+    path = MODELS / "cnn_digits.onnx"
+    model = qir.load(path)
+    data = load_data(MODELS / "cnn_digits_test.npz", model)
+    images, y = data.stacked["image"], data.labels
+    pred = Predictor(model, task="classification")
+    x = pred.table(data)
+    assert x.shape == (len(images), 64) and pred.feature_names[:2] == ["image[0,0,0]", "image[0,0,1]"]
+    np.testing.assert_array_equal(x[:, 8 * 3 + 5], images[:, 0, 3, 5])
+
+    class Direct:  # scikit-learn's view of the model, reshaping the rows into images itself
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def fit(self, *a):
+            return self
+
+        def score(self, rows, labels):
+            logits = self.session.run(None, {"image": rows.reshape(-1, 1, 8, 8).astype(np.float32)})[0]
+            return float(np.mean(logits.argmax(axis=1) == labels))
+
+    ours = permutation_importance(pred, x, y, n_repeats=2, random_state=4)
+    theirs = sk_perm(Direct(), x, y, n_repeats=2, random_state=4)
+    np.testing.assert_allclose(ours.importances, theirs.importances, atol=1e-9)
+    out, emb = tmp_path / "e.json", tmp_path / "emb.onnx"
+    assert main(["explain", str(path), "--data", str(MODELS / "cnn_digits_test.npz"), "--labels", "--method",
+                 "permutation,tree", "-o", str(out), "--embed", str(emb)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["task"] == "classification" and doc["permutation"]["metric"] == "accuracy"
+    assert len(doc["features"]) == 64 and "image[0," in doc["tree"]["rules"]
+    leaf = ort.InferenceSession(str(emb), providers=["CPUExecutionProvider"]).run(
+        ["qxc_explain_label"], {"image": images})[0]
+    assert 0.3 < np.mean(leaf == pred.predict(x).labels) <= 1  # the tree's own fidelity, on the deployed model
+    with pytest.raises(DataError, match=r"input 'image' expects shape \[N, 1, 8, 8\]"):
+        pred.table(load_data({"image": images[:, :, :4]}, model))
+
+
+def test_explain_refuses_unknown_methods():
     model = qir.load(MODELS / "digits_mlp.onnx")
     with pytest.raises(UsageError, match="unknown explanation method 'magic'"):
         from qxc.explain.run import explain_model
