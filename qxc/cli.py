@@ -273,6 +273,7 @@ def cmd_explain_chunked(args, model) -> int:
     import time
 
     from qxc.explain.importance import stability
+    from qxc.explain.predictor import element_names
     from qxc.scale import chunks_of, distributed_labels, distributed_permutation, distributed_shapley
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
@@ -285,6 +286,13 @@ def cmd_explain_chunked(args, model) -> int:
                          "of shards use permutation, shapley, tree")
     t0 = time.perf_counter()
     key = _input_key(model, "explain it with --backend local")  # before a Ray cluster is started for nothing
+    if args.task == "auto" and args.labels:  # logits with class labels: a classifier, as in the local run
+        from qxc.explain.run import class_labels
+
+        outputs = [v for v in model.graph.outputs if v.shape is not None and len(v.shape) == 2]
+        width = outputs[0].shape[1] if outputs and isinstance(outputs[0].shape[1], int) else 0
+        if class_labels(chunks_of(args.data, key, args.chunk_rows)[0].load()[1], width):
+            args.task = "classification"
     backend = _backend(args, model)
     doc: dict = {"schema": "qxc.explain/1", "model": str(args.model)}
     if args.explain_output:
@@ -292,7 +300,9 @@ def cmd_explain_chunked(args, model) -> int:
     try:
         chunks = chunks_of(args.data, key, args.chunk_rows)
         first, _ = chunks[0].load()
-        feats = [f"x{i}" for i in range(first.shape[1])]
+        item = first.shape[1:]
+        first = first.reshape(len(first), -1)  # an image's elements are its features, as in the local run
+        feats = element_names(key, item) if len(item) > 1 else [f"x{i}" for i in range(first.shape[1])]
         doc["features"] = feats
         doc["rows"] = sum(c.stop - c.start for c in chunks)
         settings = {"backend": args.backend, "chunks": len(chunks), "chunk_rows": args.chunk_rows,
@@ -325,7 +335,7 @@ def cmd_explain_chunked(args, model) -> int:
                     break
                 sample.append(c)
                 rows += c.stop - c.start
-            x = np.concatenate([c.load()[0] for c in sample])
+            x = np.concatenate([c.load()[0].reshape(c.stop - c.start, -1) for c in sample])
             y = distributed_labels(backend, sample)
             classifier = y.dtype.kind != "f"  # class labels (integers or strings) or a regression's outputs
             train_rows, test_rows = holdout_split(len(x), 0.25, args.seed)

@@ -197,7 +197,7 @@ class _TableInputs:
                     raise UsageError(f"input '{spec.name}' has shape {list(spec.shape)}; explanations take [rows, "
                                      "features], or [rows, d1, d2, ...] with fixed d's (each element a feature)")
                 self.item_shape = tuple(dims)
-                self.names = [f"{spec.name}[{','.join(map(str, i))}]" for i in np.ndindex(*dims)]
+                self.names = element_names(spec.name, self.item_shape)
             self.n_features = (math.prod(self.item_shape) if self.item_shape else
                                spec.shape[1] if spec.shape is not None else None)
             self.categorical = np.zeros(self.n_features or 0, bool)
@@ -279,6 +279,11 @@ class _TableInputs:
                 part = np.ascontiguousarray(part, dtype=spec.dtype)
             feeds[spec.name] = part.reshape(len(x)) if len(spec.shape) == 1 else part
         return feeds
+
+
+def element_names(name: str, item_shape: tuple[int, ...]) -> list[str]:
+    """The features of an image-like input, in C order: ``image[0,3,5]``."""
+    return [f"{name}[{','.join(map(str, i))}]" for i in np.ndindex(*item_shape)]
 
 
 def _fixed_batch(specs) -> int | None:

@@ -56,7 +56,7 @@ def _output_columns(predictor: Predictor, x: np.ndarray, output: int) -> int:
     return columns
 
 
-def _class_labels(labels: np.ndarray | None, columns: int) -> bool:
+def class_labels(labels: np.ndarray | None, columns: int) -> bool:
     """Whether ``labels`` are class indices of a (rows, ``columns``) score output."""
     if labels is None or labels.ndim != 1 or columns < 2 or labels.dtype.kind not in "iuf" or not len(labels):
         return False
@@ -85,7 +85,7 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
     predictor = Predictor(model, providers=providers, threads=threads, output=output, task=task)
     x = _matrix(data, predictor)
     columns = _output_columns(predictor, x, output)
-    if task == "auto" and use_labels and _class_labels(data.labels, columns) and not predictor.is_classifier:
+    if task == "auto" and use_labels and class_labels(data.labels, columns) and not predictor.is_classifier:
         # logits (a CNN's last Gemm) with class indices as labels: a classifier, not a k-output regressor
         task = "classification"
         predictor = Predictor(model, providers=providers, threads=threads, output=output, task=task)

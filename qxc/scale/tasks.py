@@ -98,7 +98,7 @@ def permutation_task(worker, chunk: Chunk, n_repeats: int, random_state: int, us
 
     pred = _predictor(worker)
     x, y = chunk.load()
-    x = np.ascontiguousarray(x, dtype=pred.dtype)
+    x = _table(x, pred)
     y = y if use_labels else None
     n, f = x.shape
     terms = RowTerms(pred.predict(x), y, pred.is_classifier)
@@ -178,11 +178,16 @@ def predict_task(worker, chunk: Chunk):
 
     pred = _predictor(worker)
     x, _ = chunk.load()
-    return surrogate_targets(pred, np.ascontiguousarray(x, dtype=pred.dtype))
+    return surrogate_targets(pred, _table(x, pred))
 
 
 def distributed_labels(backend, chunks: Sequence[Chunk]) -> np.ndarray:
     return np.concatenate(backend.map(predict_task, list(chunks)))
+
+
+def _table(x: np.ndarray, pred) -> np.ndarray:
+    """A chunk's rows as the explainers' rows x features (an image's elements in C order)."""
+    return np.ascontiguousarray(x.reshape(len(x), -1), dtype=pred.dtype)
 
 
 def _predictor(worker):

@@ -268,3 +268,27 @@ def test_csv_chunks_read_class_name_labels_like_the_local_reader(tmp_path):
     local = load_data(tmp_path / "d.csv", qir.from_proto(proto))
     np.testing.assert_array_equal(np.concatenate([t for t, _ in got]), local.stacked["X"].astype(np.float64))
     assert np.concatenate([y for _, y in got]).tolist() == local.labels.tolist() == labels.tolist()
+
+
+def test_chunked_explain_of_an_image_model_equals_the_local_run(tmp_path):
+    """An image's elements are its features in the chunked run too (names included), and logits with class labels
+    make a classifier there as well: on one shard, permutation importance equals the local run's."""
+    import json
+
+    from qxc.cli import main
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    with np.load(MODELS / "cnn_digits_test.npz") as z:
+        np.savez(folder / "all.npz", image=z["image"], labels=z["labels"])
+    docs = {}
+    for kind, data in (("chunked", folder), ("local", MODELS / "cnn_digits_test.npz")):
+        out = tmp_path / f"{kind}.json"
+        assert main(["explain", str(MODELS / "cnn_digits.onnx"), "--data", str(data), "--labels", "--method",
+                     "permutation", "-o", str(out)]) == 0
+        docs[kind] = json.loads(out.read_text())
+    chunked, local = docs["chunked"], docs["local"]
+    assert chunked["features"] == local["features"] and len(local["features"]) == 64
+    assert chunked["permutation"]["metric"] == local["permutation"]["metric"] == "accuracy"
+    np.testing.assert_allclose(list(chunked["permutation"]["values"].values()),
+                               list(local["permutation"]["values"].values()), atol=1e-6)
