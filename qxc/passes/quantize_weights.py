@@ -3,8 +3,9 @@
 Weights of MatMul (``x @ W``, or ``W @ x`` when only the first input is constant), Gemm (``transB`` respected),
 Conv/ConvTranspose (per output channel), Einsum of an activation and a weight (Keras' EinsumDense) and, on request,
 Gather embeddings and LSTM/GRU matrices become integer initializers followed by ``DequantizeLinear``; with
-``format=matmulnbits`` 2-D MatMul weights become ``com.microsoft.MatMulNBits`` (4 or 8 bits, blocked), onnxruntime's
-fast weight-only kernels. The opset is raised when the chosen form needs it (per-axis 13, blocked/int4 21).
+``format=matmulnbits`` 2-D MatMul weights, and Gemm weights with their bias (PyTorch's Linear), become
+``com.microsoft.MatMulNBits`` (4 or 8 bits, blocked), onnxruntime's fast weight-only kernels. The opset is raised
+when the chosen form needs it (per-axis 13, blocked/int4 21).
 A weight shared by several selected nodes is quantized once. Every weight considered is reported, quantized or
 skipped with the reason; include/exclude patterns that match no node are errors.
 
@@ -56,7 +57,7 @@ class QuantizeWeightsOptions:
                 "(an RGB stem's or a depthwise Conv's) is one group instead of blocks shorter than asked")
     block_size: int = opt(32, "block length along the reduction axis for granularity=block (power of two >= 16)")
     method: Literal["rtn", "mse"] = opt("mse", "round-to-nearest on min/max, or a clipping search minimising MSE")
-    format: Literal["qdq", "matmulnbits"] = opt("qdq", "DequantizeLinear nodes, or MatMulNBits for 2-D MatMul weights")
+    format: Literal["qdq", "matmulnbits"] = opt("qdq", "DequantizeLinear nodes, or MatMulNBits for 2-D MatMul and Gemm weights")
     scale_dtype: Literal["float32", "float16"] = opt(
         "float32", "storage of the scales: float16 halves their bytes (int4 block 32: 0.146x instead of 0.161x of fp32); "
                    "a weight whose scales leave float16's range keeps float32")
@@ -240,8 +241,8 @@ class QuantizeWeightsPass(QxcPass):
                      "format": fmt, "scale_dtype": self._scale_storage(qt, fmt, opset), "sqnr_db": round(qt.sqnr, 3),
                      "bytes_before": t.nbytes}
             if fmt == "matmulnbits":
-                entry["bytes_after"] = self._emit_nbits(value, value_uses, layout, bits, _nbits_block(g, t.shape[0]),
-                                                        taken)
+                k = t.shape[1] if _transposed(value_uses[0].node) else t.shape[0]
+                entry["bytes_after"] = self._emit_nbits(value, value_uses, layout, bits, _nbits_block(g, k), taken)
             else:
                 entry["bytes_after"] = self._emit_qdq(value, qt, g, taken, opset)
             qir.release_weights(model, [t])  # unmap the float weight: its pages no longer count against us
@@ -281,8 +282,8 @@ class QuantizeWeightsPass(QxcPass):
         if self.options.format != "matmulnbits":
             return "qdq"
         t = value.const_value
-        if (all(u.node.op_type == "MatMul" and u.index == 1 for u in value_uses) and len(t.shape) == 2
-                and t.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)):  # onnxruntime's MatMulNBits types
+        if (all(u.index == 1 and (u.node.op_type == "MatMul" or _nbits_gemm(u.node)) for u in value_uses)
+                and len(t.shape) == 2 and t.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)):  # its types
             return "matmulnbits"
         return "qdq"
 
@@ -297,7 +298,9 @@ class QuantizeWeightsPass(QxcPass):
         def unmap():  # the float weight was copied: unmap it before the heavy part
             qir.release_weights(None, [t])
 
-        qt = quantize_tensor(lambda: np.asarray(t.numpy(), dtype=np.float32), qt_name, symmetric=o.symmetric,
+        nbits_rows = self._format_for(value, value_uses) == "matmulnbits" and _transposed(value_uses[0].node)
+        qt = quantize_tensor(lambda: np.asarray(t.numpy(), dtype=np.float32).T if nbits_rows else
+                             np.asarray(t.numpy(), dtype=np.float32), qt_name, symmetric=o.symmetric,
                              granularity=g, method=o.method, name=value.name, keep_dequantized=keep,
                              on_copied=None if keep else unmap,
                              scale_dtype="float16" if t.dtype == ir.DataType.FLOAT16 else o.scale_dtype)
@@ -379,6 +382,8 @@ class QuantizeWeightsPass(QxcPass):
                     block_size: int, taken: set[str]) -> int:
         o = self.options
         k, n = value.const_value.shape
+        if _transposed(value_uses[0].node):  # Gemm's transB: the weight is (N, K), MatMulNBits' own order
+            k, n = n, k
         graph = value.graph
         half = value.const_value.dtype == ir.DataType.FLOAT16  # the scales are of the activations' type
         if half and dict(layout)["scales"].dtype != np.float16:
@@ -396,7 +401,10 @@ class QuantizeWeightsPass(QxcPass):
                      ir.AttrInt64("block_size", block_size)]
             if o.accuracy_level:
                 attrs.append(ir.AttrInt64("accuracy_level", o.accuracy_level))
-            new = ir.Node("com.microsoft", "MatMulNBits", [node.inputs[0], *vals], attrs,
+            inputs = [node.inputs[0], *vals]
+            if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+                inputs += [None] * (5 - len(inputs)) + [node.inputs[2]]  # the bias (after zero points, g_idx)
+            new = ir.Node("com.microsoft", "MatMulNBits", inputs, attrs,
                           name=unique_name(f"{node.name or value.name}_nbits", taken))
             old_out = node.outputs[0]
             new.outputs[0].type, new.outputs[0].shape = old_out.type, old_out.shape
@@ -440,6 +448,25 @@ class QuantizeWeightsPass(QxcPass):
             bits[v] = 8
         self.sensitivity = {v.name: {"int4_error": round(s, 6), "bits": bits[v]} for v, s in scores.items()}
         return bits
+
+
+def _transposed(node: ir.Node) -> bool:
+    return node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
+
+
+def _nbits_gemm(node: ir.Node) -> bool:
+    """A Gemm that is a MatMul plus a bias (PyTorch's Linear): alpha 1, A not transposed, C absent or a constant
+    [N] vector added as it is (beta 1); MatMulNBits computes it, the bias as its input."""
+    attrs = node.attributes
+    if node.op_type != "Gemm" or attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_int("transA", 0) != 0:
+        return False
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if c is None:
+        return True
+    w = node.inputs[1].const_value
+    n = w.shape[0 if _transposed(node) else 1] if w is not None and len(w.shape) == 2 else None
+    return (attrs.get_float("beta", 1.0) == 1.0 and is_weight(c) and len(c.const_value.shape) == 1
+            and c.const_value.shape[0] == n)
 
 
 def _nbits_block(g: Granularity, k: int) -> int:
