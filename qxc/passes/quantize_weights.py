@@ -237,7 +237,7 @@ class QuantizeWeightsPass(QxcPass):
             entry = {"weight": value.name, "nodes": [u.node.name for u in value_uses],
                      "op": value_uses[0].node.op_type, "shape": list(t.shape), "bits": bits,
                      "granularity": "tensor" if g.axis is None else ("channel" if g.block is None else
-                                                                    f"block{min(g.block, t.shape[g.axis])}"),
+                                                                    f"block{min(g.block, qt.codes.shape[g.axis])}"),
                      "format": fmt, "scale_dtype": self._scale_storage(qt, fmt, opset), "sqnr_db": round(qt.sqnr, 3),
                      "bytes_before": t.nbytes}
             if fmt == "matmulnbits":

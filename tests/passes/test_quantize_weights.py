@@ -108,6 +108,13 @@ def test_gemm_weights_become_matmulnbits_with_the_bias_as_its_input(bits, symmet
     assert [n.op_type for n in scaled.model.graph] == ["DequantizeLinear", "Gemm"]
 
 
+def test_the_report_names_a_transposed_weights_blocks_along_k():
+    """The CNN's classifier is Gemm(transB=1) with a (10, 64) weight: blocks of 32 along its 64 columns."""
+    result = compile_model(MODELS / "cnn_digits.onnx", "quantize-weights{format=matmulnbits,bits=4}")
+    entry = {e["weight"]: e for e in result.records[0].report["quantized"]}["fc.w"]
+    assert (entry["format"], entry["shape"], entry["granularity"]) == ("matmulnbits", [10, 64], "block32")
+
+
 def test_qdq_int4_blocked_matches_fake_quant_and_raises_opset(tmp_path):
     proto = mlp_model(sizes=(64, 32, 8), seed=1, opset=17)
     onnx.save(proto, tmp_path / "m.onnx")
