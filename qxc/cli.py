@@ -304,6 +304,8 @@ def cmd_explain_chunked(args, model) -> int:
         first = first.reshape(len(first), -1)  # an image's elements are its features, as in the local run
         feats = element_names(key, item) if len(item) > 1 else [f"x{i}" for i in range(first.shape[1])]
         doc["features"] = feats
+        if len(item) > 1:
+            doc["input_shape"] = list(item)
         doc["rows"] = sum(c.stop - c.start for c in chunks)
         settings = {"backend": args.backend, "chunks": len(chunks), "chunk_rows": args.chunk_rows,
                     "random_state": args.seed}

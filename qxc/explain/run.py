@@ -5,6 +5,7 @@ Schema ``qxc.explain/1``::
     {"schema", "model", "features": [names], "task": "classification"|"regression", "rows",
      "outputs", "explained_output": (multi-output regressors) how many outputs, and the one explained,
      "categories": (string inputs) {feature: [category names]}: the feature's values are indices into these,
+     "input_shape": (an image-like input) its shape after the batch axis; the features are its elements in C order,
      "permutation" | "ablation": {"values": {feature: mean}, "std", "stability", "metric", "seconds", "settings"},
      "shapley": {"values": [[instance x feature]], "std_error": [[same shape; 0 where exact]], "mean_abs",
                  "base_value", "method": "exact"|"kernel", "stability" (rank correlation of mean |value| between
@@ -98,6 +99,8 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
                  "task": "classification" if predictor.is_classifier else "regression", "rows": int(len(x))}
     if columns > 1:
         doc["outputs"], doc["explained_output"] = columns, output
+    if predictor.table_inputs.single is not None and predictor.table_inputs.item_shape:
+        doc["input_shape"] = list(predictor.table_inputs.item_shape)
     categories = _categories(predictor, features)
     if categories:
         doc["categories"] = categories

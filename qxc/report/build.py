@@ -130,13 +130,21 @@ def _tree_from_nodes(nodes: list[dict], features: list[str]) -> str:
     return plots._svg(fig)
 
 
+def _pixel_map(values: list[float], shape: list[int]) -> np.ndarray:
+    """(height, width) of per-element values of an input of ``shape`` (…, height, width): |values| summed over the
+    leading axes (the channels)."""
+    grid = np.abs(np.asarray(values, np.float64)).reshape(shape)
+    return grid.reshape(-1, shape[-2], shape[-1]).sum(axis=0)
+
+
 def render_html(doc: dict) -> str:
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("qxc.report", "templates"),
                              autoescape=jinja2.select_autoescape(default=True), undefined=jinja2.StrictUndefined)
     compile_doc, fidelity, explain = doc.get("compile"), doc.get("fidelity"), doc.get("explain")
-    svg: dict = {"ops": None, "layers": None, "importance": None, "shapley": None, "tree": None, "local": []}
+    svg: dict = {"ops": None, "layers": None, "importance": None, "importance_map": None, "shapley": None,
+                 "tree": None, "local": []}
     if compile_doc:
         svg["ops"] = plots.op_histogram(compile_doc["before"]["ops"], compile_doc["after"]["ops"])
         for p in compile_doc.get("passes", []):
@@ -159,6 +167,15 @@ def render_html(doc: dict) -> str:
             svg["importance"] = plots.bars([feats[i] for i in order], {k: [v[i] for i in order]
                                                                      for k, v in series.items()},
                                            "Permutation importance (top 20)", perm["metric"] + " drop")
+            shape = explain.get("input_shape") or []
+            if len(shape) >= 2 and shape[-1] > 1 and shape[-2] > 1:  # an image: the importance where it lies
+                maps = {f"permutation, {k}": _pixel_map(v, shape) for k, v in series.items()}
+                sh = explain.get("shapley")
+                if sh:
+                    maps["Shapley mean |value|"] = _pixel_map([sh["mean_abs"][f] for f in feats], shape)
+                svg["importance_map"] = plots.heatmaps(maps, "Importance per pixel (|values| summed over the "
+                                                       "channels)", {k: "permutation" for k in maps
+                                                                     if k.startswith("permutation")})
         sh = explain.get("shapley")
         if sh:
             order = np.argsort([-sh["mean_abs"][f] for f in feats])[:20]

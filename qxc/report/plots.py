@@ -48,6 +48,26 @@ def bars(labels: list[str], series: dict[str, list[float]], title: str, xlabel: 
     return _svg(fig)
 
 
+def heatmaps(maps: dict[str, np.ndarray], title: str, groups: dict[str, str] | None = None) -> str:
+    """Side-by-side maps of an image's per-pixel importance (brighter: more important). Maps of one group (the same
+    unit: the original's and the compiled model's permutation importance) share a colour scale."""
+    plt = _mpl()
+    groups = groups or {}
+    top: dict[str, float] = {}
+    for name, m in maps.items():
+        g = groups.get(name, name)
+        top[g] = max(top.get(g, 0.0), float(np.nanmax(m)))
+    fig, axes = plt.subplots(1, len(maps), figsize=(3.1 * len(maps), 2.8), squeeze=False)
+    for ax, (name, m) in zip(axes[0], maps.items()):
+        im = ax.imshow(m, cmap="viridis", vmin=0.0, vmax=top[groups.get(name, name)] or 1.0, interpolation="nearest")
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(title)
+    return _svg(fig)
+
+
 def layer_sqnr(layers: list[dict], first_jump: str | None) -> str:
     plt = _mpl()
     names = [e["tensor"] for e in layers]

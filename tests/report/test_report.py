@@ -152,3 +152,25 @@ def test_explain_report_shows_shapley_values_with_their_precision(tmp_path, name
         assert "Exact: every coalition" in html and all(e == 0 for row in sh["std_error"] for e in row)
     else:
         assert "mean standard error of a value" in html and all(e > 0 for row in sh["std_error"] for e in row)
+
+
+def test_an_image_models_importance_is_drawn_where_it_lies(tmp_path):
+    """For an image input the report draws the importance per pixel (|values| summed over the channels): the
+    original's and the compiled model's permutation importance on one colour scale, Shapley values on their own."""
+    from qxc.report.build import _pixel_map
+
+    values = np.arange(12.0) - 6  # a (3, 2, 2) input: three channels of 2 x 2
+    np.testing.assert_array_equal(_pixel_map(values.tolist(), [3, 2, 2]),
+                                  np.abs(values).reshape(3, 2, 2).sum(axis=0))
+    out = tmp_path / "e.json"
+    assert main(["explain", str(MODELS / "cnn_digits.onnx"), "--data", str(MODELS / "cnn_digits_test.npz"),
+                 "--labels", "--method", "permutation,shapley", "--compare", str(MODELS / "cnn_digits.onnx"),
+                 "-o", str(out), "--report", str(tmp_path / "e.html")]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["input_shape"] == [1, 8, 8]
+    page = (tmp_path / "e.html").read_text()
+    assert "Importance per pixel" in page
+    for title in ("permutation, original", "permutation, compiled", "Shapley mean |value|"):
+        assert title in page
+    tabular = render_html(build_report(title="t", explain={**doc, "input_shape": None}))
+    assert "Importance per pixel" not in tabular
