@@ -290,15 +290,14 @@ class QuantizeWeightsPass(QxcPass):
     def _quantize_one(self, value: ir.Value, value_uses: list[_Use], bits: int, keep: bool = False):
         o = self.options
         t = value.const_value
-        g = self._granularity(value_uses[0], tuple(t.shape))
-        if self._format_for(value, value_uses) == "matmulnbits":
-            g = self._nbits_granularity()
+        nbits = self._format_for(value, value_uses) == "matmulnbits"
+        g = self._nbits_granularity() if nbits else self._granularity(value_uses[0], tuple(t.shape))
         qt_name = ("int4" if o.symmetric else "uint4") if bits == 4 else ("int8" if o.symmetric else "uint8")
 
         def unmap():  # the float weight was copied: unmap it before the heavy part
             qir.release_weights(None, [t])
 
-        nbits_rows = self._format_for(value, value_uses) == "matmulnbits" and _transposed(value_uses[0].node)
+        nbits_rows = nbits and _transposed(value_uses[0].node)  # quantized as (K, N), MatMulNBits' groups
         qt = quantize_tensor(lambda: np.asarray(t.numpy(), dtype=np.float32).T if nbits_rows else
                              np.asarray(t.numpy(), dtype=np.float32), qt_name, symmetric=o.symmetric,
                              granularity=g, method=o.method, name=value.name, keep_dequantized=keep,
@@ -306,8 +305,10 @@ class QuantizeWeightsPass(QxcPass):
                              scale_dtype="float16" if t.dtype == ir.DataType.FLOAT16 else o.scale_dtype)
         if not keep:
             unmap()
+        elif nbits_rows:  # the reconstruction in the weight's own (N, K) layout, as the sensitivity runs swap it in
+            qt.dequantized = np.ascontiguousarray(qt.dequantized.T)
         layout = None
-        if not keep and self._format_for(value, value_uses) == "matmulnbits":
+        if not keep and nbits:
             layout = self._nbits_layout(qt, bits)  # here, on the worker thread, not on the graph-editing one
         return bits, g, qt, layout
 

@@ -108,6 +108,21 @@ def test_gemm_weights_become_matmulnbits_with_the_bias_as_its_input(bits, symmet
     assert [n.op_type for n in scaled.model.graph] == ["DequantizeLinear", "Gemm"]
 
 
+def test_sensitivity_of_a_transposed_gemm_weight_is_measured_in_its_own_layout(tmp_path):
+    """keep-sensitive swaps each weight's int4 reconstruction into the model: a transB=1 Gemm's, quantized as
+    MatMulNBits' (K, N), goes back in as (N, K) (it failed in onnxruntime), and scores what QDQ's same blocks do."""
+    onnx.save(_gemm_model(1, True), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(3).normal(size=(64, 48)).astype(np.float32))
+    errors = {}
+    for fmt in ("matmulnbits", "qdq"):
+        result = compile_model(tmp_path / "m.onnx", f"quantize-weights{{bits=4,format={fmt},keep-sensitive=1}}",
+                               data=tmp_path / "d.npz", verify_runtime=True)
+        report = result.records[0].report
+        assert [(e["format"], e["bits"]) for e in report["quantized"]] == [(fmt, 8)]
+        errors[fmt] = report["sensitivity"]["w"]["int4_error"]
+    assert errors["matmulnbits"] == pytest.approx(errors["qdq"], rel=1e-6)
+
+
 def test_the_report_names_a_transposed_weights_blocks_along_k():
     """The CNN's classifier is Gemm(transB=1) with a (10, 64) weight: blocks of 32 along its 64 columns."""
     result = compile_model(MODELS / "cnn_digits.onnx", "quantize-weights{format=matmulnbits,bits=4}")
