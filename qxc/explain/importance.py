@@ -15,6 +15,8 @@ import numpy as np
 
 from qxc.explain.predictor import Prediction, Predictor
 
+BUFFER_BYTES = 64 << 20  # the perturbed rows packed for onnxruntime at most (see _predict_blocks)
+
 
 def _ranks(a: np.ndarray) -> np.ndarray:
     """1-based ranks, ties getting their average rank (scipy's rankdata 'average')."""
@@ -144,36 +146,46 @@ class ImportanceResult:
                 "baseline_score": self.baseline_score, "seconds": round(self.seconds, 4), "settings": self.settings}
 
 
-def _changed_scores(predictor: Predictor, blocks, base: Prediction, y, classifier: bool, rows_per_run: int):
-    """Score a stream of perturbed copies of the data, each given as ``(rows, values)``: the rows whose input
-    changed and their new inputs (the other rows keep the base prediction: identical rows are not run again, and
-    the score is updated from the changed rows' terms alone). The changed rows of many copies are packed into one
-    reused buffer per onnxruntime run."""
-    out, pending, buf, filled = [], [], None, 0
-    terms = RowTerms(base, y, classifier)
+def _predict_blocks(predictor: Predictor, blocks, rows_per_run: int, base: Prediction):
+    """Yield ``(rows, prediction)`` for each ``(rows, values)`` block of perturbed rows, in order. The blocks are
+    packed into one reused buffer of at most ``rows_per_run`` rows and ``BUFFER_BYTES`` (so a wide row, an image's,
+    takes fewer), run together; a block larger than the buffer runs alone. Memory stays bounded by the buffer and
+    the largest block, however many blocks there are."""
+    buf, filled, pending = None, 0, []
 
     def flush():
         nonlocal filled
-        run = predictor.predict(buf[:filled]) if filled else base
+        run = predictor.predict(buf[:filled]) if filled else base.take(slice(0, 0))
         at = 0
         for rows in pending:
-            sums = terms.changed(rows, run.take(slice(at, at + len(rows))))
-            out.append(score_from_sums(sums, terms.n, classifier, y is not None, terms.ss_tot))
+            yield rows, run.take(slice(at, at + len(rows)))
             at += len(rows)
         pending.clear()
         filled = 0
 
     for rows, values in blocks:
         if buf is None:
-            buf = np.empty((max(rows_per_run, len(base.scores)), values.shape[1]), dtype=predictor.dtype)
+            row_bytes = max(1, values.shape[1] * np.dtype(predictor.dtype).itemsize)
+            buf = np.empty((max(1, min(rows_per_run, BUFFER_BYTES // row_bytes)), values.shape[1]), predictor.dtype)
+        if len(rows) > len(buf):
+            yield from flush()
+            yield rows, predictor.predict(values)
+            continue
         if filled + len(rows) > len(buf):
-            flush()
+            yield from flush()
         buf[filled : filled + len(rows)] = values
         filled += len(rows)
         pending.append(rows)
-    if pending:
-        flush()
-    return out
+    yield from flush()
+
+
+def _changed_scores(predictor: Predictor, blocks, base: Prediction, y, classifier: bool, rows_per_run: int):
+    """Score a stream of perturbed copies of the data, each given as ``(rows, values)``: the rows whose input
+    changed and their new inputs (the other rows keep the base prediction: identical rows are not run again, and
+    the score is updated from the changed rows' terms alone)."""
+    terms = RowTerms(base, y, classifier)
+    return [score_from_sums(terms.changed(rows, part), terms.n, classifier, y is not None, terms.ss_tot)
+            for rows, part in _predict_blocks(predictor, blocks, rows_per_run, base)]
 
 
 def shuffled_columns(x: np.ndarray, col: int, n_repeats: int, seed: int, orders=None):
@@ -249,7 +261,7 @@ Baseline = Literal["mean", "median", "zero"]
 
 def ablation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | None = None, *,
                         baseline: Baseline = "mean", background: np.ndarray | None = None,
-                        n_repeats: int = 5, random_state: int = 0) -> ImportanceResult:
+                        n_repeats: int = 5, random_state: int = 0, rows_per_run: int = 200_000) -> ImportanceResult:
     """Replace one feature by a baseline (mean, median or zero of ``background``, missing values (NaN) left out)
     and measure the change. A string column (coded as category indices) takes its most frequent category instead:
     a mean category is no category.
@@ -272,19 +284,20 @@ def ablation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | Non
     rng = np.random.default_rng(random_state)
     subsets = [rng.choice(n, size=n, replace=True) for _ in range(n_repeats)] if n_repeats > 1 else [np.arange(n)]
     changed = [np.flatnonzero(x[:, col] != ref_val[col]) for col in range(f)]  # the others are the data's rows
-    parts = [x]
-    for col, rows in enumerate(changed):
-        parts.append(x[rows])
-        parts[-1][:, col] = ref_val[col]
-    pred_all = predictor.predict(np.concatenate(parts))
+
+    def blocks():
+        for col, rows in enumerate(changed):
+            values = x[rows]
+            values[:, col] = ref_val[col]
+            yield rows, values
+
+    base = predictor.predict(x)
     classifier, labeled = predictor.is_classifier, y is not None
-    terms = RowTerms(pred_all.take(slice(0, n)), y, classifier)  # each row's score term, unablated
+    terms = RowTerms(base, y, classifier)  # each row's score term, unablated
     ablated = np.empty((f, *terms.base_terms.shape))  # ... and with each feature ablated
-    at = n
-    for col, rows in enumerate(changed):
+    for col, (rows, part) in enumerate(_predict_blocks(predictor, blocks(), rows_per_run, base)):
         ablated[col] = terms.base_terms
-        ablated[col, rows] = terms.terms(pred_all.take(slice(at, at + len(rows))), rows)
-        at += len(rows)
+        ablated[col, rows] = terms.terms(part, rows)
     imp = np.zeros((f, len(subsets)))
     baseline_scores = []
     for r, rows in enumerate(subsets):  # a bootstrap sample's score: its rows' terms summed

@@ -22,6 +22,9 @@ from qxc.errors import DataError, ModelError, UsageError
 # take 231 ns a row against 327 ns for 65,536-row runs (same on a tree ensemble and the 10-feature MLP), and a fresh
 # session's first runs fault in 8x less arena memory.
 BATCH_ROWS = 8192
+# ... and at most this many input bytes per run: a wide row (an image of 3 x 32 x 32) takes fewer rows per run, so
+# the run's input and onnxruntime's arena for its activations stay bounded whatever the row's width
+BATCH_BYTES = 32 << 20
 
 
 @dataclass
@@ -105,7 +108,7 @@ class Predictor:
         names = [n for n in (label_out, self.score_out) if n is not None]
         labels, scores = [], []
         fixed = self.table_inputs.fixed_batch  # an export without a dynamic batch axis takes exactly that many rows
-        step = fixed or self.batch_size
+        step = fixed or max(1, min(self.batch_size, BATCH_BYTES // max(1, x[:1].nbytes)))
         for s in range(0, len(x), step):
             block = x[s : s + step]
             short = fixed - len(block) if fixed else 0
