@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -119,10 +120,22 @@ def _compile_report(args, summary: dict) -> None:
     write_report(doc, args.report)
 
 
+REPORT_MAX_FEATURES = 1024  # a compile report explains inputs up to this wide (an 8 x 8 image, a table)
+
+
 def _maybe_explain(ref, cand, data, source: str):
-    """Explanations (with drift against the compiled model) for tabular single-input models; None otherwise."""
+    """Explanations (with drift against the compiled model) for tabular single-input models and small images;
+    None otherwise (a wide input, a ResNet's 150,528 pixels, would take hours)."""
+    from qxc.data import input_specs
     from qxc.explain.run import explain_model
 
+    width = sum(math.prod(s.shape[1:]) for s in input_specs(ref)
+                if s.shape is not None and all(isinstance(d, int) for d in s.shape[1:]))
+    if width > REPORT_MAX_FEATURES:
+        print(f"qxc: note: the report has no explanations: the input has {width:,} features per row and the "
+              f"report explains at most {REPORT_MAX_FEATURES:,} (permutation importance alone would run the data "
+              f"{5 * width:,} times)", file=sys.stderr)
+        return None
     try:
         return explain_model(ref, data.head(1000), methods=("permutation", "tree", "local"),
                              use_labels=data.labels is not None, compare=cand, instances=3, source=source)

@@ -36,6 +36,8 @@ from qxc.explain.shapley import MAX_EXACT
 METHODS = ("permutation", "ablation", "shapley", "tree", "local", "layers")
 SCHEMA = "qxc.explain/1"
 MIN_ROWS = 10
+# the Kernel estimate and the local surrogates solve features x features normal equations (134 MB at 4,096)
+MAX_REGRESSION_FEATURES = 4096
 
 
 def _matrix(data: Dataset, predictor: Predictor) -> np.ndarray:
@@ -104,6 +106,13 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
     categories = _categories(predictor, features)
     if categories:
         doc["categories"] = categories
+    wide = [m for m in ("shapley", "local") if m in methods]
+    if wide and x.shape[1] > MAX_REGRESSION_FEATURES:
+        f = x.shape[1]
+        shape = f" (an input of {list(predictor.table_inputs.item_shape)})" if "input_shape" in doc else ""
+        raise UsageError(f"method '{wide[0]}': {f:,} features{shape}; its regression solves {f:,} x {f:,} normal "
+                         f"equations ({8 * f * f / 1e9:.1f} GB each): explain at most {MAX_REGRESSION_FEATURES:,} "
+                         "features (downsample the input) or use --method permutation,ablation,tree")
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(x), size=min(instances, len(x)), replace=False))
     bg = x[np.sort(rng.choice(len(x), size=min(background, len(x)), replace=False))]

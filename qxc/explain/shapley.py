@@ -339,23 +339,31 @@ def _kernel(predictor, x, background, classes, fx, bg_out, n_samples, random_sta
     batch = (np.arange(pairs) - np.repeat(np.cumsum(counts) - counts, counts)) % use  # each size's pairs in turn
     deal = np.argsort(batch, kind="stable")
     zd = z[deal]
-    a = zd[:, :-1].astype(np.float64)
-    a -= zd[:, -1:]
     y = dv[:, deal] - (2.0 * zd[:, -1] - 1)[None, :] * (fx - base)[:, None]
-    aw = a * (_pair_mass(m, size) / np.repeat(counts, counts))[deal, None]  # each size's mass over its pairs
+    mass = (_pair_mass(m, size) / np.repeat(counts, counts))[deal, None]  # each size's mass over its pairs
     bounds = np.r_[0, np.cumsum(np.bincount(batch, minlength=use))]
-    shares = [(aw[p:q].T @ a[p:q], 0.5 * (aw[p:q].T @ y[:, p:q].T), q - p) for p, q in zip(bounds[:-1], bounds[1:])]
-    phi = solve(gram_e + sum(g for g, _, _ in shares), rhs_e + sum(r for _, r, _ in shares))
+    # one batch's design at a time, and only running sums of the Gram matrices kept (whole, and per half): with
+    # many features (an image's 3,072) every batch's own M x M matrix held at once would take gigabytes
+    sums = [[0.0, 0.0, 0] for _ in range(3)]  # the whole fit's, the first half's and the second half's (g, r, k)
+    parts = []
+    for i, (p, q) in enumerate(zip(bounds[:-1], bounds[1:])):
+        a = zd[p:q, :-1].astype(np.float64)
+        a -= zd[p:q, -1:]
+        aw = a * mass[p:q]
+        g, r, k = aw.T @ a, 0.5 * (aw.T @ y[:, p:q].T), q - p
+        del a, aw
+        for acc in (sums[0], sums[1 + (i >= use // 2)]):
+            acc[0], acc[1], acc[2] = acc[0] + g, acc[1] + r, acc[2] + k
+        if pairs and use > 1:
+            parts.append(solve(gram_e + pairs / k * g, rhs_e + pairs / k * r))
+    phi = solve(gram_e + sums[0][0], rhs_e + sums[0][1])
     if not pairs:
         return phi, np.zeros_like(phi), None  # every coalition enumerated: exact
     if use == 1:
         return phi, np.full_like(phi, np.nan), None  # too few pairs per batch for a fit of its own
-    parts = np.stack([solve(gram_e + pairs / k * g, rhs_e + pairs / k * r) for g, r, k in shares])
     # two independent estimates, each from half of the batches (half the budget): what two seeds would give
-    halves = [solve(gram_e + pairs / sum(k for _, _, k in h) * sum(g for g, _, _ in h),
-                    rhs_e + pairs / sum(k for _, _, k in h) * sum(r for _, r, _ in h))
-              for h in (shares[: use // 2], shares[use // 2 :])]
-    return phi, parts.std(axis=0, ddof=1) / np.sqrt(use), halves
+    halves = [solve(gram_e + pairs / k * g, rhs_e + pairs / k * r) for g, r, k in sums[1:]]
+    return phi, np.stack(parts).std(axis=0, ddof=1) / np.sqrt(use), halves
 
 
 def _pair_plan(m: int, b: int, n_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:

@@ -284,12 +284,17 @@ class _Rep:
         return np.exp(-d2 / self.width**2)
 
 
-def _fit(z, y, w, alpha):
+def _fit(z, y, w, alpha, gram_bytes: int = 64 << 20):
     """Per instance, the weighted ridge fit of ``y`` on ``[1, z]`` (the intercept not penalised) -> (k, f+1).
 
     The normal equations are built in float64 from the blocks ``[sum w, sum w z; sum w z', z' W z]``, without
-    materialising the design matrix with its column of ones."""
+    materialising the design matrix with its column of ones; instances go in groups whose Gram matrices and float64
+    copies of ``z`` fit in ``gram_bytes`` (an image's 3,072 features make a 75 MB Gram matrix per instance)."""
     k, n, f = z.shape
+    group = max(1, gram_bytes // (8 * ((f + 1) ** 2 + 2 * n * f)))
+    if k > group:
+        return np.concatenate([_fit(z[a : a + group], y[a : a + group], w[a : a + group], alpha, gram_bytes)
+                               for a in range(0, k, group)])
     z = z.astype(np.float64, copy=False)
     zw = z * w[:, :, None]
     gram = np.empty((k, f + 1, f + 1))

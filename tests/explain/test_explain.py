@@ -964,3 +964,24 @@ def test_wide_rows_run_in_bounded_batches_with_the_same_results(monkeypatch):
     assert max(rows_per_run) == 50 and max(rows_per_predict) == 300
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+def test_regressions_over_too_many_features_are_refused_naming_the_cost(monkeypatch, tmp_path, capsys):
+    """Shapley's Kernel estimate and the local surrogates solve features x features normal equations: above the
+    limit they are refused before any run, naming the count and what to do; a compile report skips explanations of
+    an input wider than its limit with a note (a ResNet's 150,528 pixels would take hours)."""
+    from qxc import cli
+    from qxc.explain import run as run_module
+
+    monkeypatch.setattr(run_module, "MAX_REGRESSION_FEATURES", 32)
+    model = qir.load(MODELS / "digits_mlp.onnx")
+    data = load_data(MODELS / "digits_test.npz", model)
+    with pytest.raises(UsageError, match=r"method 'local': 64 features; its regression solves 64 x 64 normal "
+                                         r"equations .* explain at most 32 features"):
+        run_module.explain_model(model, data, methods=("permutation", "local"))
+    assert run_module.explain_model(model, data, methods=("permutation",))["permutation"]
+    monkeypatch.setattr(cli, "REPORT_MAX_FEATURES", 32)
+    assert main(["compile", str(MODELS / "digits_mlp.onnx"), "-o", str(tmp_path / "q.onnx"), "-p", "int8-qdq",
+                 "--data", str(MODELS / "digits_train.npz"), "--report", str(tmp_path / "r.html"), "-q"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["explain"] is None
+    assert "the report has no explanations: the input has 64 features per row" in capsys.readouterr().err
