@@ -24,7 +24,7 @@ from qxc.errors import DataError, ModelError, UsageError
 BATCH_ROWS = 8192
 # ... and at most this many input bytes per run: a wide row (an image of 3 x 32 x 32) takes fewer rows per run, so
 # the run's input and onnxruntime's arena for its activations stay bounded whatever the row's width
-BATCH_BYTES = 32 << 20
+BATCH_BYTES = 8 << 20
 
 
 @dataclass
