@@ -22,7 +22,8 @@ def _constant(value: ir.Value | None) -> bool:
 def weight_rule(node: ir.Node) -> tuple[int, int, int] | None:
     """(input index, output-channel axis, reduction axis) of the weight ``node`` reads, or None. A MatMul reads its
     weight second (``x @ W``), or first when only the first is constant (``W @ x``: a weight applied to column
-    vectors, as PyTorch exports ``torch.matmul(W, x)``): then W's rows are the output rows and its columns the reduction."""
+    vectors, as PyTorch exports ``torch.matmul(W, x)``): then W's rows are the output rows and its columns the
+    reduction."""
     op = node.op_type
     if op == "MatMul":
         if len(node.inputs) > 1 and _constant(node.inputs[0]) and not _constant(node.inputs[1]):

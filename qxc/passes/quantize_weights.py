@@ -57,7 +57,8 @@ class QuantizeWeightsOptions:
                 "(an RGB stem's or a depthwise Conv's) is one group instead of blocks shorter than asked")
     block_size: int = opt(32, "block length along the reduction axis for granularity=block (power of two >= 16)")
     method: Literal["rtn", "mse"] = opt("mse", "round-to-nearest on min/max, or a clipping search minimising MSE")
-    format: Literal["qdq", "matmulnbits"] = opt("qdq", "DequantizeLinear nodes, or MatMulNBits for 2-D MatMul and Gemm weights")
+    format: Literal["qdq", "matmulnbits"] = opt(
+        "qdq", "DequantizeLinear nodes, or MatMulNBits for 2-D MatMul and Gemm weights")
     scale_dtype: Literal["float32", "float16"] = opt(
         "float32", "storage of the scales: float16 halves their bytes (int4 block 32: 0.146x instead of 0.161x of fp32); "
                    "a weight whose scales leave float16's range keeps float32")
