@@ -238,7 +238,10 @@ def cmd_compare(args) -> int:
             return x if isinstance(x, str) else f"{x:.2f}"
 
         for name, o in doc["outputs"].items():
-            print(f"output {name}: SQNR {db(o['sqnr_db'])} dB, cosine {o['cosine']:.6f}, max abs {o['max_abs']:.4g}")
+            worst = o["max_abs"] if isinstance(o["max_abs"], str) else f"{o['max_abs']:.4g}"
+            mismatched = o.get("nonfinite_mismatches")
+            print(f"output {name}: SQNR {db(o['sqnr_db'])} dB, cosine {o['cosine']:.6f}, max abs {worst}"
+                  + (f", {mismatched} infinities or NaN not matched" if mismatched else ""))
         if doc["accuracy"]:
             print("accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in doc["accuracy"].items()))
         for key in ("first_jump", "largest_drop"):

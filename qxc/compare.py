@@ -29,7 +29,9 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "Average
 
 @dataclass
 class ErrorSums:
-    """Running float64 sums for SQNR, cosine and max abs error."""
+    """Running float64 sums for SQNR, cosine and max abs error over the finite values. Infinities and NaN (an
+    attention mask's -inf) agree when both models hold the same one in the same place; anywhere else they are
+    counted as ``nonfinite_mismatches``, and the error is infinite."""
 
     ref2: float = 0.0
     err2: float = 0.0
@@ -37,26 +39,37 @@ class ErrorSums:
     cand2: float = 0.0
     max_abs: float = 0.0
     count: int = 0
+    nonfinite_mismatches: int = 0
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
         if ref.shape != cand.shape or ref.size == 0:
             return
         r = ref.astype(np.float64).reshape(-1)
         c = cand.astype(np.float64).reshape(-1)
+        self.count += r.size
+        finite = np.isfinite(r) & np.isfinite(c)
+        if not finite.all():
+            same = (r == c) | (np.isnan(r) & np.isnan(c))
+            self.nonfinite_mismatches += int(np.count_nonzero(~finite & ~same))
+            r, c = r[finite], c[finite]
+            if not r.size:
+                return
         d = r - c
         self.ref2 += float(r @ r)
         self.err2 += float(d @ d)
         self.dot += float(r @ c)
         self.cand2 += float(c @ c)
         self.max_abs = max(self.max_abs, float(np.max(np.abs(d))))
-        self.count += r.size
 
     def merge(self, other: ErrorSums) -> ErrorSums:
         return ErrorSums(self.ref2 + other.ref2, self.err2 + other.err2, self.dot + other.dot,
-                         self.cand2 + other.cand2, max(self.max_abs, other.max_abs), self.count + other.count)
+                         self.cand2 + other.cand2, max(self.max_abs, other.max_abs), self.count + other.count,
+                         self.nonfinite_mismatches + other.nonfinite_mismatches)
 
     def to_json(self) -> dict:
-        if self.err2 == 0:
+        if self.nonfinite_mismatches:
+            sqnr = float("-inf")
+        elif self.err2 == 0:
             sqnr = float("inf")
         elif self.ref2 == 0:
             sqnr = float("-inf")
@@ -64,8 +77,12 @@ class ErrorSums:
             sqnr = 10 * np.log10(self.ref2 / self.err2)
         denom = np.sqrt(self.ref2 * self.cand2)
         cosine = self.dot / denom if denom > 0 else (1.0 if self.err2 == 0 else 0.0)
-        return {"sqnr_db": _num(sqnr), "cosine": round(float(cosine), 8), "max_abs": float(self.max_abs),
-                "elements": self.count}
+        out = {"sqnr_db": _num(sqnr), "cosine": round(float(cosine), 8),
+               "max_abs": _num(float("inf")) if self.nonfinite_mismatches else float(self.max_abs),
+               "elements": self.count}
+        if self.nonfinite_mismatches:
+            out["nonfinite_mismatches"] = self.nonfinite_mismatches
+        return out
 
 
 def _num(x: float):

@@ -163,3 +163,38 @@ def left_weight_model(seed: int = 0) -> onnx.ModelProto:
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m
+
+
+def masked_attention_model(d: int = 16, t: int = 6, seed: int = 0) -> onnx.ModelProto:
+    """Self-attention with a padding mask as PyTorch exports it: ``Where(mask, 0, -inf)`` added to the scores
+    before the Softmax (padded keys get probability 0), then a mean over the tokens and a projection."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, d ** -0.5, (d, d)).astype(np.float32), n)
+             for n in ("wq", "wk", "wv", "wo")]
+    inits += [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+              numpy_helper.from_array(np.array(-np.inf, np.float32), "neg_inf"),
+              numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+             helper.make_node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="kt"),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
+             helper.make_node("Where", ["mask", "zero", "neg_inf"], ["bias"], name="mask_bias"),
+             helper.make_node("Unsqueeze", ["bias", "axis1"], ["bias3"], name="bias3"),
+             helper.make_node("Add", ["scores", "bias3"], ["masked"], name="masked"),
+             helper.make_node("Softmax", ["masked"], ["probs"], axis=-1, name="softmax"),
+             helper.make_node("MatMul", ["probs", "v"], ["ctx"], name="context"),
+             helper.make_node("ReduceMean", ["ctx"], ["pooled"], axes=[1], keepdims=0, name="pool"),
+             helper.make_node("MatMul", ["pooled", "wo"], ["y"], name="out_proj")]
+    graph = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, t, d]),
+                                              helper.make_tensor_value_info("mask", TensorProto.BOOL, [None, t])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, d])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def masked_attention_data(n: int = 96, d: int = 16, t: int = 6, seed: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, t + 1, n)
+    return {"x": rng.normal(size=(n, t, d)).astype(np.float32), "mask": np.arange(t)[None, :] < lengths[:, None]}

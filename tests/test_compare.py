@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from helpers import MODELS, iris_classifier
 
 from qxc import compile_model
 from qxc import ir as qir
 from qxc.cli import main
-from qxc.compare import compare_models
+from qxc.compare import ErrorSums, compare_models
 from qxc.data import load_data
 
 
@@ -159,3 +160,21 @@ def test_data_the_model_cannot_run_is_a_one_line_data_error(tmp_path, capfd):
         err = capfd.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("qxc: error: onnxruntime failed on the sample data:")
         assert "Gather node" in err[0] and "embed" in err[0]
+
+
+def test_infinities_agree_where_both_models_hold_them():
+    """A padding mask's -inf in both models is no error (and no numpy warning); where one model lost it, the error
+    is infinite and the mismatches are counted."""
+    import warnings
+
+    ref = np.array([[-np.inf, 1.0, 2.0], [np.nan, 4.0, -1.0]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = ErrorSums()
+        same.update(ref, np.array([[-np.inf, 1.0, 2.1], [np.nan, 4.0, -1.0]], np.float32))
+        lost = ErrorSums()
+        lost.update(ref, np.array([[-5.0, 1.0, 2.0], [np.nan, 4.0, -1.0]], np.float32))
+    got = same.to_json()
+    assert got["sqnr_db"] == pytest.approx(10 * np.log10(22 / 0.01), rel=1e-4) and "nonfinite_mismatches" not in got
+    assert lost.to_json() == {"sqnr_db": "-inf", "cosine": 1.0, "max_abs": "inf", "elements": 6,
+                              "nonfinite_mismatches": 1}

@@ -100,4 +100,4 @@ def collect_ranges(model: ir.Model, data: Dataset, *, tensors: Iterable[str] | N
     settings = {"batch_size": batch_size, "bins": bins}
     if method == "percentile":
         settings["percentile"] = percentile
-    return Ranges(method, ranges, len(data), settings)
+    return Ranges(method, ranges, len(data), settings, {k for k, v in mm.items() if v.infinite})

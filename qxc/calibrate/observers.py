@@ -16,15 +16,20 @@ from qxc.quant.numerics import QType, compute_params, qtype
 
 @dataclass
 class MinMax:
+    """The range of a tensor's finite values, and whether it also held infinities or NaN (``infinite``: an attention
+    mask's -inf, which no rounding may make finite)."""
+
     lo: float = np.inf
     hi: float = -np.inf
     count: int = 0
+    infinite: bool = False
 
     def update(self, x: np.ndarray) -> None:
         if x.size == 0:
             return
         lo, hi = float(np.min(x)), float(np.max(x))
         if not (np.isfinite(lo) and np.isfinite(hi)):
+            self.infinite = True
             finite = x[np.isfinite(x)]
             if finite.size == 0:
                 return
@@ -33,7 +38,8 @@ class MinMax:
         self.count += int(x.size)
 
     def merge(self, other: MinMax) -> MinMax:
-        return MinMax(min(self.lo, other.lo), max(self.hi, other.hi), self.count + other.count)
+        return MinMax(min(self.lo, other.lo), max(self.hi, other.hi), self.count + other.count,
+                      self.infinite or other.infinite)
 
     @property
     def seen(self) -> bool:

@@ -17,6 +17,7 @@ class Ranges:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     samples: int = 0
     settings: dict = field(default_factory=dict)
+    infinite: set[str] = field(default_factory=set)  # tensors that held +-inf or NaN (their range: the finite values)
 
     def __getitem__(self, name: str) -> tuple[float, float]:
         return self.ranges[name]
@@ -26,7 +27,8 @@ class Ranges:
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "method": self.method, "samples": self.samples, "settings": self.settings,
-                "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in sorted(self.ranges.items())}}
+                "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in sorted(self.ranges.items())},
+                "infinite": sorted(self.infinite)}
 
     @classmethod
     def from_json(cls, doc: dict, source: str = "<ranges>") -> Ranges:
@@ -39,7 +41,11 @@ class Ranges:
         bad = [k for k, (lo, hi) in ranges.items() if not lo <= hi]
         if bad:
             raise UsageError(f"{source}: range of '{bad[0]}' has lo > hi")
-        return cls(doc.get("method", "unknown"), ranges, int(doc.get("samples", 0)), dict(doc.get("settings", {})))
+        infinite = doc.get("infinite", [])
+        if not isinstance(infinite, list) or not all(isinstance(k, str) for k in infinite):
+            raise UsageError(f"{source}: malformed 'infinite' (want a list of tensor names)")
+        return cls(doc.get("method", "unknown"), ranges, int(doc.get("samples", 0)), dict(doc.get("settings", {})),
+                   set(infinite))
 
     def save(self, path: str | os.PathLike) -> None:
         from qxc.ir import write_text_atomic

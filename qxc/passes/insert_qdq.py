@@ -363,6 +363,7 @@ class InsertQdqPass(QxcPass):
                 r = plan.share[r]
             root[t] = r
         group_range: dict[str, tuple[float, float]] = {}
+        infinite = {r for t, r in root.items() if t in ranges.infinite or r in ranges.infinite}
         for t, r in root.items():
             if t not in ranges and t not in plan.share:
                 continue
@@ -372,6 +373,10 @@ class InsertQdqPass(QxcPass):
         activations = 0
         for value, name in plan.tensors.items():
             r = root[name]
+            if r in infinite:  # an attention mask's -inf: rounded, it would become the range's finite end
+                skipped.append({"tensor": name, "reason": "holds infinities on the calibration data (a mask's "
+                                "-inf): kept float"})
+                continue
             if r not in group_range:
                 skipped.append({"tensor": name, "reason": "never computed on the calibration data (branch not taken)"})
                 continue

@@ -48,7 +48,7 @@ def minmax_task(worker, chunk: Chunk, tensors):
     for s in range(0, len(x), BATCH):
         for t, arr in runner.run({name: x[s : s + BATCH]}).items():
             stats.setdefault(t, MinMax()).update(np.asarray(arr))
-    return {t: (m.lo, m.hi, m.count) for t, m in stats.items()}
+    return {t: (m.lo, m.hi, m.count, m.infinite) for t, m in stats.items()}
 
 
 def histogram_task(worker, chunk: Chunk, tensors, ranges: dict, bins: int):
@@ -70,8 +70,8 @@ def distributed_ranges(backend, chunks: Sequence[Chunk], *, tensors=None, method
     parts = backend.map(minmax_task, list(chunks), tensors)
     merged: dict[str, MinMax] = {}
     for part in parts:  # chunk order
-        for t, (lo, hi, count) in part.items():
-            merged[t] = merged.get(t, MinMax()).merge(MinMax(lo, hi, count))
+        for t, (lo, hi, count, infinite) in part.items():
+            merged[t] = merged.get(t, MinMax()).merge(MinMax(lo, hi, count, infinite))
     ranges = {t: (m.lo, m.hi) for t, m in merged.items() if m.seen}
     if method != "minmax":
         counts = backend.map(histogram_task, list(chunks), tensors, ranges, bins)
@@ -84,7 +84,8 @@ def distributed_ranges(backend, chunks: Sequence[Chunk], *, tensors=None, method
             if t not in keep:
                 ranges[t] = h.range_for(method, percentile=percentile, qt=activation_type, symmetric=symmetric)
     rows = sum(c.stop - c.start for c in chunks)
-    return Ranges(method, ranges, rows, {"chunks": len(chunks), "batch_size": BATCH, "bins": bins})
+    return Ranges(method, ranges, rows, {"chunks": len(chunks), "batch_size": BATCH, "bins": bins},
+                  {t for t, m in merged.items() if m.infinite})
 
 
 def _chunk_seed(random_state: int, index: int) -> int:

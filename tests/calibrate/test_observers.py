@@ -87,3 +87,21 @@ def test_batch_size_does_not_change_minmax_ranges_beyond_float_rounding():
     b = collect_ranges(model, data, batch_size=128)
     for k in a.ranges:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_tensors_holding_infinities_are_named_and_round_trip(tmp_path):
+    """A padding mask's -inf is left out of the range but remembered: insert-qdq keeps such tensors float (a local
+    run, a merge of chunks and a saved ranges file all say which)."""
+    from helpers import masked_attention_data, masked_attention_model
+
+    a, b = MinMax(), MinMax()
+    a.update(np.array([0.0, -np.inf, 2.0], np.float32))
+    b.update(np.array([-1.0, 3.0], np.float32))
+    merged = a.merge(b)
+    assert (a.lo, a.hi, a.infinite, b.infinite) == (0.0, 2.0, True, False)
+    assert (merged.lo, merged.hi, merged.infinite) == (-1.0, 3.0, True)
+    model = qir.from_proto(masked_attention_model())
+    ranges = collect_ranges(model, load_data(masked_attention_data(), model))
+    assert ranges.infinite == {"bias", "bias3", "masked"} and np.isfinite(ranges["masked"]).all()
+    ranges.save(tmp_path / "r.json")
+    assert Ranges.load(tmp_path / "r.json").infinite == ranges.infinite

@@ -292,3 +292,24 @@ def test_chunked_explain_of_an_image_model_equals_the_local_run(tmp_path):
     assert chunked["permutation"]["metric"] == local["permutation"]["metric"] == "accuracy"
     np.testing.assert_allclose(list(chunked["permutation"]["values"].values()),
                                list(local["permutation"]["values"].values()), atol=1e-6)
+
+
+def test_distributed_ranges_name_the_tensors_holding_infinities(tmp_path):
+    """Chunks merge the -inf flag as the local run keeps it (insert-qdq leaves those tensors float)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph(
+        [helper.make_node("Less", ["x", "zero"], ["neg"]), helper.make_node("Where", ["neg", "ninf", "x"], ["w"]),
+         helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("w", TensorProto.FLOAT, [None, 4]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+         numpy_helper.from_array(np.array(-np.inf, np.float32), "ninf")])
+    model = qir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    x = np.abs(np.random.default_rng(0).normal(size=(40, 4))).astype(np.float32)
+    x[35, 2] = -1.0  # one negative value, in the last chunk only
+    np.savez(tmp_path / "d.npz", x=x)
+    res = distributed_ranges(LocalBackend(model), chunks_of(tmp_path / "d.npz", "x", 10))
+    local = collect_ranges(model, load_data(tmp_path / "d.npz", model))
+    assert res.infinite == local.infinite == {"w"} and res.ranges == local.ranges
