@@ -1,6 +1,6 @@
 """Issue 3 figures: qxc quantize-weights vs onnxruntime's quantize_dynamic and MatMulNBitsQuantizer.
 
-    python benchmarks/bench_quantize_weights.py [--models ffn,cnn,digits] [--rounds 3] [--ceiling]
+    python benchmarks/bench_quantize_weights.py [--models ffn,cnn,digits,emb] [--rounds 3] [--ceiling]
 
 Sides: qxc's int4 round-to-nearest with float32 scales is onnxruntime's setting exactly; "f16" stores the scales
 as float16 (the int4-weights recipe does, with method=mse). For each model: compile time (median of interleaved
@@ -136,9 +136,61 @@ def ceiling(model: Path, blocks: int = 20000):
         print(f"{name:<12}{rtn:8.3f}{mse:8.3f}{grid:8.3f}{mse - rtn:9.3f}{grid - rtn:9.3f}")
 
 
+def embedding(rows: int = 50_000, dim: int = 512):
+    """A 4-bit embedding table looked up by 32 token ids per row (then a mean and a Linear): size, SQNR and latency
+    of DequantizeLinear -> Gather (qxc format=qdq), GatherBlockQuantized (qxc format=matmulnbits) and onnxruntime's
+    MatMulNBitsQuantizer with Gather among its op types (blocks of 32 along the features, asymmetric, RTN)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        rng = np.random.default_rng(0)
+        inits = [numpy_helper.from_array(rng.normal(0, 1, (rows, dim)).astype(np.float32), "table"),
+                 numpy_helper.from_array(rng.normal(0, dim ** -0.5, (dim, 8)).astype(np.float32), "w"),
+                 numpy_helper.from_array(np.array([1], np.int64), "axes")]
+        # opset 18 (axes an input): onnxruntime's quantizer raises the opset to 21 for int4 without converting the
+        # older ReduceMean's axes attribute, and its model then fails to load
+        g = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+                               helper.make_node("ReduceMean", ["e", "axes"], ["m"], keepdims=0, name="mean"),
+                               helper.make_node("MatMul", ["m", "w"], ["y"], name="head")], "emb",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])], inits)
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 8
+        src = tmp / "emb.onnx"
+        onnx.save(model, src)
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        from qxc.cli import main as qxc_main
+
+        paths = {"fp32": src}
+        for name, fmt in (("qxc int4 qdq (DQ->Gather)", "qdq"), ("qxc int4 GatherBlockQuantized", "matmulnbits")):
+            paths[name] = tmp / f"{fmt}.onnx"
+            assert qxc_main(["compile", str(src), "-o", str(paths[name]), "-q", "-p",
+                             f"quantize-weights{{bits=4,symmetric=false,method=rtn,ops=[Gather,MatMul],"
+                             f"format={fmt}}}"]) == 0
+        q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=32, is_symmetric=False,
+                                 op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)))
+        q.process()
+        paths["ort nbits (Gather too)"] = tmp / "ort.onnx"
+        q.model.save_model_to_file(str(paths["ort nbits (Gather too)"]))
+        feeds = {"ids": rng.integers(0, rows, (256, 32)).astype(np.int64)}
+        ref = outputs(src, feeds)[0]
+        lat = latencies(paths, {"ids": feeds["ids"][:1]}, runs=50)
+        print(f"\n== embedding: {rows:,} x {dim} table ({model_bytes(src) / 2**20:.1f} MiB), 32 ids per row, "
+              f"fp32 latency {lat['fp32']:.3f} ms (batch 1, 1 thread)")
+        print(f"{'side':<32}{'size/fp32':>10}{'SQNR dB':>9}{'latency/fp32':>13}")
+        for name, path in paths.items():
+            sqnr = fidelity(ref, outputs(path, feeds)[0])[0] if name != "fp32" else float("inf")
+            print(f"{name:<32}{model_bytes(path) / model_bytes(src):10.3f}{sqnr:9.2f}{lat[name] / lat['fp32']:13.2f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="ffn,cnn,digits")
+    ap.add_argument("--models", default="ffn,cnn,digits,emb")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ceiling", action="store_true", help="also measure the data-free int4 scale-search ceiling")
     args = ap.parse_args()
@@ -153,6 +205,8 @@ def main():
     if "digits" in models:
         bench("digits", ROOT / "models/digits_mlp.onnx", ROOT / "models/digits_test.npz", args.rounds, ext=False,
               label_key="labels")
+    if "emb" in models:
+        embedding()
 
 
 if __name__ == "__main__":

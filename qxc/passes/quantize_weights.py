@@ -233,7 +233,7 @@ class QuantizeWeightsPass(QxcPass):
         opset = model.opset_imports.get("", 1)
         quantized = []
         for (value, value_uses), (bits, g, qt, layout) in zip(todo, self._quantize_all(todo, bits_for)):
-            fmt = self._format_for(value, value_uses)
+            fmt = self._format_for(value, value_uses, bits)
             t = value.const_value
             entry = {"weight": value.name, "nodes": [u.node.name for u in value_uses],
                      "op": value_uses[0].node.op_type, "shape": list(t.shape), "bits": bits,
@@ -244,11 +244,13 @@ class QuantizeWeightsPass(QxcPass):
             if fmt == "matmulnbits":
                 k = t.shape[1] if _transposed(value_uses[0].node) else t.shape[0]
                 entry["bytes_after"] = self._emit_nbits(value, value_uses, layout, bits, _nbits_block(g, k), taken)
+            elif fmt == "gatherblockquantized":
+                entry["bytes_after"] = self._emit_gather(value, value_uses, qt, g, taken)
             else:
                 entry["bytes_after"] = self._emit_qdq(value, qt, g, taken, opset)
             qir.release_weights(model, [t])  # unmap the float weight: its pages no longer count against us
             quantized.append(entry)
-        if quantized and any(e["format"] == "matmulnbits" for e in quantized):
+        if quantized and any(e["format"] != "qdq" for e in quantized):
             model.opset_imports.setdefault("com.microsoft", 1)
         self.report = {"quantized": quantized, "skipped": skipped, "opset_raised_to": needed if upgraded else None,
                        "weights_quantized": len(quantized), "weights_skipped": len(skipped),
@@ -274,15 +276,23 @@ class QuantizeWeightsPass(QxcPass):
             if self._eligible(value, value_uses) is not None:
                 continue
             g = self._granularity(value_uses[0], tuple(value.const_value.shape))
-            fmt = self._format_for(value, value_uses)
             bits = 8 if (self.options.keep_sensitive or self.options.max_error) else self.options.bits
+            fmt = self._format_for(value, value_uses, bits)
             plan[value] = {"opset": max(_required_opset(bits, g, fmt), _required_opset(self.options.bits, g, fmt))}
         return plan
 
-    def _format_for(self, value: ir.Value, value_uses: list[_Use]) -> str:
+    def _format_for(self, value: ir.Value, value_uses: list[_Use], bits: int | None = None) -> str:
+        """qdq, or with format=matmulnbits onnxruntime's weight-only kernels: MatMulNBits for MatMul and Gemm
+        weights, GatherBlockQuantized for 4-bit embeddings (a Gather of rows: only the rows looked up are
+        dequantized, where DequantizeLinear -> Gather dequantized the whole table on every run)."""
         if self.options.format != "matmulnbits":
             return "qdq"
         t = value.const_value
+        if ((bits or self.options.bits) == 4 and len(t.shape) == 2
+                and t.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+                and all(u.node.op_type == "Gather" and u.index == 0 and u.node.attributes.get_int("axis", 0) == 0
+                        for u in value_uses)):
+            return "gatherblockquantized"
         if (all(u.index == 1 and (u.node.op_type == "MatMul" or _nbits_gemm(u.node)) for u in value_uses)
                 and len(t.shape) == 2 and t.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)):  # its types
             return "matmulnbits"
@@ -291,8 +301,10 @@ class QuantizeWeightsPass(QxcPass):
     def _quantize_one(self, value: ir.Value, value_uses: list[_Use], bits: int, keep: bool = False):
         o = self.options
         t = value.const_value
-        nbits = self._format_for(value, value_uses) == "matmulnbits"
-        g = self._nbits_granularity() if nbits else self._granularity(value_uses[0], tuple(t.shape))
+        fmt = self._format_for(value, value_uses, bits)
+        nbits = fmt == "matmulnbits"
+        g = (self._nbits_granularity() if nbits else Granularity(axis=1, block=o.block_size)
+             if fmt == "gatherblockquantized" else self._granularity(value_uses[0], tuple(t.shape)))
         qt_name = ("int4" if o.symmetric else "uint4") if bits == 4 else ("int8" if o.symmetric else "uint8")
 
         def unmap():  # the float weight was copied: unmap it before the heavy part
@@ -417,6 +429,37 @@ class QuantizeWeightsPass(QxcPass):
             new.outputs[0].name = name
         del graph.initializers[value.name]
         return sum(arr.nbytes for _, arr in layout)
+
+    def _emit_gather(self, value: ir.Value, value_uses: list[_Use], qt: QuantizedTensor, g: Granularity,
+                     taken: set[str]) -> int:
+        """Each Gather of the (rows, features) table becomes com.microsoft.GatherBlockQuantized over the int4/uint4
+        table, blocks along the features; its scales are of the output's type."""
+        graph = value.graph
+        half = value.const_value.dtype == ir.DataType.FLOAT16
+        scale = qt.scale.astype(qt.scale_dtype)
+        if half and scale.dtype != np.float16:
+            raise UsageError(f"pass 'quantize-weights': float16 embedding '{value.name}' needs scales outside "
+                             "float16's range, and GatherBlockQuantized keeps its scales in the output's type; use "
+                             "format=qdq or exclude its node")
+        data = initializer(graph, unique_name(f"{value.name}_quantized", taken), qt.q)
+        name = unique_name(f"{value.name}_scale", taken)
+        sv = initializer(graph, name, scale) if half else float_scale(graph, name, scale, taken)
+        zv = initializer(graph, unique_name(f"{value.name}_zero_point", taken), qt.zero_point)
+        for use in value_uses:
+            node = use.node
+            attrs = [ir.AttrInt64("gather_axis", 0), ir.AttrInt64("quantize_axis", 1),
+                     ir.AttrInt64("block_size", g.block), ir.AttrInt64("bits", 4)]
+            new = ir.Node("com.microsoft", "GatherBlockQuantized", [data, node.inputs[1], sv, zv], attrs,
+                          name=unique_name(f"{node.name or value.name}_gbq", taken))
+            old_out = node.outputs[0]
+            new.outputs[0].type, new.outputs[0].shape = old_out.type, old_out.shape
+            node.graph.insert_before(node, new)
+            name = old_out.name
+            old_out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+            node.graph.remove(node, safe=True)
+            new.outputs[0].name = name
+        del graph.initializers[value.name]
+        return _stored_bytes(qt.codes.size, 4) + scale.nbytes + _stored_bytes(qt.zero_points.size, 4)
 
     # ------------------------------------------------------------------ sensitivity
     def _bits_per_weight(self, model: ir.Model, todo) -> dict[ir.Value, int]:

@@ -395,6 +395,44 @@ def test_gather_and_lstm_weights_on_request():
     assert sqnr_db(run(m, {"ids": ids})[0], run(qir.to_proto(result.model), {"ids": ids})[0]) > 30
 
 
+def _embedding(dtype=np.float32) -> onnx.ModelProto:
+    """A (300, 80) embedding table looked up by token ids: blocks of 32 along its 80 features (the last one of 16)."""
+    table = np.random.default_rng(7).normal(size=(300, 80)).astype(dtype)
+    elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    g = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["e"], name="embed")], "g",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, 7])],
+                          [helper.make_tensor_value_info("e", elem, [None, 7, 80])],
+                          [numpy_helper.from_array(table, "table")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("symmetric,scale_dtype,dtype", [(False, "float32", np.float32), (True, "float32", np.float32),
+                                                        (False, "float16", np.float32), (True, "float16", np.float16)])
+def test_int4_embeddings_become_gather_block_quantized(symmetric, scale_dtype, dtype):
+    """With format=matmulnbits a 4-bit embedding is onnxruntime's GatherBlockQuantized: only the rows looked up are
+    dequantized (DequantizeLinear -> Gather dequantized the whole table on every run), to exactly the
+    reconstruction of the same blocks; at 8 bits it stays QDQ."""
+    spec = (f"quantize-weights{{bits=4,ops=[Gather],format=matmulnbits,method=rtn,symmetric={str(symmetric).lower()},"
+            f"scale-dtype={scale_dtype}}}")
+    result = compile_model(qir.from_proto(_embedding(dtype)), spec, verify_runtime=True)
+    assert [n.op_type for n in result.model.graph if n.op_type != "Cast"] == ["GatherBlockQuantized"]
+    entry = result.records[0].report["quantized"][0]
+    assert (entry["format"], entry["granularity"]) == ("gatherblockquantized", "block32")
+    assert entry["bytes_after"] < 0.2 * entry["bytes_before"] * (2 if dtype == np.float16 else 1)
+    ref = _embedding(dtype)
+    t = ref.graph.initializer[0]
+    qt = quantize_tensor(numpy_helper.to_array(t).astype(np.float32), "int4" if symmetric else "uint4",
+                         symmetric=symmetric, granularity=Granularity(axis=1, block=32), scale_dtype=scale_dtype)
+    t.CopyFrom(numpy_helper.from_array(qt.dequantized.astype(dtype), "table"))
+    ids = np.random.default_rng(3).integers(0, 300, (4, 7))
+    np.testing.assert_allclose(run(qir.to_proto(result.model), {"ids": ids})[0], run(ref, {"ids": ids})[0],
+                               rtol=1e-3 if dtype == np.float16 else 1e-6, atol=1e-6)
+    eight = compile_model(qir.from_proto(_embedding()), "quantize-weights{bits=8,ops=[Gather],format=matmulnbits}")
+    assert [n.op_type for n in eight.model.graph] == ["DequantizeLinear", "Gather"]
+
+
 def test_bad_options_are_named():
     for text, match in [("quantize-weights{bits=3}", "not one of 4, 8"),
                         ("quantize-weights{block-size=24}", "power of two"),
