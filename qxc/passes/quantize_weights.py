@@ -4,8 +4,9 @@ Weights of MatMul (``x @ W``, or ``W @ x`` when only the first input is constant
 Conv/ConvTranspose (per output channel), Einsum of an activation and a weight (Keras' EinsumDense) and, on request,
 Gather embeddings and LSTM/GRU matrices become integer initializers followed by ``DequantizeLinear``; with
 ``format=matmulnbits`` 2-D MatMul weights, and Gemm weights with their bias (PyTorch's Linear), become
-``com.microsoft.MatMulNBits`` (4 or 8 bits, blocked), onnxruntime's fast weight-only kernels. The opset is raised
-when the chosen form needs it (per-axis 13, blocked/int4 21).
+``com.microsoft.MatMulNBits`` (4 or 8 bits, blocked), onnxruntime's fast weight-only kernels, and 4-bit embeddings
+``com.microsoft.GatherBlockQuantized``. The opset is raised when the chosen form needs it (per-axis 13, blocked/int4
+21).
 A weight shared by several selected nodes is quantized once. Every weight considered is reported, quantized or
 skipped with the reason; include/exclude patterns that match no node are errors.
 
@@ -58,7 +59,8 @@ class QuantizeWeightsOptions:
     block_size: int = opt(32, "block length along the reduction axis for granularity=block (power of two >= 16)")
     method: Literal["rtn", "mse"] = opt("mse", "round-to-nearest on min/max, or a clipping search minimising MSE")
     format: Literal["qdq", "matmulnbits"] = opt(
-        "qdq", "DequantizeLinear nodes, or MatMulNBits for 2-D MatMul and Gemm weights")
+        "qdq", "DequantizeLinear nodes, or onnxruntime's kernels: MatMulNBits for 2-D MatMul and Gemm weights, "
+               "GatherBlockQuantized for 4-bit Gather embeddings")
     scale_dtype: Literal["float32", "float16"] = opt(
         "float32", "storage of the scales: float16 halves their bytes (int4 block 32: 0.146x instead of 0.161x of fp32); "
                    "a weight whose scales leave float16's range keeps float32")
