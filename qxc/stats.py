@@ -33,6 +33,24 @@ def signature(model: ir.Model) -> tuple:
             tuple(one(v) for v in model.graph.outputs))
 
 
+def _packed_weights(model: ir.Model) -> dict[ir.Value, tuple[int, str]]:
+    """MatMulNBits' weight and zero points hold 8 / bits values per byte: their count of values and their type
+    (an int4 weight of K x N values is K x N parameters, not the K x N / 2 bytes it is stored in)."""
+    out = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain != "com.microsoft" or node.op_type != "MatMulNBits":
+            continue
+        attrs = node.attributes
+        k, n, bits, block = (attrs.get_int(a, 0) for a in ("K", "N", "bits", "block_size"))
+        if not (k and n and bits and block) or bits >= 8:
+            continue
+        label = f"uint{bits}"
+        for index, count in ((1, k * n), (3, n * -(-k // block))):
+            if index < len(node.inputs) and node.inputs[index] is not None:
+                out[node.inputs[index]] = (count, label)
+    return out
+
+
 def model_stats(model: ir.Model) -> dict[str, Any]:
     ops: Counter[str] = Counter()
     subgraphs = 0
@@ -47,14 +65,16 @@ def model_stats(model: ir.Model) -> dict[str, Any]:
     params = 0
     nbytes = 0
     by_dtype: Counter[str] = Counter()
+    packed = _packed_weights(model)
     for graph in model.graphs():
         for value in graph.initializers.values():
             t = value.const_value
             if t is None:
                 continue
-            params += t.size
+            count, dtype = packed.get(value, (t.size, t.dtype.name.lower()))
+            params += count
             nbytes += t.nbytes
-            by_dtype[t.dtype.name.lower()] += t.size
+            by_dtype[dtype] += count
     init = set(model.graph.initializers)
     quant_nodes = sum(n for op, n in ops.items() if op.split("::")[-1] in QUANT_OPS)
     hidden = qir.hidden_types(model)

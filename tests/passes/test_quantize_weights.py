@@ -106,6 +106,9 @@ def test_gemm_weights_become_matmulnbits_with_the_bias_as_its_input(bits, symmet
                                rtol=1e-4, atol=1e-4)
     scaled = compile_model(qir.from_proto(_gemm_model(trans_b, bias, alpha=0.5)), spec)
     assert [n.op_type for n in scaled.model.graph] == ["DequantizeLinear", "Gemm"]
+    if bits == 4:  # the statistics count the packed weight's values (and zero points'), not its bytes
+        packed = result.stats_after["parameters_by_dtype"].get("uint4", 0)
+        assert packed == 48 * 40 + (0 if symmetric else 40 * 2)
 
 
 def test_sensitivity_of_a_transposed_gemm_weight_is_measured_in_its_own_layout(tmp_path):
