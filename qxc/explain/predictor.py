@@ -96,6 +96,11 @@ class Predictor:
         probabilities = matrix and bool(np.all((probe >= 0) & (probe <= 1))) and abs(probe.sum() - 1) < 1e-3
         self.argmax_labels = task == "classification" or probabilities
 
+    def as_classifier(self) -> None:
+        """Take the (rows, classes) score output's argmax for the label from now on, as ``task="classification"``
+        does (logits), without a second session."""
+        self._argmax_task("classification")
+
     @property
     def is_classifier(self) -> bool:
         return self.label_out is not None or self.argmax_labels

@@ -91,7 +91,7 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
     if task == "auto" and use_labels and class_labels(data.labels, columns) and not predictor.is_classifier:
         # logits (a CNN's last Gemm) with class indices as labels: a classifier, not a k-output regressor
         task = "classification"
-        predictor = Predictor(model, providers=providers, threads=threads, output=output, task=task)
+        predictor.as_classifier()
         columns = 1
     y = data.labels if use_labels else None  # without labels: prediction change instead of a metric
     given = data.meta.get("feature_names")  # the data's own names win; then the model's input names

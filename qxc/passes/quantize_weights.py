@@ -420,15 +420,8 @@ class QuantizeWeightsPass(QxcPass):
             inputs = [node.inputs[0], *vals]
             if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
                 inputs += [None] * (5 - len(inputs)) + [node.inputs[2]]  # the bias (after zero points, g_idx)
-            new = ir.Node("com.microsoft", "MatMulNBits", inputs, attrs,
-                          name=unique_name(f"{node.name or value.name}_nbits", taken))
-            old_out = node.outputs[0]
-            new.outputs[0].type, new.outputs[0].shape = old_out.type, old_out.shape
-            node.graph.insert_before(node, new)
-            name = old_out.name
-            old_out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
-            node.graph.remove(node, safe=True)
-            new.outputs[0].name = name
+            _replace(node, ir.Node("com.microsoft", "MatMulNBits", inputs, attrs,
+                                   name=unique_name(f"{node.name or value.name}_nbits", taken)))
         del graph.initializers[value.name]
         return sum(arr.nbytes for _, arr in layout)
 
@@ -451,15 +444,8 @@ class QuantizeWeightsPass(QxcPass):
             node = use.node
             attrs = [ir.AttrInt64("gather_axis", 0), ir.AttrInt64("quantize_axis", 1),
                      ir.AttrInt64("block_size", g.block), ir.AttrInt64("bits", 4)]
-            new = ir.Node("com.microsoft", "GatherBlockQuantized", [data, node.inputs[1], sv, zv], attrs,
-                          name=unique_name(f"{node.name or value.name}_gbq", taken))
-            old_out = node.outputs[0]
-            new.outputs[0].type, new.outputs[0].shape = old_out.type, old_out.shape
-            node.graph.insert_before(node, new)
-            name = old_out.name
-            old_out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
-            node.graph.remove(node, safe=True)
-            new.outputs[0].name = name
+            _replace(node, ir.Node("com.microsoft", "GatherBlockQuantized", [data, node.inputs[1], sv, zv], attrs,
+                                   name=unique_name(f"{node.name or value.name}_gbq", taken)))
         del graph.initializers[value.name]
         return _stored_bytes(qt.codes.size, 4) + scale.nbytes + _stored_bytes(qt.zero_points.size, 4)
 
@@ -495,6 +481,11 @@ class QuantizeWeightsPass(QxcPass):
             bits[v] = 8
         self.sensitivity = {v.name: {"int4_error": round(s, 6), "bits": bits[v]} for v, s in scores.items()}
         return bits
+
+
+def _replace(node: ir.Node, new: ir.Node) -> None:
+    """Put ``new`` in ``node``'s place: its output takes the old output's name, type, shape and every use."""
+    ir.convenience.replace_nodes_and_values(node.graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]])
 
 
 def _transposed(node: ir.Node) -> bool:
