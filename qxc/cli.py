@@ -244,10 +244,12 @@ def cmd_compare(args) -> int:
                   + (f", {mismatched} infinities or NaN not matched" if mismatched else ""))
         if doc["accuracy"]:
             print("accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in doc["accuracy"].items()))
-        for key in ("first_jump", "largest_drop"):
+        labels = {"first_jump": "first jump", "largest_drop": "largest drop",
+                  "first_nonfinite": "infinities or NaN first lost"}
+        for key, label in labels.items():
             e = doc[key]
             if e:
-                print(f"{key.replace('_', ' ')}: {e['tensor']} ({e['op']} {e['node'] or ''}) SQNR {db(e['sqnr_db'])} "
+                print(f"{label}: {e['tensor']} ({e['op']} {e['node'] or ''}) SQNR {db(e['sqnr_db'])} "
                       f"dB, drop {db(e['drop_db'])} dB")
         for u in doc["unfused"]:
             print(f"{'kept float' if u.get('expected') else 'not fused'}: {u['node']} ({u['op']}): {u['reason']}")

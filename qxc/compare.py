@@ -66,15 +66,19 @@ class ErrorSums:
                          self.cand2 + other.cand2, max(self.max_abs, other.max_abs), self.count + other.count,
                          self.nonfinite_mismatches + other.nonfinite_mismatches)
 
-    def to_json(self) -> dict:
+    @property
+    def sqnr(self) -> float:
+        """dB; -inf where infinities or NaN were not matched, inf where equal."""
         if self.nonfinite_mismatches:
-            sqnr = float("-inf")
-        elif self.err2 == 0:
-            sqnr = float("inf")
-        elif self.ref2 == 0:
-            sqnr = float("-inf")
-        else:
-            sqnr = 10 * np.log10(self.ref2 / self.err2)
+            return float("-inf")
+        if self.err2 == 0:
+            return float("inf")
+        if self.ref2 == 0:
+            return float("-inf")
+        return float(10 * np.log10(self.ref2 / self.err2))
+
+    def to_json(self) -> dict:
+        sqnr = self.sqnr
         denom = np.sqrt(self.ref2 * self.cand2)
         cosine = self.dot / denom if denom > 0 else (1.0 if self.err2 == 0 else 0.0)
         out = {"sqnr_db": _num(sqnr), "cosine": round(float(cosine), 8),
@@ -108,14 +112,15 @@ class Comparison:
     layers: list[dict] = field(default_factory=list)
     first_jump: dict | None = None
     largest_drop: dict | None = None
+    first_nonfinite: dict | None = None  # the first tensor whose infinities or NaN the candidate lost (or made)
     accuracy: dict | None = None
     unfused: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"outputs": self.outputs, "accuracy": self.accuracy, "layers": self.layers,
-                "first_jump": self.first_jump, "largest_drop": self.largest_drop, "unfused": self.unfused,
-                "settings": self.settings}
+                "first_jump": self.first_jump, "largest_drop": self.largest_drop,
+                "first_nonfinite": self.first_nonfinite, "unfused": self.unfused, "settings": self.settings}
 
 
 def _predictions(outs: list[np.ndarray]) -> np.ndarray | None:
@@ -263,9 +268,7 @@ def _layer_report(result: Comparison, order, mapping, sums, jump_db: float) -> N
         if name not in mapping or sums[name].count == 0:
             continue
         stats = sums[name].to_json()
-        s = sums[name].ref2 / sums[name].err2 if sums[name].err2 else np.inf
-        s = 10 * np.log10(s) if np.isfinite(s) and s > 0 else (np.inf if sums[name].err2 == 0 else -np.inf)
-        sqnr[name] = s
+        s = sqnr[name] = sums[name].sqnr
         inputs = [sqnr[v.name] for v in (node.inputs if node is not None else []) if v is not None and v.name in sqnr]
         in_sqnr = min(inputs) if inputs else np.inf
         drop = 0.0 if not np.isfinite(s) and s > 0 else (in_sqnr - s)
@@ -273,6 +276,8 @@ def _layer_report(result: Comparison, order, mapping, sums, jump_db: float) -> N
                  "op": node.op_type if node is not None else "graph-input", **stats,
                  "input_sqnr_db": _num(in_sqnr), "drop_db": _num(drop)}
         result.layers.append(entry)
+        if result.first_nonfinite is None and sums[name].nonfinite_mismatches:
+            result.first_nonfinite = entry  # an attention mask's -inf rounded to a finite value, say
         if node is None:
             continue  # a graph input is where error can start, not a node where it jumps
         if result.first_jump is None and drop >= jump_db:

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import MODELS, iris_classifier
+from helpers import MODELS, iris_classifier, masked_attention_data, masked_attention_model
 
 from qxc import compile_model
 from qxc import ir as qir
@@ -178,3 +178,24 @@ def test_infinities_agree_where_both_models_hold_them():
     assert got["sqnr_db"] == pytest.approx(10 * np.log10(22 / 0.01), rel=1e-4) and "nonfinite_mismatches" not in got
     assert lost.to_json() == {"sqnr_db": "-inf", "cosine": 1.0, "max_abs": "inf", "elements": 6,
                               "nonfinite_mismatches": 1}
+
+
+def test_compare_names_the_first_tensor_that_lost_its_infinities(tmp_path, capsys):
+    """A candidate whose padding mask became finite (what rounding -inf to int8 did) is pointed at the tensor where
+    the infinities were first lost; the reference against itself has none."""
+    import onnx
+
+    ref = masked_attention_model()
+    cand = masked_attention_model()
+    neg = next(t for t in cand.graph.initializer if t.name == "neg_inf")
+    neg.CopyFrom(onnx.numpy_helper.from_array(np.array(-5.0, np.float32), "neg_inf"))
+    onnx.save(ref, tmp_path / "ref.onnx")
+    onnx.save(cand, tmp_path / "cand.onnx")
+    np.savez(tmp_path / "d.npz", **masked_attention_data())
+    data = load_data(tmp_path / "d.npz", qir.from_proto(ref))
+    result = compare_models(qir.from_proto(ref), qir.from_proto(cand), data).to_json()
+    assert result["first_nonfinite"]["tensor"] == "bias" and result["first_nonfinite"]["sqnr_db"] == "-inf"
+    assert compare_models(qir.from_proto(ref), qir.from_proto(ref), data).to_json()["first_nonfinite"] is None
+    assert main(["compare", str(tmp_path / "ref.onnx"), str(tmp_path / "cand.onnx"), "--data",
+                 str(tmp_path / "d.npz")]) == 0
+    assert "infinities or NaN first lost: bias (Where mask_bias)" in capsys.readouterr().out
