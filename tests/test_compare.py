@@ -199,3 +199,7 @@ def test_compare_names_the_first_tensor_that_lost_its_infinities(tmp_path, capsy
     assert main(["compare", str(tmp_path / "ref.onnx"), str(tmp_path / "cand.onnx"), "--data",
                  str(tmp_path / "d.npz")]) == 0
     assert "infinities or NaN first lost: bias (Where mask_bias)" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "ref.onnx"), str(tmp_path / "cand.onnx"), "--data",
+                 str(tmp_path / "d.npz"), "--json", str(tmp_path / "c.json")]) == 0
+    assert main(["report", str(tmp_path / "c.json"), "-o", str(tmp_path / "c.html")]) == 0
+    assert "Infinities or NaN first lost at <code>bias</code> (Where)" in (tmp_path / "c.html").read_text()
