@@ -120,7 +120,7 @@ def _compile_report(args, summary: dict) -> None:
     write_report(doc, args.report)
 
 
-REPORT_MAX_FEATURES = 1024  # a compile report explains inputs up to this wide (an 8 x 8 image, a table)
+REPORT_MAX_FEATURES = 256  # a compile report explains inputs up to this wide (a table, a 16 x 16 grey image)
 
 
 def _maybe_explain(ref, cand, data, source: str):
@@ -134,7 +134,7 @@ def _maybe_explain(ref, cand, data, source: str):
     if width > REPORT_MAX_FEATURES:
         print(f"qxc: note: the report has no explanations: the input has {width:,} features per row and the "
               f"report explains at most {REPORT_MAX_FEATURES:,} (permutation importance alone would run the data "
-              f"{5 * width:,} times)", file=sys.stderr)
+              f"{5 * width:,} times); run `qxc explain` for them", file=sys.stderr)
         return None
     try:
         return explain_model(ref, data.head(1000), methods=("permutation", "tree", "local"),
