@@ -319,6 +319,11 @@ def unfused_nodes(model: ir.Model, providers: Sequence[str] = ("cpu",)) -> list[
             out.append({"node": node.name, "op": node.op_type, "expected": True,
                         "reason": "computes a model output, kept float on purpose (insert-qdq{quantize-outputs=true} "
                                   "would round it to 8 bits)"})
+        elif any(op not in ("DequantizeLinear", "Constant") for op in fed) and not any(
+                u.node.op_type == "QuantizeLinear" for v in node.outputs if v is not None for u in v.uses()):
+            out.append({"node": node.name, "op": node.op_type, "expected": True,
+                        "reason": "also reads a tensor insert-qdq left float (an attention mask's -inf, say: its "
+                                  "report says why), so no integer kernel applies"})
         else:
             out.append({"node": node.name, "op": node.op_type, "expected": False,
                         "reason": "runs in float between DequantizeLinear/QuantizeLinear (no integer kernel fused)"})

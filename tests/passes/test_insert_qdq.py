@@ -89,6 +89,10 @@ def test_an_attention_masks_infinities_stay_float(tmp_path):
     assert not quantized & {"bias", "bias3", "masked"} and {"scores", "probs"} <= quantized
     want, got = run(masked_attention_model(), feeds)[0], run(qir.to_proto(result.model), feeds)[0]
     assert sqnr_db(want, got) > 25
+    from qxc.compare import unfused_nodes  # the masked Add cannot fuse, and compare does not call it a miss
+
+    masked = [u for u in unfused_nodes(result.model) if u["node"] == "masked"]
+    assert len(masked) == 1 and masked[0]["expected"] and "left float" in masked[0]["reason"]
 
 
 def test_cnn_fuses_conv_relu_pool_gemm_and_matches_quantize_static(tmp_path):
