@@ -51,10 +51,13 @@ def einsum_rule(node: ir.Node) -> tuple[int, int, int] | None:
     last subscript summed over the reduction axis. None for another form (two activations, ellipses in the weight,
     a repeated subscript, no subscript kept or none summed)."""
     equation = (node.attributes.get_string("equation") or "").replace(" ", "")
-    if "->" not in equation or len(node.inputs) != 2:
+    if len(node.inputs) != 2:
         return None
-    operands, output = equation.split("->")
+    operands, _, output = equation.partition("->")
     terms = operands.split(",")
+    if "->" not in equation:  # implicit output: the subscripts that appear once, in alphabetical order
+        letters = "".join(terms).replace(".", "")
+        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
     constant = [_constant(v) for v in node.inputs]
     if len(terms) != 2 or constant[0] == constant[1]:
         return None

@@ -270,6 +270,22 @@ def test_einsum_dense_weights_are_quantized(tmp_path, bits):
     assert sqnr_db(run(_einsum_attention_projections(), {"x": x})[0], got[0]) > (15 if bits == 4 else 35)
 
 
+@pytest.mark.parametrize("equation", ["bi,ij", "ij,bi"])
+def test_an_einsum_with_an_implicit_output_reads_its_weight_as_numpy_does(equation):
+    """Without '->' the output is the subscripts that appear once, in alphabetical order (bj): the weight's i is
+    summed (its blocks) and its j kept."""
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32), "w")
+    node = helper.make_node("Einsum", ["x", "w"] if equation.startswith("b") else ["w", "x"], ["y"],
+                            equation=equation, name="dense")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 16])], [w])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    result = compile_model(qir.from_proto(proto), "quantize-weights{bits=4,method=rtn}", verify_runtime=True)
+    assert [(e["weight"], e["granularity"]) for e in result.records[0].report["quantized"]] == [("w", "block32")]
+    dq = next(n for n in result.model.graph if n.op_type == "DequantizeLinear")
+    assert dq.attributes.get_int("axis") == 0 and dq.attributes.get_int("block_size") == 32
+
+
 def test_an_einsum_weight_of_another_form_is_reported():
     w = numpy_helper.from_array(np.ones((64, 64, 4), np.float32), "wq")
     node = helper.make_node("Einsum", ["x", "wq"], ["y"], equation="abc,cce->abe", name="query")  # W's diagonal
