@@ -243,6 +243,11 @@ class QuantizeWeightsPass(QxcPass):
                                                                     f"block{min(g.block, qt.codes.shape[g.axis])}"),
                      "format": fmt, "scale_dtype": self._scale_storage(qt, fmt, opset), "sqnr_db": round(qt.sqnr, 3),
                      "bytes_before": t.nbytes}
+            if fmt != "qdq" and t.dtype == ir.DataType.FLOAT16 and qt.scale_dtype != "float16":
+                kernel = "MatMulNBits" if fmt == "matmulnbits" else "GatherBlockQuantized"
+                raise UsageError(f"pass 'quantize-weights': float16 weight '{value.name}' needs scales outside "
+                                 f"float16's range, and {kernel} keeps its scales in the activations' type; use "
+                                 "format=qdq or exclude its node")
             if fmt == "matmulnbits":
                 k = t.shape[1] if _transposed(value_uses[0].node) else t.shape[0]
                 entry["bytes_after"] = self._emit_nbits(value, value_uses, layout, bits, _nbits_block(g, k), taken)
@@ -402,10 +407,6 @@ class QuantizeWeightsPass(QxcPass):
             k, n = n, k
         graph = value.graph
         half = value.const_value.dtype == ir.DataType.FLOAT16  # the scales are of the activations' type
-        if half and dict(layout)["scales"].dtype != np.float16:
-            raise UsageError(f"pass 'quantize-weights': float16 weight '{value.name}' needs scales outside float16's "
-                             "range, and MatMulNBits keeps its scales in the activations' type; use format=qdq or "
-                             "exclude its node")
         vals = []
         for suffix, arr in layout:
             name = unique_name(f"{value.name}_{suffix}", taken)
@@ -430,12 +431,8 @@ class QuantizeWeightsPass(QxcPass):
         """Each Gather of the (rows, features) table becomes com.microsoft.GatherBlockQuantized over the int4/uint4
         table, blocks along the features; its scales are of the output's type."""
         graph = value.graph
-        half = value.const_value.dtype == ir.DataType.FLOAT16
+        half = value.const_value.dtype == ir.DataType.FLOAT16  # the scales are of the output's type
         scale = qt.scale.astype(qt.scale_dtype)
-        if half and scale.dtype != np.float16:
-            raise UsageError(f"pass 'quantize-weights': float16 embedding '{value.name}' needs scales outside "
-                             "float16's range, and GatherBlockQuantized keeps its scales in the output's type; use "
-                             "format=qdq or exclude its node")
         data = initializer(graph, unique_name(f"{value.name}_quantized", taken), qt.q)
         name = unique_name(f"{value.name}_scale", taken)
         sv = initializer(graph, name, scale) if half else float_scale(graph, name, scale, taken)

@@ -548,8 +548,13 @@ def test_float16_weights_too_small_for_float16_scales():
     result = compile_model(proto, "quantize-weights{bits=4}", verify_runtime=True)
     assert [e["scale_dtype"] for e in result.records[0].report["quantized"]] == ["float32"]
     assert run(qir.to_proto(result.model), {"x": x})[0].dtype == np.float16
-    with pytest.raises(UsageError, match="float16 weight 'w0'.*format=qdq"):
+    with pytest.raises(UsageError, match="float16 weight 'w0'.*MatMulNBits.*format=qdq"):
         compile_model(proto, "quantize-weights{bits=4,format=matmulnbits}")
+    emb = _embedding(np.float16)
+    t = emb.graph.initializer[0]
+    t.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(t) * np.float16(1e-4)).astype(np.float16), t.name))
+    with pytest.raises(UsageError, match="float16 weight 'table'.*GatherBlockQuantized.*format=qdq"):
+        compile_model(qir.from_proto(emb), "quantize-weights{bits=4,ops=[Gather],format=matmulnbits}")
 
 
 def test_an_unreachable_max_error_is_reported_and_warned(tmp_path, capsys):
