@@ -304,20 +304,20 @@ def cmd_explain_chunked(args, model) -> int:
                          "of shards use permutation, shapley, tree")
     t0 = time.perf_counter()
     key = _input_key(model, "explain it with --backend local")  # before a Ray cluster is started for nothing
+    chunks = chunks_of(args.data, key, args.chunk_rows)
+    first, first_labels = chunks[0].load()
     if args.task == "auto" and args.labels:  # logits with class labels: a classifier, as in the local run
         from qxc.explain.run import class_labels
 
         outputs = [v for v in model.graph.outputs if v.shape is not None and len(v.shape) == 2]
         width = outputs[0].shape[1] if outputs and isinstance(outputs[0].shape[1], int) else 0
-        if class_labels(chunks_of(args.data, key, args.chunk_rows)[0].load()[1], width):
+        if class_labels(first_labels, width):
             args.task = "classification"
     backend = _backend(args, model)
     doc: dict = {"schema": "qxc.explain/1", "model": str(args.model)}
     if args.explain_output:
         doc["explained_output"] = args.explain_output
     try:
-        chunks = chunks_of(args.data, key, args.chunk_rows)
-        first, _ = chunks[0].load()
         item = first.shape[1:]
         first = first.reshape(len(first), -1)  # an image's elements are its features, as in the local run
         feats = element_names(key, item) if len(item) > 1 else [f"x{i}" for i in range(first.shape[1])]
@@ -383,9 +383,9 @@ def cmd_calibrate(args) -> int:
 
     model = qir.load(args.model)
     key = _input_key(model, "calibrate it in one process with qxc compile --data (insert-qdq{save-ranges=FILE})")
+    chunks = chunks_of(args.data, key, args.chunk_rows)  # bad data is named before a Ray cluster starts
     backend = _backend(args, model)
     try:
-        chunks = chunks_of(args.data, key, args.chunk_rows)
         ranges = distributed_ranges(backend, chunks, method=args.method, keep_minmax=[v.name for v in
                                                                                       model.graph.outputs])
     finally:
@@ -478,11 +478,11 @@ def cmd_compare_chunked(args, ref) -> int:
         raise UsageError("with --backend ray or a folder of shards give a candidate model")
     cand = qir.load(args.candidate)
     key = _input_key(ref, "compare it with --backend local")
+    chunks = chunks_of(args.data, key, args.chunk_rows)  # bad data is named before a Ray cluster starts
     backend = make_backend(args.backend, [ref, cand], args.provider.split(",")[:1], address=args.ray_address,
                            workers=args.workers)
     try:
-        result = distributed_compare(backend, chunks_of(args.data, key, args.chunk_rows), ref, cand,
-                                     layers=not args.no_layers, jump_db=args.jump_db)
+        result = distributed_compare(backend, chunks, ref, cand, layers=not args.no_layers, jump_db=args.jump_db)
     finally:
         backend.close()
     result.unfused = unfused_nodes(cand)

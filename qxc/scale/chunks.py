@@ -88,6 +88,8 @@ def _rows(path: Path, key: str) -> int:
 def chunks_of(source: str | os.PathLike, key: str, chunk_rows: int, labels_key: str = "labels") -> list[Chunk]:
     """Row-range chunks of an .npy/.npz/.csv file, or of every shard (sorted *.npy/*.npz/*.csv) of a folder."""
     source = Path(source)
+    if not source.exists():
+        raise DataError(f"{source}: no such file or folder")
     if source.is_dir():
         shards = sorted(p for p in source.iterdir() if p.suffix in (".npy", ".npz", ".csv")
                         and not p.name.endswith(".labels.npy"))

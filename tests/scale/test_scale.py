@@ -313,3 +313,20 @@ def test_distributed_ranges_name_the_tensors_holding_infinities(tmp_path):
     res = distributed_ranges(LocalBackend(model), chunks_of(tmp_path / "d.npz", "x", 10))
     local = collect_ranges(model, load_data(tmp_path / "d.npz", model))
     assert res.infinite == local.infinite == {"w"} and res.ranges == local.ranges
+
+
+def test_chunked_commands_name_missing_data_before_starting_a_backend(tmp_path, capsys, monkeypatch):
+    """A data path that does not exist is a one-line data error (exit 5), raised before any backend starts; it was
+    an internal error (FileNotFoundError) once the backend ran."""
+    from qxc import cli
+
+    started = []
+    monkeypatch.setattr(cli, "_backend", lambda *a, **k: started.append(1))
+    m, missing = str(MODELS / "digits_mlp.onnx"), str(tmp_path / "nope.npz")
+    for argv in (["explain", m, "--data", missing, "--backend", "ray", "--method", "permutation",
+                  "-o", str(tmp_path / "e.json")],
+                 ["calibrate", m, "--data", missing, "--backend", "ray", "-o", str(tmp_path / "r.json")],
+                 ["compare", m, m, "--data", missing, "--backend", "ray"]):
+        assert cli.main(argv) == 5
+        assert capsys.readouterr().err.strip() == f"qxc: error: {missing}: no such file or folder"
+    assert not started and not list(tmp_path.iterdir())
