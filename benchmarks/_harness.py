@@ -78,6 +78,11 @@ def ensure_ffn(layers: int = 18, d_model: int = 512, d_ff: int = 2048) -> Path:
         import build
 
         build.build_ffn(folder, d_model, d_ff, layers)
+    if not (folder / "ffn_calib.npz").exists():  # folders built before the calibration rows existed
+        sys.path.insert(0, str(ROOT / "models"))
+        import build
+
+        build.build_ffn_calibration(folder, d_model)
     return path
 
 

@@ -3,7 +3,8 @@
     python benchmarks/bench_quantize_weights.py [--models ffn,cnn,digits,emb] [--rounds 3] [--ceiling]
 
 Sides: qxc's int4 round-to-nearest with float32 scales is onnxruntime's setting exactly; "f16" stores the scales
-as float16 (the int4-weights recipe does, with method=mse). For each model: compile time (median of interleaved
+as float16 (the int4-weights recipe does, with method=mse); int4-weights-gptq is fit on calibration rows (the FFN's
+ffn_calib.npz, the sklearn models' train split) that the error measurement never sees. For each model: compile time (median of interleaved
 rounds, each side in a fresh subprocess) and its ratio to a plain onnx.load+save, peak RSS of each compile, file
 size / fp32, output error vs fp32 on the reference data (SQNR dB, cosine; accuracy for digits), onnxruntime latency
 / fp32 (batch 1, 1 thread, interleaved calls).
@@ -22,11 +23,13 @@ from _harness import ROOT, ensure_ffn, fidelity, fresh, interleave, latencies, m
 QXC = "from qxc.cli import main as qxc_main\nimport qxc.passes"
 
 
-def qxc_side(model: Path, out: Path, pipeline: str) -> tuple[str, str]:
-    return QXC, f"assert qxc_main(['compile', {str(model)!r}, '-o', {str(out)!r}, '-p', {pipeline!r}, '-q', '--force']) == 0"
+def qxc_side(model: Path, out: Path, pipeline: str, data: Path | None = None) -> tuple[str, str]:
+    extra = f", '--data', {str(data)!r}" if data else ""
+    return QXC, (f"assert qxc_main(['compile', {str(model)!r}, '-o', {str(out)!r}, '-p', {pipeline!r}, '-q', "
+                 f"'--force'{extra}]) == 0")
 
 
-def sides_for(model: Path, tmp: Path, ext: bool) -> dict[str, tuple[str, str, Path]]:
+def sides_for(model: Path, tmp: Path, ext: bool, calib: Path) -> dict[str, tuple[str, str, Path]]:
     save_kw = "save_as_external_data=True, all_tensors_to_one_file=True, location='{n}.data'" if ext else ""
     out = {}
     p = tmp / "loadsave.onnx"
@@ -59,13 +62,16 @@ def sides_for(model: Path, tmp: Path, ext: bool) -> dict[str, tuple[str, str, Pa
                                                        "format=matmulnbits,scale-dtype=float16},cleanup"), p)
     p = tmp / "qxc_int4.onnx"
     out["qxc int4-weights"] = (*qxc_side(model, p, str(ROOT / "passes/int4-weights.toml")), p)
+    p = tmp / "qxc_int4_gptq.onnx"
+    out["qxc int4-weights-gptq"] = (*qxc_side(model, p, str(ROOT / "passes/int4-weights-gptq.toml"), calib), p)
     return out
 
 
-def bench(label: str, model: Path, data: Path, rounds: int, ext: bool, label_key: str | None = None):
+def bench(label: str, model: Path, data: Path, calib: Path, rounds: int, ext: bool, label_key: str | None = None):
+    """``calib``: the rows GPTQ is fit on; every error is measured on ``data``, which it never sees."""
     tmp = Path(tempfile.mkdtemp())
     try:
-        sides = sides_for(model, tmp, ext)
+        sides = sides_for(model, tmp, ext, calib)
         res = interleave({k: (fresh(p) + imp, body) for k, (imp, body, p) in sides.items()}, rounds)
         with np.load(data) as z:
             import onnxruntime as ort
@@ -199,12 +205,13 @@ def main():
         ceiling(ensure_ffn())
     if "ffn" in models:
         ffn = ensure_ffn()
-        bench("ffn", ffn, ffn.parent / "ffn_data.npz", args.rounds, ext=True)
+        bench("ffn", ffn, ffn.parent / "ffn_data.npz", ffn.parent / "ffn_calib.npz", args.rounds, ext=True)
     if "cnn" in models:
-        bench("cnn", ROOT / "models/cnn_digits.onnx", ROOT / "models/cnn_digits_test.npz", args.rounds, ext=False)
+        bench("cnn", ROOT / "models/cnn_digits.onnx", ROOT / "models/cnn_digits_test.npz",
+              ROOT / "models/cnn_digits_train.npz", args.rounds, ext=False)
     if "digits" in models:
-        bench("digits", ROOT / "models/digits_mlp.onnx", ROOT / "models/digits_test.npz", args.rounds, ext=False,
-              label_key="labels")
+        bench("digits", ROOT / "models/digits_mlp.onnx", ROOT / "models/digits_test.npz",
+              ROOT / "models/digits_train.npz", args.rounds, ext=False, label_key="labels")
     if "emb" in models:
         embedding()
 

@@ -192,8 +192,17 @@ def build_ffn(out: Path, d_model=512, d_ff=2048, layers=18, rows=512, external=T
         onnx.save(m, path)
     rng = np.random.default_rng(1)
     _save_npz(out / "ffn_data.npz", x=rng.normal(0, 1, (rows, d_model)).astype(np.float32))
+    build_ffn_calibration(out, d_model, rows)
     n = sum(int(np.prod(t.dims)) for t in m.graph.initializer)
     print(f"ffn: {layers} layers, d_model {d_model}, d_ff {d_ff}: {n:,} parameters -> {path}")
+    return path
+
+
+def build_ffn_calibration(out: Path, d_model=512, rows=512) -> Path:
+    """Calibration rows for the FFN, from the same distribution as its reference data but another seed: data-aware
+    methods (GPTQ) are fit on these and judged on ffn_data.npz."""
+    path = out / "ffn_calib.npz"
+    _save_npz(path, x=np.random.default_rng(2).normal(0, 1, (rows, d_model)).astype(np.float32))
     return path
 
 

@@ -89,7 +89,7 @@ def test_already_quantized_models_survive_every_pass_and_recipe(tmp_path, figure
 
 
 def test_same_input_pipeline_and_data_give_identical_bytes_and_json(tmp_path):
-    for spec in ("passes/int8-qdq.toml", "passes/int4-weights.toml",
+    for spec in ("passes/int8-qdq.toml", "passes/int4-weights.toml", "passes/int4-weights-gptq.toml",
                  "prune-magnitude{sparsity=0.5,sensitivity=true},insert-qdq{method=entropy}"):
         outs = []
         for tag in "ab":

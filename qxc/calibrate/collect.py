@@ -31,12 +31,18 @@ class TapRunner:
         self.session = make_session(result.model, providers=providers, prepacking=False)
         self.outputs = [t.output for t in self.manifest.taps]
 
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feed: dict[str, np.ndarray], only: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """{tensor: array} for every tap, or for the tensors in ``only`` (onnxruntime then computes only what
+        they need)."""
         from qxc.runtime.session import run
 
-        arrays = run(self.session, self.outputs, feed)
+        taps = self.manifest.taps
+        if only is not None:
+            wanted = set(only)
+            taps = [t for t in taps if t.tensor in wanted]
+        arrays = run(self.session, [t.output for t in taps], feed)
         out: dict[str, np.ndarray] = {}
-        for t, a in zip(self.manifest.taps, arrays):
+        for t, a in zip(taps, arrays):
             if a is None or (t.kind == "if-branch" and a.size == 0):
                 continue  # the branch not taken on this batch
             out[t.tensor] = a
@@ -46,15 +52,17 @@ class TapRunner:
 TAP_BYTES_PER_BATCH = 8 << 20
 
 
-def _schedule(runner: TapRunner, data: Dataset, batch_size: int):
-    """Row ranges of the batches: ``batch_size`` at most, fewer when the taps of one row are large, so that the
-    tensors onnxruntime hands back for one batch stay around TAP_BYTES_PER_BATCH (per-sample data: one row each)."""
+def _schedule(runner: TapRunner, data: Dataset, batch_size: int, only: Iterable[str] | None = None):
+    """Row ranges of the batches: ``batch_size`` at most, fewer when the taps (or those in ``only``) of one row are
+    large, so that the tensors onnxruntime hands back for one batch stay around TAP_BYTES_PER_BATCH (per-sample
+    data: one row each)."""
     n = len(data)
     if data.stacked is None:
         yield from ((i, i + 1) for i in range(n))
         return
     probe = max(1, min(batch_size, 4, n))
-    per_row = sum(np.asarray(a).nbytes for a in runner.run(next(data.slice(0, probe).batches(probe))).values()) / probe
+    taps = runner.run(next(data.slice(0, probe).batches(probe)), only=only)
+    per_row = sum(np.asarray(a).nbytes for a in taps.values()) / probe
     size = int(max(1, min(batch_size, TAP_BYTES_PER_BATCH // max(1, per_row))))
     yield from ((s, min(n, s + size)) for s in range(0, n, size))
 

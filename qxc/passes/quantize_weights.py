@@ -27,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qxc import ir as qir
+from qxc.calibrate.hessian import GramCache
 from qxc.errors import UsageError
 from qxc.graphs import (
     all_graphs,
@@ -41,6 +42,7 @@ from qxc.graphs import (
 from qxc.passes._weights import weight_rule
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.quant import Granularity, QuantizedTensor, quantize_tensor
+from qxc.quant.gptq import auto_damp, gptq_quantize, transposed
 from qxc.quant.numerics import pack_uint4
 
 # op type -> (weight input index, channel axis, reduction axis) for a weight of rank r; axes may depend on attrs
@@ -57,7 +59,13 @@ class QuantizeWeightsOptions:
                 "4 bits block; MatMulNBits weights: block); an output channel of no more than block-size weights "
                 "(an RGB stem's or a depthwise Conv's) is one group instead of blocks shorter than asked")
     block_size: int = opt(32, "block length along the reduction axis for granularity=block (power of two >= 16)")
-    method: Literal["rtn", "mse"] = opt("mse", "round-to-nearest on min/max, or a clipping search minimising MSE")
+    method: Literal["rtn", "mse", "gptq"] = opt(
+        "mse", "round-to-nearest on min/max, a clipping search minimising the weights' MSE, or (with --data) GPTQ: "
+               "mse's scales with each row's rounding error compensated in the rows after it, minimising the "
+               "layer's output error on the samples (MatMul and Gemm weights; others get mse)")
+    damp: float = opt(0.0, "method=gptq: damping added to the inputs' Gram diagonal, as a fraction of its mean "
+                           "(0: auto, K / rows between 0.01 and 1: few rows need more, or GPTQ fits them)")
+    samples: int = opt(0, "method=gptq: use at most this many sample rows (0: all)")
     format: Literal["qdq", "matmulnbits"] = opt(
         "qdq", "DequantizeLinear nodes, or onnxruntime's kernels: MatMulNBits for 2-D MatMul and Gemm weights, "
                "GatherBlockQuantized for 4-bit Gather embeddings")
@@ -86,8 +94,10 @@ class QuantizeWeightsOptions:
                 re.compile(pattern)
             except re.error as e:
                 raise ValueError(f"bad regex {pattern!r}: {e}") from None
-        if self.min_elements < 0 or self.keep_sensitive < 0 or self.max_error < 0:
-            raise ValueError("min-elements, keep-sensitive and max-error must be >= 0")
+        if self.min_elements < 0 or self.keep_sensitive < 0 or self.max_error < 0 or self.samples < 0:
+            raise ValueError("min-elements, keep-sensitive, max-error and samples must be >= 0")
+        if not (self.damp >= 0 and math.isfinite(self.damp)):
+            raise ValueError(f"damp must be a number >= 0 (0: auto), got {self.damp}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError("accuracy-level must be 0..4")
 
@@ -230,10 +240,13 @@ class QuantizeWeightsPass(QxcPass):
                 skipped.append({"weight": value.name, "nodes": [u.node.name for u in value_uses], "reason": reason})
                 continue
             todo.append((value, value_uses))
+        self._grams = self._gram_cache(model, todo) if o.method == "gptq" else None
         bits_for = self._bits_per_weight(model, todo)
         taken = value_names(model)
         opset = model.opset_imports.get("", 1)
         quantized = []
+        if self._grams is not None:
+            self._grams.last_sweep = True  # the weights may be unmapped once their inputs are collected
         for (value, value_uses), (bits, g, qt, layout) in zip(todo, self._quantize_all(todo, bits_for)):
             fmt = self._format_for(value, value_uses, bits)
             t = value.const_value
@@ -242,7 +255,7 @@ class QuantizeWeightsPass(QxcPass):
                      "granularity": "tensor" if g.axis is None else ("channel" if g.block is None else
                                                                     f"block{min(g.block, qt.codes.shape[g.axis])}"),
                      "format": fmt, "scale_dtype": self._scale_storage(qt, fmt, opset), "sqnr_db": round(qt.sqnr, 3),
-                     "bytes_before": t.nbytes}
+                     "bytes_before": t.nbytes, **self._method_for(value)}
             if fmt != "qdq" and t.dtype == ir.DataType.FLOAT16 and qt.scale_dtype != "float16":
                 kernel = "MatMulNBits" if fmt == "matmulnbits" else "GatherBlockQuantized"
                 raise UsageError(f"pass 'quantize-weights': float16 weight '{value.name}' needs scales outside "
@@ -257,6 +270,7 @@ class QuantizeWeightsPass(QxcPass):
                 entry["bytes_after"] = self._emit_qdq(value, qt, g, taken, opset)
             qir.release_weights(model, [t])  # unmap the float weight: its pages no longer count against us
             quantized.append(entry)
+        self._grams = None  # the inputs' Grams and, if still open, their session
         if quantized and any(e["format"] != "qdq" for e in quantized):
             model.opset_imports.setdefault("com.microsoft", 1)
         self.report = {"quantized": quantized, "skipped": skipped, "opset_raised_to": needed if upgraded else None,
@@ -318,11 +332,14 @@ class QuantizeWeightsPass(QxcPass):
             qir.release_weights(None, [t])
 
         nbits_rows = nbits and _transposed(value_uses[0].node)  # quantized as (K, N), MatMulNBits' groups
-        qt = quantize_tensor(lambda: np.asarray(t.numpy(), dtype=np.float32).T if nbits_rows else
-                             np.asarray(t.numpy(), dtype=np.float32), qt_name, symmetric=o.symmetric,
-                             granularity=g, method=o.method, name=value.name, keep_dequantized=keep,
-                             on_copied=None if keep else unmap,
-                             scale_dtype="float16" if t.dtype == ir.DataType.FLOAT16 else o.scale_dtype)
+        if self._grams is not None and value in self._grams.wanted:
+            qt = self._gptq(value, value_uses, g, nbits, qt_name, keep)
+        else:
+            qt = quantize_tensor(lambda: np.asarray(t.numpy(), dtype=np.float32).T if nbits_rows else
+                                 np.asarray(t.numpy(), dtype=np.float32), qt_name, symmetric=o.symmetric,
+                                 granularity=g, method="mse" if o.method == "gptq" else o.method, name=value.name,
+                                 keep_dequantized=keep, on_copied=None if keep else unmap,
+                                 scale_dtype="float16" if t.dtype == ir.DataType.FLOAT16 else o.scale_dtype)
         if not keep:
             unmap()
         elif nbits_rows:  # the reconstruction in the weight's own (N, K) layout, as the sensitivity runs swap it in
@@ -331,6 +348,47 @@ class QuantizeWeightsPass(QxcPass):
         if not keep and nbits:
             layout = self._nbits_layout(qt, bits)  # here, on the worker thread, not on the graph-editing one
         return bits, g, qt, layout
+
+    # ------------------------------------------------------------------ gptq
+    def _gram_cache(self, model: ir.Model, todo) -> GramCache:
+        """The input Grams of the weights GPTQ applies to; its session is built here, before the graph is edited."""
+        data = self.context.data
+        if data is None:
+            raise UsageError("pass 'quantize-weights': method=gptq needs sample data; pass --data, or use method=mse")
+        if self.options.samples:
+            data = data.head(self.options.samples)
+        wanted, self._gptq_skipped = {}, {}
+        for value, value_uses in todo:
+            inputs = _gptq_inputs(value, value_uses)
+            if isinstance(inputs, str):
+                self._gptq_skipped[value] = inputs
+            else:
+                wanted[value] = inputs
+        return GramCache(model, data, wanted)
+
+    def _gptq(self, value: ir.Value, value_uses: list[_Use], g: Granularity, nbits: bool, qt_name: str,
+              keep: bool) -> QuantizedTensor:
+        """GPTQ on the (K, N) view of the weight; the result in the layout quantize_tensor gives the caller."""
+        o = self.options
+        t = value.const_value
+        stored_nk = _transposed(value_uses[0].node)  # Gemm transB: the weight is stored (N, K)
+        w = np.asarray(t.numpy(), dtype=np.float32)
+        flip = stored_nk and not nbits  # MatMulNBits' groups are already given in (K, N)
+        hessian, rows = self._grams.get(value)
+        damp = o.damp or auto_damp(hessian.shape[0], rows)
+        qt = gptq_quantize(w.T if stored_nk else w, hessian, qt_name, symmetric=o.symmetric,
+                           granularity=Granularity(None if g.axis is None else 1 - g.axis % 2, g.block) if flip
+                           else g, damp=damp, name=value.name, keep_dequantized=keep,
+                           scale_dtype="float16" if t.dtype == ir.DataType.FLOAT16 else o.scale_dtype)
+        return transposed(qt) if flip else qt
+
+    def _method_for(self, value: ir.Value) -> dict:
+        """The report's word on how a weight was rounded (gptq falls back to mse where it does not apply)."""
+        if self.options.method != "gptq":
+            return {"method": self.options.method}
+        if value in self._gptq_skipped:
+            return {"method": "mse", "method_reason": self._gptq_skipped[value]}
+        return {"method": "gptq"}
 
     def _quantize_all(self, todo, bits_for) -> Iterator[tuple[int, Granularity, QuantizedTensor, list | None]]:
         """Quantize on two threads (numpy releases the GIL), yielding in order with at most two in flight; weights
@@ -478,6 +536,21 @@ class QuantizeWeightsPass(QxcPass):
             bits[v] = 8
         self.sensitivity = {v.name: {"int4_error": round(s, 6), "bits": bits[v]} for v, s in scores.items()}
         return bits
+
+
+def _gptq_inputs(value: ir.Value, value_uses: list[_Use]) -> tuple[list[str], int] | str:
+    """The activations multiplying a weight, and its reduction length K, when GPTQ applies (``x @ W`` in a MatMul or
+    a Gemm without transA); otherwise why not."""
+    shape = value.const_value.shape
+    names = []
+    for use in value_uses:
+        node = use.node
+        if use.index != 1 or node.op_type not in ("MatMul", "Gemm") or node.attributes.get_int("transA", 0):
+            return f"gptq needs x @ W (a MatMul or Gemm weight), not {node.op_type} input {use.index}"
+        names.append(node.inputs[0].name)
+    if len(shape) != 2:
+        return f"gptq needs a 2-D weight, this MatMul's is rank {len(shape)}"
+    return sorted(set(names)), shape[1] if _transposed(value_uses[0].node) else shape[0]
 
 
 def _replace(node: ir.Node, new: ir.Node) -> None:

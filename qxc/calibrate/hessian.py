@@ -1,0 +1,126 @@
+"""Input Gram matrices ``X^T X`` of chosen tensors over sample data, for GPTQ (upper triangles: all it reads).
+
+One instrumented onnxruntime session serves every weight. A tensor's rows are kept as they come while there are
+fewer of them than its width K (512 rows of a 2,048-wide input: 4 MB, where its Gram takes 16 MB), and folded into
+the Gram once there are more; a tensor's storage is dropped once every weight it feeds has had its matrix. Tensors
+are collected in groups whose storage fits ``GRAM_BYTES``, one pass over the data per group fetching only that
+group's tensors, so memory does not grow with the number of layers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+from scipy.linalg import blas
+
+from qxc.calibrate.collect import TapRunner, _schedule
+from qxc.data import Dataset
+from qxc.errors import UsageError
+from qxc.runtime.progress import progress
+
+GRAM_BYTES = 64 << 20
+
+
+class _Rows:
+    """One tensor's rows (fewer than its width), or their Gram's upper triangle once there are more."""
+
+    def __init__(self, k: int):
+        self.k, self.rows, self.parts, self.upper = k, 0, [], None
+
+    def add(self, x: np.ndarray) -> None:
+        self.rows += len(x)
+        if self.upper is None:
+            self.parts.append(x)
+            if self.rows < self.k:
+                return
+            self.upper = np.zeros((self.k, self.k), np.float32, order="F")
+            x, self.parts = np.concatenate(self.parts), []
+        # x^T x added in place, one triangle: 10x faster than `gram += x.T @ x` and its K x K temporary
+        self.upper = blas.ssyrk(1.0, x.T, beta=1.0, c=self.upper, trans=0, lower=0, overwrite_c=1)
+
+    def gram(self) -> np.ndarray:
+        """X^T X in the upper triangle (the lower one is not meaningful)."""
+        if self.upper is not None:
+            return self.upper
+        x = np.concatenate(self.parts) if self.parts else np.zeros((0, self.k), np.float32)
+        return blas.ssyrk(1.0, x.T, trans=0, lower=0)
+
+
+class GramCache:
+    """``get(key)``: ``x^T x`` summed over the rows of the tensors feeding ``key`` (a weight), each tensor read as
+    rows of its last axis, of length ``k``, in the upper triangle. Keys are collected in the order given, a group at
+    a time; asking for a key loads its group and drops the previous one; each key is asked for once per collection
+    (a second ask collects its group again). Thread-safe."""
+
+    def __init__(self, model: ir.Model, data: Dataset, wanted: dict[Hashable, tuple[Sequence[str], int]],
+                 batch_size: int = 64, budget: int = GRAM_BYTES):
+        self.data, self.wanted, self.batch_size = data, wanted, batch_size
+        self.groups: list[list[Hashable]] = []
+        self.loaded: dict[str, _Rows] = {}
+        self.pending: dict[str, int] = {}  # loaded tensor -> keys of the group not yet served
+        self.lock = threading.Lock()
+        self.last_sweep = False  # set before the last pass over the keys: the session goes after its last group
+        if not wanted:
+            return
+        # the session is built now: the caller may edit the model once this returns
+        self.runner: TapRunner | None = TapRunner(model, {n for names, _ in wanted.values() for n in names})
+        probe = min(len(data), 4)
+        seen = self.runner.run(next(data.slice(0, probe).batches(probe)))
+        size = budget + 1
+        for key, (names, k) in wanted.items():  # each tensor: min(its rows, K) x K floats
+            need = sum(4 * k * min(k, -(-np.asarray(seen[n]).size * len(data) // (k * probe)))
+                       for n in names if n in seen)
+            if size + need > budget:
+                self.groups.append([])
+                size = 0
+            self.groups[-1].append(key)
+            size += need
+        self.group_of = {key: i for i, group in enumerate(self.groups) for key in group}
+
+    def get(self, key: Hashable) -> tuple[np.ndarray, int]:
+        """The Gram of ``key``'s inputs (upper triangle; zero for a tensor never seen, such as an If branch not
+        taken: plain rounding) and the number of rows summed."""
+        names, _ = self.wanted[key]
+        with self.lock:
+            if not all(n in self.loaded for n in names):
+                self.loaded = {}
+                index = self.group_of[key]
+                self.loaded = self._collect(index)
+                if index == len(self.groups) - 1 and self.last_sweep:  # its session holds the weights' pages
+                    self.runner = None
+                self.pending = {}
+                for other in self.groups[self.group_of[key]]:
+                    for n in self.wanted[other][0]:
+                        self.pending[n] = self.pending.get(n, 0) + 1
+            tensors = [self.loaded[n] for n in names]
+            for n in names:  # the last weight a tensor feeds: its storage goes with this call
+                self.pending[n] -= 1
+                if not self.pending[n]:
+                    del self.loaded[n]
+        h = tensors[0].gram()
+        for t in tensors[1:]:
+            h = h + t.gram()
+        return h, sum(t.rows for t in tensors)
+
+    def _collect(self, index: int) -> dict[str, _Rows]:
+        if self.runner is None:
+            raise RuntimeError("GramCache: a key was asked for after the last sweep")
+        width: dict[str, int] = {}
+        for key in self.groups[index]:
+            names, k = self.wanted[key]
+            width.update(dict.fromkeys(names, k))
+        acc = {n: _Rows(k) for n, k in width.items()}
+        batches = list(_schedule(self.runner, self.data, self.batch_size, only=width))
+        desc = f"gptq: input statistics {index + 1}/{len(self.groups)}"
+        for start, stop in progress(batches, desc=desc):
+            feed = next(self.data.slice(start, stop).batches(stop - start))
+            for name, arr in self.runner.run(feed, only=width).items():
+                k = width[name]
+                if arr.shape[-1] != k:
+                    raise UsageError(f"tensor '{name}' has {arr.shape[-1]} features on the sample data where its "
+                                     f"weight expects {k}; check --data against the model's inputs")
+                acc[name].add(np.asarray(arr, np.float32).reshape(-1, k))
+        return acc

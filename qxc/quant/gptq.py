@@ -1,0 +1,149 @@
+"""GPTQ: rounding that compensates each weight row's error in the rows not yet quantized (Frantar et al., 2022).
+
+For ``y = x @ W`` with ``W`` of shape (K, N), the output error of a reconstruction ``Wq`` on inputs ``X`` is
+``tr((W - Wq)^T H (W - Wq))`` with ``H = X^T X``: round-to-nearest minimises it only when ``H`` is a multiple of the
+identity. GPTQ quantizes the K rows in order and, after each, moves its error onto the rows still float along
+``H``'s inverse, so later rows absorb what earlier ones lost. Each group's scale and zero point are chosen (by the
+same min/max or clipping search as :func:`quantize_tensor`) when the loop reaches the group, from the weights as
+updated by then.
+
+``damp`` adds ``damp * mean(diag(H))`` to ``H``'s diagonal. With fewer sample rows than inputs (512 rows for
+K = 2048), ``X^T X`` is singular and GPTQ's usual 1 % fits the samples, not the model: on the 18-layer FFN with 512
+calibration rows (held-out rows measured), 1 % lost 1.6 dB against round-to-nearest, 100 % gained 1.3 dB; with
+2,048 rows 10 % gained 1.5 dB. Infinite damping is plain rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.linalg import lapack
+
+from qxc.quant.numerics import (
+    Granularity,
+    QType,
+    QuantizedTensor,
+    _db,
+    _group_mse,
+    _group_rtn,
+    _half_fits,
+    check_finite,
+    qtype,
+)
+
+LAZY_ROWS = 32  # rows quantized between two matrix updates of the remaining rows (the paper's lazy batches)
+
+
+def auto_damp(k: int, rows: int) -> float:
+    """Damping for a Gram of ``rows`` samples of ``k`` inputs: K / rows, between 0.01 and 1. Measured (held-out
+    rows): the FFN's 2,048-wide inputs with 512 rows want ~1; digits' 64 inputs with 1,347 rows ~0.05-0.1 (39 dB
+    against 30 for round-to-nearest)."""
+    return float(min(1.0, max(0.01, k / max(rows, 1))))
+
+
+def inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray:
+    """Upper-triangular ``U`` with ``U^T U = (H + damp * mean(diag H) * I)^-1``, from one Cholesky factorisation
+    and one triangular inverse (of the row- and column-reversed matrix) instead of an inverse and a second
+    factorisation. Only ``H``'s upper triangle is read. A zero ``H`` (inputs always zero) gives the identity: plain
+    rounding."""
+    k = hessian.shape[0]
+    mean = float(np.trace(hessian)) / k
+    rev = np.array(hessian[::-1, ::-1], dtype=np.float32, order="F")  # a copy: damped in place
+    rev[np.diag_indices(k)] += damp * mean if mean > 0 else 1.0
+    low, info = lapack.spotrf(rev, lower=1, clean=1, overwrite_a=1)
+    if info == 0:
+        low, info = lapack.strtri(low, lower=1, overwrite_c=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"the damped Hessian is not positive definite (LAPACK info {info}); raise damp")
+    return np.ascontiguousarray(low[::-1, ::-1])
+
+
+def gptq_quantize(w: np.ndarray, hessian: np.ndarray, qt: QType | str, *, symmetric: bool,
+                  granularity: Granularity, method: str = "mse", damp: float = 1.0, name: str = "tensor",
+                  keep_dequantized: bool = True, scale_dtype: str = "float32") -> QuantizedTensor:
+    """Quantize the (K, N) weight of ``x @ w`` given ``hessian = X^T X`` (K, K) of its inputs, or any positive
+    multiple of it (only its upper triangle is read).
+
+    ``granularity`` is in ``w``'s layout: blocks along axis 0 (K), one group per column (axis 1), or per tensor.
+    Codes, scales and zero points are those :func:`quantize_tensor` would store for that granularity.
+    """
+    qt = qtype(qt)
+    w = np.asarray(w, np.float32)
+    if w.ndim != 2 or hessian.shape != (w.shape[0], w.shape[0]):
+        k = w.shape[0] if w.ndim else 0
+        raise ValueError(f"'{name}': GPTQ needs a (K, N) weight and its inputs' (K, K) Gram: a {w.shape} weight "
+                         f"wants ({k}, {k}), got {hessian.shape}")
+    check_finite(w, name)
+    k, n = w.shape
+    if granularity.axis is None:
+        lo, hi = np.full(1, w.min(), np.float32), np.full(1, w.max(), np.float32)
+    else:
+        lo, hi = w.min(axis=0), w.max(axis=0)
+    half = scale_dtype == "float16" and _half_fits(lo, hi, qt, symmetric)
+    kernel = _group_mse if method == "mse" else _group_rtn
+    u = inverse_cholesky(hessian, damp)
+    block = granularity.block if granularity.axis is not None and granularity.block is not None else None
+    if block is not None and granularity.axis % 2 != 0:
+        raise ValueError(f"'{name}': GPTQ blocks run along K (axis 0), got axis {granularity.axis}")
+    nb = -(-k // block) if block else 1
+    codes = np.empty((k, n), np.float32)
+    scales = np.empty((nb, n), np.float32)
+    zeros = np.empty((nb, n), np.float32)
+
+    def params(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if granularity.axis is None:  # one scale for the whole tensor, from the weight as given
+            _, s, z = kernel(w.reshape(1, -1), qt, symmetric, lo, hi, half=half)
+            return np.repeat(s, n), np.repeat(z, n)
+        m = np.ascontiguousarray(rows.T)  # (N, rows): a group per column
+        _, s, z = kernel(m, qt, symmetric, m.min(axis=1), m.max(axis=1), half=half)
+        return s, z
+
+    rest = w.copy()
+    s = z = None
+    if block is None:
+        s, z = params(w)
+        scales[0], zeros[0] = s, z
+    for a in range(0, k, LAZY_ROWS):
+        b = min(a + LAZY_ROWS, k)
+        part = rest[a:b]  # a view: updated in place
+        errs = np.empty_like(part)
+        ua = u[a:b, a:b]
+        for i in range(b - a):
+            row = a + i
+            if block is not None and row % block == 0:
+                s, z = params(rest[row : row + block])  # up to date: every earlier error applied
+                scales[row // block], zeros[row // block] = s, z
+            q = np.rint(part[i] / s)
+            q += z
+            np.clip(q, qt.qmin, qt.qmax, out=q)
+            codes[row] = q
+            err = (part[i] - (q - z) * s) / ua[i, i]
+            part[i + 1 :] -= ua[i, i + 1 :, None] * err
+            errs[i] = err
+        if b < k:
+            rest[b:] -= u[a:b, b:].T @ errs
+    del rest
+    recon = (codes - np.repeat(zeros, block, axis=0)[:k]) * np.repeat(scales, block, axis=0)[:k] if block else (
+        (codes - zeros[0]) * scales[0])
+    diff = (recon - w).reshape(-1)
+    sqnr = _db(float(np.dot(w.reshape(-1), w.reshape(-1))), float(np.dot(diff, diff)))
+    native = qt.storage if qt.bits >= 8 else np.dtype(np.int8 if qt.signed else np.uint8)
+    if granularity.axis is None:
+        scale, zp = scales[0, :1].reshape(()), zeros[0, :1].reshape(())
+    elif block is None:
+        scale, zp = scales[0], zeros[0]
+    else:
+        scale, zp = scales, zeros
+    return QuantizedTensor(codes=codes.astype(native), scale=np.ascontiguousarray(scale, np.float32),
+                           zero_points=np.ascontiguousarray(zp).astype(native), qtype=qt, granularity=granularity,
+                           sqnr=sqnr, dequantized=recon.astype(np.float32) if keep_dequantized else None,
+                           scale_dtype="float16" if half else "float32")
+
+
+def transposed(qt: QuantizedTensor) -> QuantizedTensor:
+    """The same quantization of a 2-D weight stored transposed ((N, K) instead of (K, N))."""
+    g = qt.granularity
+    return QuantizedTensor(codes=np.ascontiguousarray(qt.codes.T), scale=np.ascontiguousarray(qt.scale.T),
+                           zero_points=np.ascontiguousarray(qt.zero_points.T), qtype=qt.qtype,
+                           granularity=Granularity(None if g.axis is None else 1 - g.axis % 2, g.block),
+                           sqnr=qt.sqnr, dequantized=None if qt.dequantized is None else
+                           np.ascontiguousarray(qt.dequantized.T), scale_dtype=qt.scale_dtype)

@@ -1,0 +1,87 @@
+"""GPTQ numerics: plain rounding where inputs are uncorrelated, lower output error where they are, the factor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qxc.quant import Granularity, NonFiniteError, quantize_tensor
+from qxc.quant.gptq import auto_damp, gptq_quantize, inverse_cholesky, transposed
+
+
+def _correlated(n: int, k: int, seed: int) -> np.ndarray:
+    """Rows driven by a few latent factors plus a little noise, with a mean: inputs a MatMul sees after a ReLU."""
+    rng = np.random.default_rng(seed)
+    mix = np.random.default_rng(100).normal(size=(8, k))
+    return (np.maximum(rng.normal(size=(n, 8)) @ mix, 0) + 0.1 * rng.normal(size=(n, k))).astype(np.float32)
+
+
+@pytest.mark.parametrize("qt,symmetric", [("uint4", False), ("int4", True), ("int8", True), ("uint8", False)])
+@pytest.mark.parametrize("granularity", [Granularity(axis=0, block=16), Granularity(axis=1), Granularity()])
+@pytest.mark.parametrize("method", ["rtn", "mse"])
+def test_uncorrelated_inputs_give_exactly_plain_rounding(qt, symmetric, granularity, method):
+    """With H a multiple of the identity no error moves between rows: codes, scales and zero points are those of
+    quantize_tensor for the same granularity and method."""
+    w = np.random.default_rng(1).standard_t(4, size=(48, 24)).astype(np.float32)
+    got = gptq_quantize(w, 3.0 * np.eye(48), qt, symmetric=symmetric, granularity=granularity, method=method)
+    want = quantize_tensor(w, qt, symmetric=symmetric, granularity=granularity, method=method)
+    np.testing.assert_array_equal(got.codes, want.codes)
+    np.testing.assert_array_equal(got.scale, want.scale)
+    np.testing.assert_array_equal(got.zero_points, want.zero_points)
+    np.testing.assert_allclose(got.dequantized, want.dequantized, rtol=0, atol=0)
+    assert got.sqnr == pytest.approx(want.sqnr, abs=1e-6)
+
+
+@pytest.mark.parametrize("rows", [48, 2000])  # fewer rows than inputs (damped), and plenty
+def test_correlated_inputs_get_a_lower_output_error_on_rows_it_never_saw(rows):
+    k, n = 64, 48
+    w = np.random.default_rng(2).normal(size=(k, n)).astype(np.float32)
+    x, held_out = _correlated(rows, k, seed=3), _correlated(2000, k, seed=4)
+    g = Granularity(axis=0, block=32)
+    hessian = x.T.astype(np.float64) @ x
+    got = gptq_quantize(w, hessian, "uint4", symmetric=False, granularity=g, damp=auto_damp(k, rows))
+    mse = quantize_tensor(w, "uint4", symmetric=False, granularity=g, method="mse")
+
+    def out_err(deq):
+        return float(np.sum((held_out @ (w - deq)) ** 2))
+
+    gain_db = 10 * np.log10(out_err(mse.dequantized) / out_err(got.dequantized))
+    assert gain_db > (1.0 if rows < k else 3.0)
+    assert got.sqnr < mse.sqnr  # it spends weight error where the inputs do not look
+    assert got.codes.min() >= 0 and got.codes.max() <= 15
+
+
+def test_inverse_cholesky_reads_the_upper_triangle_only():
+    x = _correlated(30, 12, seed=5).astype(np.float64)
+    h = x.T @ x
+    u = inverse_cholesky(np.triu(h) + np.tril(np.full_like(h, 7.0), -1), damp=0.1)  # junk below the diagonal
+    assert np.allclose(u, np.triu(u))
+    damped = h + 0.1 * np.trace(h) / 12 * np.eye(12)
+    np.testing.assert_allclose(u.T @ u, np.linalg.inv(damped), rtol=2e-3, atol=1e-6 * np.abs(np.linalg.inv(damped)).max())
+    np.testing.assert_array_equal(inverse_cholesky(np.zeros((4, 4)), 1.0), np.eye(4, dtype=np.float32))
+
+
+def test_auto_damp_follows_inputs_over_rows_within_bounds():
+    assert auto_damp(2048, 512) == 1.0 and auto_damp(64, 6400) == 0.01 and auto_damp(512, 2048) == 0.25
+    assert auto_damp(8, 0) == 1.0
+
+
+def test_transposed_is_the_same_quantization_of_the_transposed_weight():
+    w = np.random.default_rng(6).normal(size=(64, 10)).astype(np.float32)
+    x = _correlated(100, 64, seed=7)
+    qt = gptq_quantize(w, x.T @ x, "int4", symmetric=True, granularity=Granularity(axis=0, block=32))
+    t = transposed(qt)
+    assert t.granularity == Granularity(axis=1, block=32) and t.scale.shape == (10, 2)
+    np.testing.assert_array_equal(t.dequantized, qt.dequantized.T)
+    np.testing.assert_array_equal(t.codes, qt.codes.T)
+    assert transposed(t).granularity == qt.granularity
+
+
+def test_bad_weights_and_shapes_are_named():
+    w = np.ones((8, 4), np.float32)
+    w[2, 1] = np.nan
+    with pytest.raises(NonFiniteError, match="'fc.w'"):
+        gptq_quantize(w, np.eye(8), "uint4", symmetric=False, granularity=Granularity(axis=1), name="fc.w")
+    with pytest.raises(ValueError, match="'fc.w'.*wants \\(8, 8\\), got \\(6, 6\\)"):
+        gptq_quantize(np.ones((8, 4), np.float32), np.eye(6), "uint4", symmetric=False,
+                      granularity=Granularity(axis=1), name="fc.w")
