@@ -36,8 +36,8 @@ def measure(imports: str, body: str, env: dict | None = None) -> dict:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"benchmark side failed:\n{r.stderr[-3000:]}")
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("__RESULT__"))
-    return json.loads(line[len("__RESULT__"):])
+    line = next(ln for ln in r.stdout.splitlines() if "__RESULT__" in ln)  # after a progress bar's \r, maybe
+    return json.loads(line.split("__RESULT__", 1)[1])
 
 
 def fresh(path: Path) -> str:

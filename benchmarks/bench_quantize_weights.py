@@ -30,6 +30,9 @@ def qxc_side(model: Path, out: Path, pipeline: str, data: Path | None = None) ->
 
 
 def sides_for(model: Path, tmp: Path, ext: bool, calib: Path) -> dict[str, tuple[str, str, Path]]:
+    import onnxruntime as ort
+
+    names = [i.name for i in ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_inputs()]
     save_kw = "save_as_external_data=True, all_tensors_to_one_file=True, location='{n}.data'" if ext else ""
     out = {}
     p = tmp / "loadsave.onnx"
@@ -62,6 +65,26 @@ def sides_for(model: Path, tmp: Path, ext: bool, calib: Path) -> dict[str, tuple
                                                        "format=matmulnbits,scale-dtype=float16},cleanup"), p)
     p = tmp / "qxc_int4.onnx"
     out["qxc int4-weights"] = (*qxc_side(model, p, str(ROOT / "passes/int4-weights.toml")), p)
+    p = tmp / "ort_gptq4.onnx"  # onnxruntime's GPTQ (its bundled neural-compressor code), same rows and blocks
+    out["ort gptq int4 b32"] = (
+        "import onnx\nimport numpy as np\nfrom onnxruntime.quantization import CalibrationDataReader\n"
+        "from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer, GPTQWeightOnlyQuantConfig",
+        f"""
+            class Rows(CalibrationDataReader):
+                def __init__(self):
+                    with np.load({str(calib)!r}) as z:
+                        self.items = iter([{{k: z[k][i : i + 64] for k in {names!r}}}
+                                           for i in range(0, len(z[{names[0]!r}]), 64)])
+
+                def get_next(self):
+                    return next(self.items, None)
+
+            cfg = GPTQWeightOnlyQuantConfig(calibration_data_reader=Rows(), block_size=128)
+            q = MatMulNBitsQuantizer(onnx.load({str(model)!r}), bits=4, block_size=32, is_symmetric=False,
+                                     algo_config=cfg)
+            q.process()
+            q.model.save_model_to_file({str(p)!r}, use_external_data_format={ext})
+            """, p)
     p = tmp / "qxc_int4_gptq.onnx"
     out["qxc int4-weights-gptq"] = (*qxc_side(model, p, str(ROOT / "passes/int4-weights-gptq.toml"), calib), p)
     return out

@@ -332,9 +332,10 @@ class QuantizeWeightsPass(QxcPass):
             qir.release_weights(None, [t])
 
         nbits_rows = nbits and _transposed(value_uses[0].node)  # quantized as (K, N), MatMulNBits' groups
+        qt = None
         if self._grams is not None and value in self._grams.wanted:
             qt = self._gptq(value, value_uses, g, nbits, qt_name, keep)
-        else:
+        if qt is None:
             qt = quantize_tensor(lambda: np.asarray(t.numpy(), dtype=np.float32).T if nbits_rows else
                                  np.asarray(t.numpy(), dtype=np.float32), qt_name, symmetric=o.symmetric,
                                  granularity=g, method="mse" if o.method == "gptq" else o.method, name=value.name,
@@ -367,19 +368,26 @@ class QuantizeWeightsPass(QxcPass):
         return GramCache(model, data, wanted)
 
     def _gptq(self, value: ir.Value, value_uses: list[_Use], g: Granularity, nbits: bool, qt_name: str,
-              keep: bool) -> QuantizedTensor:
-        """GPTQ on the (K, N) view of the weight; the result in the layout quantize_tensor gives the caller."""
+              keep: bool) -> QuantizedTensor | None:
+        """GPTQ on the (K, N) view of the weight; the result in the layout quantize_tensor gives the caller, or None
+        (with the reason noted) where the samples give no usable Gram."""
         o = self.options
         t = value.const_value
         stored_nk = _transposed(value_uses[0].node)  # Gemm transB: the weight is stored (N, K)
         w = np.asarray(t.numpy(), dtype=np.float32)
         flip = stored_nk and not nbits  # MatMulNBits' groups are already given in (K, N)
         hessian, rows = self._grams.get(value)
+        if not np.isfinite(hessian).all():  # inf/NaN inputs on the samples (an attention mask's -inf, say)
+            self._gptq_skipped[value] = "its inputs hold inf or NaN on the sample data"
+            return None
         damp = o.damp or auto_damp(hessian.shape[0], rows)
-        qt = gptq_quantize(w.T if stored_nk else w, hessian, qt_name, symmetric=o.symmetric,
-                           granularity=Granularity(None if g.axis is None else 1 - g.axis % 2, g.block) if flip
-                           else g, damp=damp, name=value.name, keep_dequantized=keep,
-                           scale_dtype="float16" if t.dtype == ir.DataType.FLOAT16 else o.scale_dtype)
+        try:
+            qt = gptq_quantize(w.T if stored_nk else w, hessian, qt_name, symmetric=o.symmetric,
+                               granularity=Granularity(None if g.axis is None else 1 - g.axis % 2, g.block) if flip
+                               else g, damp=damp, name=value.name, keep_dequantized=keep,
+                               scale_dtype="float16" if t.dtype == ir.DataType.FLOAT16 else o.scale_dtype)
+        except np.linalg.LinAlgError as e:
+            raise UsageError(f"pass 'quantize-weights': weight '{value.name}': {e}") from None
         return transposed(qt) if flip else qt
 
     def _method_for(self, value: ir.Value) -> dict:

@@ -27,7 +27,9 @@ from qxc.quant.numerics import (
     _group_rtn,
     _half_fits,
     check_finite,
+    group_minmax,
     qtype,
+    to_groups,
 )
 
 LAZY_ROWS = 32  # rows quantized between two matrix updates of the remaining rows (the paper's lazy batches)
@@ -53,7 +55,7 @@ def inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray:
     if info == 0:
         low, info = lapack.strtri(low, lower=1, overwrite_c=1)
     if info != 0:
-        raise np.linalg.LinAlgError(f"the damped Hessian is not positive definite (LAPACK info {info}); raise damp")
+        raise np.linalg.LinAlgError(f"the damped Gram of its inputs is not positive definite (LAPACK info {info}); raise damp")
     return np.ascontiguousarray(low[::-1, ::-1])
 
 
@@ -74,11 +76,8 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, qt: QType | str, *, symmet
                          f"wants ({k}, {k}), got {hessian.shape}")
     check_finite(w, name)
     k, n = w.shape
-    if granularity.axis is None:
-        lo, hi = np.full(1, w.min(), np.float32), np.full(1, w.max(), np.float32)
-    else:
-        lo, hi = w.min(axis=0), w.max(axis=0)
-    half = scale_dtype == "float16" and _half_fits(lo, hi, qt, symmetric)
+    half = scale_dtype == "float16" and _half_fits(*group_minmax(w, granularity, to_groups(w, granularity)[0]), qt,
+                                                   symmetric)
     kernel = _group_mse if method == "mse" else _group_rtn
     u = inverse_cholesky(hessian, damp)
     block = granularity.block if granularity.axis is not None and granularity.block is not None else None
@@ -91,7 +90,8 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, qt: QType | str, *, symmet
 
     def params(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if granularity.axis is None:  # one scale for the whole tensor, from the weight as given
-            _, s, z = kernel(w.reshape(1, -1), qt, symmetric, lo, hi, half=half)
+            flat = w.reshape(1, -1)
+            _, s, z = kernel(flat, qt, symmetric, flat.min(axis=1), flat.max(axis=1), half=half)
             return np.repeat(s, n), np.repeat(z, n)
         m = np.ascontiguousarray(rows.T)  # (N, rows): a group per column
         _, s, z = kernel(m, qt, symmetric, m.min(axis=1), m.max(axis=1), half=half)

@@ -458,6 +458,22 @@ def test_gptq_with_keep_sensitive_scores_and_quantizes_every_weight_by_gptq():
     assert {e["method"] for e in report["quantized"]} == {"gptq"}
 
 
+def test_gptq_falls_back_to_mse_where_the_samples_hold_infinities():
+    """log(relu(x)) is -inf wherever x <= 0: the first weight's Gram is not finite, the second one's is."""
+    w = np.random.default_rng(2).normal(size=(2, 16, 16)).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Log", ["r"], ["l"]),
+             helper.make_node("MatMul", ["l", "w0"], ["h"], name="fc0"),
+             helper.make_node("Tanh", ["x"], ["t"]), helper.make_node("MatMul", ["t", "w1"], ["y"], name="fc1")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16])],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, 16]) for n in ("h", "y")],
+                          [numpy_helper.from_array(w[0], "w0"), numpy_helper.from_array(w[1], "w1")])
+    model = qir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    x = np.random.default_rng(0).normal(size=(40, 16)).astype(np.float32)
+    report = compile_model(model, "quantize-weights{bits=4,method=gptq}", data={"x": x}).records[0].report
+    assert [(e["weight"], e["method"], e.get("method_reason")) for e in report["quantized"]] == [
+        ("w0", "mse", "its inputs hold inf or NaN on the sample data"), ("w1", "gptq", None)]
+
+
 def test_gptq_leaves_conv_weights_to_mse_and_says_why():
     path, _ = REFERENCE["cnn_digits"]
     result = compile_model(path, "quantize-weights{bits=4,method=gptq}", data=MODELS / "cnn_digits_train.npz")
