@@ -16,12 +16,13 @@ import numpy as np
 import onnx_ir as ir
 from scipy.linalg import blas
 
+from qxc import ir as qir
 from qxc.calibrate.collect import TapRunner, _schedule
 from qxc.data import Dataset
 from qxc.errors import UsageError
 from qxc.runtime.progress import progress
 
-GRAM_BYTES = 64 << 20
+GRAM_BYTES = 128 << 20
 
 
 class _Rows:
@@ -66,6 +67,7 @@ class GramCache:
         if not wanted:
             return
         # the session is built now: the caller may edit the model once this returns
+        self.weights = [v.const_value for g in model.graphs() for v in g.initializers.values()]
         self.runner: TapRunner | None = TapRunner(model, {n for names, _ in wanted.values() for n in names})
         probe = min(len(data), 4)
         seen = self.runner.run(next(data.slice(0, probe).batches(probe)))
@@ -89,8 +91,9 @@ class GramCache:
                 self.loaded = {}
                 index = self.group_of[key]
                 self.loaded = self._collect(index)
-                if index == len(self.groups) - 1 and self.last_sweep:  # its session holds the weights' pages
-                    self.runner = None
+                if index == len(self.groups) - 1 and self.last_sweep:  # its session holds the weights' pages:
+                    self.runner = None  # close it, and unmap them (each is mapped again when next read)
+                    qir.release_weights(None, self.weights)
                 self.pending = {}
                 for other in self.groups[self.group_of[key]]:
                     for n in self.wanted[other][0]:

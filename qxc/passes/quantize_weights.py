@@ -42,8 +42,9 @@ from qxc.graphs import (
 from qxc.passes._weights import weight_rule
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.quant import Granularity, QuantizedTensor, quantize_tensor
-from qxc.quant.gptq import auto_damp, gptq_quantize, transposed
+from qxc.quant.gptq import auto_damp, gptq_quantize, inverse_cholesky, transposed
 from qxc.quant.numerics import pack_uint4
+from qxc.runtime.threads import serial_blas
 
 # op type -> (weight input index, channel axis, reduction axis) for a weight of rank r; axes may depend on attrs
 DEFAULT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
@@ -244,7 +245,7 @@ class QuantizeWeightsPass(QxcPass):
         bits_for = self._bits_per_weight(model, todo)
         taken = value_names(model)
         opset = model.opset_imports.get("", 1)
-        quantized = []
+        quantized, released = [], []
         if self._grams is not None:
             self._grams.last_sweep = True  # the weights may be unmapped once their inputs are collected
         for (value, value_uses), (bits, g, qt, layout) in zip(todo, self._quantize_all(todo, bits_for)):
@@ -268,7 +269,8 @@ class QuantizeWeightsPass(QxcPass):
                 entry["bytes_after"] = self._emit_gather(value, value_uses, qt, g, taken)
             else:
                 entry["bytes_after"] = self._emit_qdq(value, qt, g, taken, opset)
-            qir.release_weights(model, [t])  # unmap the float weight: its pages no longer count against us
+            released.append(t)  # unmap the float weight: its pages no longer count against us (a session that
+            qir.release_weights(model, released)  # shares them, gptq's, keeps them mapped until it closes)
             quantized.append(entry)
         self._grams = None  # the inputs' Grams and, if still open, their session
         if quantized and any(e["format"] != "qdq" for e in quantized):
@@ -380,14 +382,15 @@ class QuantizeWeightsPass(QxcPass):
         if not np.isfinite(hessian).all():  # inf/NaN inputs on the samples (an attention mask's -inf, say)
             self._gptq_skipped[value] = "its inputs hold inf or NaN on the sample data"
             return None
-        damp = o.damp or auto_damp(hessian.shape[0], rows)
         try:
-            qt = gptq_quantize(w.T if stored_nk else w, hessian, qt_name, symmetric=o.symmetric,
-                               granularity=Granularity(None if g.axis is None else 1 - g.axis % 2, g.block) if flip
-                               else g, damp=damp, name=value.name, keep_dequantized=keep,
-                               scale_dtype="float16" if t.dtype == ir.DataType.FLOAT16 else o.scale_dtype)
+            factor = inverse_cholesky(hessian, o.damp or auto_damp(hessian.shape[0], rows))
         except np.linalg.LinAlgError as e:
             raise UsageError(f"pass 'quantize-weights': weight '{value.name}': {e}") from None
+        del hessian  # K x K: not kept through the loop
+        qt = gptq_quantize(w.T if stored_nk else w, None, qt_name, symmetric=o.symmetric, factor=factor,
+                           granularity=Granularity(None if g.axis is None else 1 - g.axis % 2, g.block) if flip
+                           else g, name=value.name, keep_dequantized=keep,
+                           scale_dtype="float16" if t.dtype == ir.DataType.FLOAT16 else o.scale_dtype)
         return transposed(qt) if flip else qt
 
     def _method_for(self, value: ir.Value) -> dict:
@@ -403,7 +406,7 @@ class QuantizeWeightsPass(QxcPass):
         above 64 MiB go one at a time, so that two float copies of huge matrices are never resident together."""
         largest = max((v.const_value.nbytes for v, _ in todo), default=0)
         workers = 1 if largest > 64 << 20 else 2
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool, serial_blas(self._grams is not None and workers > 1):
             pending = []
             for item in todo:
                 pending.append(pool.submit(self._quantize_one, item[0], item[1], bits_for[item[0]]))

@@ -49,37 +49,40 @@ def inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray:
     rounding."""
     k = hessian.shape[0]
     mean = float(np.trace(hessian)) / k
-    rev = np.array(hessian[::-1, ::-1], dtype=np.float32, order="F")  # a copy: damped in place
+    rev = np.array(hessian[::-1, ::-1], dtype=np.float32, order="F")  # a copy, factored in place
     rev[np.diag_indices(k)] += damp * mean if mean > 0 else 1.0
     low, info = lapack.spotrf(rev, lower=1, clean=1, overwrite_a=1)
     if info == 0:
         low, info = lapack.strtri(low, lower=1, overwrite_c=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"the damped Gram of its inputs is not positive definite (LAPACK info {info}); raise damp")
-    return np.ascontiguousarray(low[::-1, ::-1])
+    return low[::-1, ::-1]  # a view of the factor (negative strides): no second K x K copy
 
 
-def gptq_quantize(w: np.ndarray, hessian: np.ndarray, qt: QType | str, *, symmetric: bool,
+def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None, qt: QType | str, *, symmetric: bool,
                   granularity: Granularity, method: str = "mse", damp: float = 1.0, name: str = "tensor",
-                  keep_dequantized: bool = True, scale_dtype: str = "float32") -> QuantizedTensor:
+                  keep_dequantized: bool = True, scale_dtype: str = "float32",
+                  factor: np.ndarray | None = None) -> QuantizedTensor:
     """Quantize the (K, N) weight of ``x @ w`` given ``hessian = X^T X`` (K, K) of its inputs, or any positive
-    multiple of it (only its upper triangle is read).
+    multiple of it (only its upper triangle is read), or ``factor = inverse_cholesky(hessian, damp)`` instead (the
+    caller may then let the Gram go before the loop).
 
     ``granularity`` is in ``w``'s layout: blocks along axis 0 (K), one group per column (axis 1), or per tensor.
     Codes, scales and zero points are those :func:`quantize_tensor` would store for that granularity.
     """
     qt = qtype(qt)
     w = np.asarray(w, np.float32)
-    if w.ndim != 2 or hessian.shape != (w.shape[0], w.shape[0]):
+    gram = factor if factor is not None else hessian
+    if w.ndim != 2 or gram is None or gram.shape != (w.shape[0], w.shape[0]):
         k = w.shape[0] if w.ndim else 0
         raise ValueError(f"'{name}': GPTQ needs a (K, N) weight and its inputs' (K, K) Gram: a {w.shape} weight "
-                         f"wants ({k}, {k}), got {hessian.shape}")
+                         f"wants ({k}, {k}), got {None if gram is None else gram.shape}")
     check_finite(w, name)
     k, n = w.shape
     half = scale_dtype == "float16" and _half_fits(*group_minmax(w, granularity, to_groups(w, granularity)[0]), qt,
                                                    symmetric)
     kernel = _group_mse if method == "mse" else _group_rtn
-    u = inverse_cholesky(hessian, damp)
+    u = factor if factor is not None else inverse_cholesky(hessian, damp)
     block = granularity.block if granularity.axis is not None and granularity.block is not None else None
     if block is not None and granularity.axis % 2 != 0:
         raise ValueError(f"'{name}': GPTQ blocks run along K (axis 0), got axis {granularity.axis}")
