@@ -69,7 +69,7 @@ class GramCache:
         # the session is built now: the caller may edit the model once this returns
         self.weights = [v.const_value for g in model.graphs() for v in g.initializers.values()]
         self.runner: TapRunner | None = TapRunner(model, {n for names, _ in wanted.values() for n in names})
-        probe = min(len(data), 4)
+        probe = min(len(data), 4 if data.stacked is not None else 1)  # per-sample data: one sample per run
         seen = self.runner.run(next(data.slice(0, probe).batches(probe)))
         size = budget + 1
         for key, (names, k) in wanted.items():  # each tensor: min(its rows, K) x K floats
@@ -88,14 +88,14 @@ class GramCache:
         names, _ = self.wanted[key]
         with self.lock:
             if not all(n in self.loaded for n in names):
-                self.loaded = {}
+                self.loaded = {}  # the previous group's rows go before the next group's come
                 index = self.group_of[key]
                 self.loaded = self._collect(index)
                 if index == len(self.groups) - 1 and self.last_sweep:  # its session holds the weights' pages:
                     self.runner = None  # close it, and unmap them (each is mapped again when next read)
                     qir.release_weights(None, self.weights)
                 self.pending = {}
-                for other in self.groups[self.group_of[key]]:
+                for other in self.groups[index]:
                     for n in self.wanted[other][0]:
                         self.pending[n] = self.pending.get(n, 0) + 1
             tensors = [self.loaded[n] for n in names]

@@ -68,7 +68,8 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None, qt: QType | str, *,
     caller may then let the Gram go before the loop).
 
     ``granularity`` is in ``w``'s layout: blocks along axis 0 (K), one group per column (axis 1), or per tensor.
-    Codes, scales and zero points are those :func:`quantize_tensor` would store for that granularity.
+    Codes, scales and zero points come in the layout :func:`quantize_tensor` gives for that granularity (with
+    ``hessian`` a multiple of the identity, they are its very values).
     """
     qt = qtype(qt)
     w = np.asarray(w, np.float32)
@@ -84,8 +85,9 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None, qt: QType | str, *,
     kernel = _group_mse if method == "mse" else _group_rtn
     u = factor if factor is not None else inverse_cholesky(hessian, damp)
     block = granularity.block if granularity.axis is not None and granularity.block is not None else None
-    if block is not None and granularity.axis % 2 != 0:
-        raise ValueError(f"'{name}': GPTQ blocks run along K (axis 0), got axis {granularity.axis}")
+    if granularity.axis is not None and granularity.axis % 2 != (0 if block else 1):
+        raise ValueError(f"'{name}': GPTQ groups are blocks along K (axis 0) or whole columns (axis 1), got "
+                         f"{granularity}")
     nb = -(-k // block) if block else 1
     codes = np.empty((k, n), np.float32)
     scales = np.empty((nb, n), np.float32)
