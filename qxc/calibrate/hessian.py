@@ -10,7 +10,8 @@ group's tensors, so memory does not grow with the number of layers.
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -20,9 +21,35 @@ from qxc import ir as qir
 from qxc.calibrate.collect import TapRunner, _schedule
 from qxc.data import Dataset
 from qxc.errors import UsageError
+from qxc.quant.gptq import conv_pads, conv_rows
 from qxc.runtime.progress import progress
 
 GRAM_BYTES = 128 << 20
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a weight's input rows come from: ``tensor`` read as rows of its last axis (MatMul, Gemm), or the patches
+    a Conv (group 1) takes of it, ``conv = (kernel, pads, auto_pad, strides, dilations)``."""
+
+    tensor: str
+    conv: tuple | None = None
+
+    def rows(self, arr: np.ndarray, k: int) -> Iterator[np.ndarray]:
+        arr = np.asarray(arr, np.float32)
+        if self.conv is None:
+            width = arr.shape[-1]
+        else:
+            kernel, pads, auto_pad, strides, dilations = self.conv
+            width = arr.shape[1] * int(np.prod(kernel)) if arr.ndim == 2 + len(kernel) else -1
+        if width != k:
+            raise UsageError(f"tensor '{self.tensor}' has shape {list(arr.shape)} on the sample data, which its "
+                             f"weight cannot take ({k} inputs); check --data against the model's inputs")
+        if self.conv is None:
+            yield arr.reshape(-1, k)
+        else:
+            yield from conv_rows(arr, kernel, conv_pads(pads, auto_pad, arr.shape[2:], kernel, strides, dilations),
+                                 strides, dilations)
 
 
 class _Rows:
@@ -51,30 +78,30 @@ class _Rows:
 
 
 class GramCache:
-    """``get(key)``: ``x^T x`` summed over the rows of the tensors feeding ``key`` (a weight), each tensor read as
-    rows of its last axis, of length ``k``, in the upper triangle. Keys are collected in the order given, a group at
+    """``get(key)``: ``x^T x`` summed over the rows of the sources feeding ``key`` (a weight; rows of length ``k``),
+    in the upper triangle. Keys are collected in the order given, a group at
     a time; asking for a key loads its group and drops the previous one; each key is asked for once per collection
     (a second ask collects its group again). Thread-safe."""
 
-    def __init__(self, model: ir.Model, data: Dataset, wanted: dict[Hashable, tuple[Sequence[str], int]],
+    def __init__(self, model: ir.Model, data: Dataset, wanted: dict[Hashable, tuple[Sequence[Source], int]],
                  batch_size: int = 64, budget: int = GRAM_BYTES):
         self.data, self.wanted, self.batch_size = data, wanted, batch_size
         self.groups: list[list[Hashable]] = []
-        self.loaded: dict[str, _Rows] = {}
-        self.pending: dict[str, int] = {}  # loaded tensor -> keys of the group not yet served
+        self.loaded: dict[Source, _Rows] = {}
+        self.pending: dict[Source, int] = {}  # loaded source -> keys of the group not yet served
         self.lock = threading.Lock()
         self.last_sweep = False  # set before the last pass over the keys: the session goes after its last group
         if not wanted:
             return
         # the session is built now: the caller may edit the model once this returns
         self.weights = [v.const_value for g in model.graphs() for v in g.initializers.values()]
-        self.runner: TapRunner | None = TapRunner(model, {n for names, _ in wanted.values() for n in names})
+        self.runner: TapRunner | None = TapRunner(model, {s.tensor for sources, _ in wanted.values() for s in sources})
         probe = min(len(data), 4 if data.stacked is not None else 1)  # per-sample data: one sample per run
         seen = self.runner.run(next(data.slice(0, probe).batches(probe)))
         size = budget + 1
-        for key, (names, k) in wanted.items():  # each tensor: min(its rows, K) x K floats
-            need = sum(4 * k * min(k, -(-np.asarray(seen[n]).size * len(data) // (k * probe)))
-                       for n in names if n in seen)
+        for key, (sources, k) in wanted.items():  # each source: min(its rows, K) x K floats
+            need = sum(4 * k * min(k, sum(len(r) for r in s.rows(seen[s.tensor], k)) * -(-len(data) // probe))
+                       for s in sources if s.tensor in seen)
             if size + need > budget:
                 self.groups.append([])
                 size = 0
@@ -85,9 +112,9 @@ class GramCache:
     def get(self, key: Hashable) -> tuple[np.ndarray, int]:
         """The Gram of ``key``'s inputs (upper triangle; zero for a tensor never seen, such as an If branch not
         taken: plain rounding) and the number of rows summed."""
-        names, _ = self.wanted[key]
+        sources, _ = self.wanted[key]
         with self.lock:
-            if not all(n in self.loaded for n in names):
+            if not all(s in self.loaded for s in sources):
                 self.loaded = {}  # the previous group's rows go before the next group's come
                 index = self.group_of[key]
                 self.loaded = self._collect(index)
@@ -96,34 +123,34 @@ class GramCache:
                     qir.release_weights(None, self.weights)
                 self.pending = {}
                 for other in self.groups[index]:
-                    for n in self.wanted[other][0]:
-                        self.pending[n] = self.pending.get(n, 0) + 1
-            tensors = [self.loaded[n] for n in names]
-            for n in names:  # the last weight a tensor feeds: its storage goes with this call
-                self.pending[n] -= 1
-                if not self.pending[n]:
-                    del self.loaded[n]
+                    for s in self.wanted[other][0]:
+                        self.pending[s] = self.pending.get(s, 0) + 1
+            tensors = [self.loaded[s] for s in sources]
+            for s in sources:  # the last weight a source feeds: its storage goes with this call
+                self.pending[s] -= 1
+                if not self.pending[s]:
+                    del self.loaded[s]
         h = tensors[0].gram()
         for t in tensors[1:]:
             h = h + t.gram()
         return h, sum(t.rows for t in tensors)
 
-    def _collect(self, index: int) -> dict[str, _Rows]:
+    def _collect(self, index: int) -> dict[Source, _Rows]:
         if self.runner is None:
             raise RuntimeError("GramCache: a key was asked for after the last sweep")
-        width: dict[str, int] = {}
+        width: dict[Source, int] = {}
         for key in self.groups[index]:
-            names, k = self.wanted[key]
-            width.update(dict.fromkeys(names, k))
-        acc = {n: _Rows(k) for n, k in width.items()}
-        batches = list(_schedule(self.runner, self.data, self.batch_size, only=width))
+            sources, k = self.wanted[key]
+            width.update(dict.fromkeys(sources, k))
+        acc = {s: _Rows(k) for s, k in width.items()}
+        tensors = {s.tensor for s in width}
+        batches = list(_schedule(self.runner, self.data, self.batch_size, only=tensors))
         desc = f"gptq: input statistics {index + 1}/{len(self.groups)}"
         for start, stop in progress(batches, desc=desc):
             feed = next(self.data.slice(start, stop).batches(stop - start))
-            for name, arr in self.runner.run(feed, only=width).items():
-                k = width[name]
-                if arr.shape[-1] != k:
-                    raise UsageError(f"tensor '{name}' has {arr.shape[-1]} features on the sample data where its "
-                                     f"weight expects {k}; check --data against the model's inputs")
-                acc[name].add(np.asarray(arr, np.float32).reshape(-1, k))
+            arrays = self.runner.run(feed, only=tensors)
+            for s, k in width.items():
+                if s.tensor in arrays:
+                    for rows in s.rows(arrays[s.tensor], k):
+                        acc[s].add(rows)
         return acc

@@ -10,6 +10,9 @@ Gather embeddings and LSTM/GRU matrices become integer initializers followed by 
 A weight shared by several selected nodes is quantized once. Every weight considered is reported, quantized or
 skipped with the reason; include/exclude patterns that match no node are errors.
 
+``method=gptq`` (with data) rounds MatMul, Gemm and Conv weights by GPTQ on the Gram of their inputs (a Conv's
+through its input's patches), see :mod:`qxc.quant.gptq`.
+
 With data, ``keep-sensitive=K`` keeps the K weights whose int4 quantization alone hurts the outputs most at int8, and
 ``max-error=E`` promotes weights to int8, most sensitive first, until the outputs' relative RMS error is <= E.
 """
@@ -27,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qxc import ir as qir
-from qxc.calibrate.hessian import GramCache
+from qxc.calibrate.hessian import GramCache, Source
 from qxc.errors import UsageError
 from qxc.graphs import (
     all_graphs,
@@ -42,7 +45,7 @@ from qxc.graphs import (
 from qxc.passes._weights import weight_rule
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.quant import Granularity, QuantizedTensor, quantize_tensor
-from qxc.quant.gptq import auto_damp, gptq_quantize, inverse_cholesky, transposed
+from qxc.quant.gptq import auto_damp, conv_from_kn, conv_kn, gptq_quantize, inverse_cholesky, transposed
 from qxc.quant.numerics import pack_uint4
 from qxc.runtime.threads import serial_blas
 
@@ -63,7 +66,7 @@ class QuantizeWeightsOptions:
     method: Literal["rtn", "mse", "gptq"] = opt(
         "mse", "round-to-nearest on min/max, a clipping search minimising the weights' MSE, or (with --data) GPTQ: "
                "mse's scales with each row's rounding error compensated in the rows after it, minimising the "
-               "layer's output error on the samples (MatMul and Gemm weights; others get mse)")
+               "layer's output error on the samples (MatMul, Gemm and group-1 Conv weights; others get mse)")
     damp: float = opt(0.0, "method=gptq: damping added to the inputs' Gram diagonal, as a fraction of its mean "
                            "(0: auto, K / rows between 0.01 and 1: few rows need more, or GPTQ fits them)")
     samples: int = opt(0, "method=gptq: use at most this many sample rows (0: all)")
@@ -387,10 +390,19 @@ class QuantizeWeightsPass(QxcPass):
         except np.linalg.LinAlgError as e:
             raise UsageError(f"pass 'quantize-weights': weight '{value.name}': {e}") from None
         del hessian  # K x K: not kept through the loop
+        scale_dtype = "float16" if t.dtype == ir.DataType.FLOAT16 else o.scale_dtype
+        if value_uses[0].node.op_type == "Conv":  # (M, C, *kernel) as the (P * C, M) matrix of its patches
+            # per output channel (axis 0): the matrix's columns; blocks along C (axis 1): runs of C rows, one per
+            # kernel position, cut in blocks
+            g_kn = (Granularity() if g.axis is None else Granularity(axis=1) if g.block is None
+                    else Granularity(axis=0, block=g.block))
+            qt = gptq_quantize(conv_kn(w), None, qt_name, symmetric=o.symmetric, factor=factor, name=value.name,
+                               granularity=g_kn, segment=w.shape[1] if g.block else None, keep_dequantized=keep,
+                               scale_dtype=scale_dtype)
+            return conv_from_kn(qt, w.shape, g)
         qt = gptq_quantize(w.T if stored_nk else w, None, qt_name, symmetric=o.symmetric, factor=factor,
                            granularity=Granularity(None if g.axis is None else 1 - g.axis % 2, g.block) if flip
-                           else g, name=value.name, keep_dequantized=keep,
-                           scale_dtype="float16" if t.dtype == ir.DataType.FLOAT16 else o.scale_dtype)
+                           else g, name=value.name, keep_dequantized=keep, scale_dtype=scale_dtype)
         return transposed(qt) if flip else qt
 
     def _method_for(self, value: ir.Value) -> dict:
@@ -549,19 +561,29 @@ class QuantizeWeightsPass(QxcPass):
         return bits
 
 
-def _gptq_inputs(value: ir.Value, value_uses: list[_Use]) -> tuple[list[str], int] | str:
-    """The activations multiplying a weight, and its reduction length K, when GPTQ applies (``x @ W`` in a MatMul or
-    a Gemm without transA); otherwise why not."""
-    shape = value.const_value.shape
-    names = []
+def _gptq_inputs(value: ir.Value, value_uses: list[_Use]) -> tuple[list[Source], int] | str:
+    """Where the rows multiplying a weight come from, and their length K, when GPTQ applies (``x @ W`` in a MatMul
+    or a Gemm without transA; a Conv of group 1, through its input's patches); otherwise why not."""
+    shape = tuple(value.const_value.shape)
+    sources = set()
     for use in value_uses:
-        node = use.node
-        if use.index != 1 or node.op_type not in ("MatMul", "Gemm") or node.attributes.get_int("transA", 0):
-            return f"gptq needs x @ W (a MatMul or Gemm weight), not {node.op_type} input {use.index}"
-        names.append(node.inputs[0].name)
-    if len(shape) != 2:
-        return f"gptq needs a 2-D weight, this MatMul's is rank {len(shape)}"
-    return sorted(set(names)), shape[1] if _transposed(value_uses[0].node) else shape[0]
+        node, attrs = use.node, use.node.attributes
+        if node.op_type == "Conv" and use.index == 1:
+            if attrs.get_int("group", 1) != 1:
+                return f"gptq takes Convs of group 1, this one's is {attrs.get_int('group', 1)}"
+            r = len(shape) - 2
+            conv = (shape[2:], tuple(attrs.get_ints("pads", ())), attrs.get_string("auto_pad", "NOTSET"),
+                    tuple(attrs.get_ints("strides", (1,) * r)), tuple(attrs.get_ints("dilations", (1,) * r)))
+            sources.add(Source(node.inputs[0].name, conv))
+        elif use.index != 1 or node.op_type not in ("MatMul", "Gemm") or attrs.get_int("transA", 0):
+            return f"gptq needs x @ W (a MatMul or Gemm weight) or a Conv's, not {node.op_type} input {use.index}"
+        elif len(shape) != 2:
+            return f"gptq needs a 2-D weight, this MatMul's is rank {len(shape)}"
+        else:
+            sources.add(Source(node.inputs[0].name))
+    if value_uses[0].node.op_type == "Conv":
+        return sorted(sources, key=str), shape[1] * math.prod(shape[2:])
+    return sorted(sources, key=str), shape[1] if _transposed(value_uses[0].node) else shape[0]
 
 
 def _replace(node: ir.Node, new: ir.Node) -> None:

@@ -15,6 +15,8 @@ calibration rows (held-out rows measured), 1 % lost 1.6 dB against round-to-near
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import numpy as np
 from scipy.linalg import lapack
 
@@ -27,9 +29,7 @@ from qxc.quant.numerics import (
     _group_rtn,
     _half_fits,
     check_finite,
-    group_minmax,
     qtype,
-    to_groups,
 )
 
 LAZY_ROWS = 32  # rows quantized between two matrix updates of the remaining rows (the paper's lazy batches)
@@ -62,12 +62,15 @@ def inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray:
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None, qt: QType | str, *, symmetric: bool,
                   granularity: Granularity, method: str = "mse", damp: float = 1.0, name: str = "tensor",
                   keep_dequantized: bool = True, scale_dtype: str = "float32",
-                  factor: np.ndarray | None = None) -> QuantizedTensor:
+                  factor: np.ndarray | None = None, segment: int | None = None) -> QuantizedTensor:
     """Quantize the (K, N) weight of ``x @ w`` given ``hessian = X^T X`` (K, K) of its inputs, or any positive
     multiple of it (only its upper triangle is read), or ``factor = inverse_cholesky(hessian, damp)`` instead (the
     caller may then let the Gram go before the loop).
 
     ``granularity`` is in ``w``'s layout: blocks along axis 0 (K), one group per column (axis 1), or per tensor.
+    ``segment``: K is made of runs of this many rows (a Conv's input channels at each kernel position, see
+    :func:`conv_rows`), and blocks restart at each run, a partial block ending it; scales then have one row per
+    (run, block).
     Codes, scales and zero points come in the layout :func:`quantize_tensor` gives for that granularity (with
     ``hessian`` a multiple of the identity, they are its very values).
     """
@@ -80,15 +83,23 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None, qt: QType | str, *,
                          f"wants ({k}, {k}), got {None if gram is None else gram.shape}")
     check_finite(w, name)
     k, n = w.shape
-    half = scale_dtype == "float16" and _half_fits(*group_minmax(w, granularity, to_groups(w, granularity)[0]), qt,
-                                                   symmetric)
     kernel = _group_mse if method == "mse" else _group_rtn
-    u = factor if factor is not None else inverse_cholesky(hessian, damp)
     block = granularity.block if granularity.axis is not None and granularity.block is not None else None
     if granularity.axis is not None and granularity.axis % 2 != (0 if block else 1):
         raise ValueError(f"'{name}': GPTQ groups are blocks along K (axis 0) or whole columns (axis 1), got "
                          f"{granularity}")
-    nb = -(-k // block) if block else 1
+    seg = segment or k
+    if k % seg:
+        raise ValueError(f"'{name}': K = {k} is not a whole number of segments of {seg}")
+    per_seg = -(-seg // block) if block else 1
+    nb = k // seg * per_seg if block else 1
+    if block:  # every group's range, for the float16 check
+        starts = np.array([r for r in range(k) if r % seg % block == 0])
+        lo, hi = np.minimum.reduceat(w, starts, axis=0), np.maximum.reduceat(w, starts, axis=0)
+    else:
+        lo, hi = (w.min(axis=0), w.max(axis=0)) if granularity.axis is not None else (w.min(), w.max())
+    half = scale_dtype == "float16" and _half_fits(np.ravel(lo), np.ravel(hi), qt, symmetric)
+    u = factor if factor is not None else inverse_cholesky(hessian, damp)
     codes = np.empty((k, n), np.float32)
     scales = np.empty((nb, n), np.float32)
     zeros = np.empty((nb, n), np.float32)
@@ -114,9 +125,11 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None, qt: QType | str, *,
         ua = u[a:b, a:b]
         for i in range(b - a):
             row = a + i
-            if block is not None and row % block == 0:
-                s, z = params(rest[row : row + block])  # up to date: every earlier error applied
-                scales[row // block], zeros[row // block] = s, z
+            if block is not None and row % seg % block == 0:
+                end = min(row + block, row - row % seg + seg)
+                group = row // seg * per_seg + row % seg // block
+                s, z = params(rest[row:end])  # up to date: every earlier error applied
+                scales[group], zeros[group] = s, z
             q = np.rint(part[i] / s)
             q += z
             np.clip(q, qt.qmin, qt.qmax, out=q)
@@ -127,8 +140,11 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None, qt: QType | str, *,
         if b < k:
             rest[b:] -= u[a:b, b:].T @ errs
     del rest
-    recon = (codes - np.repeat(zeros, block, axis=0)[:k]) * np.repeat(scales, block, axis=0)[:k] if block else (
-        (codes - zeros[0]) * scales[0])
+    if block:
+        group_of_row = np.arange(k) // seg * per_seg + np.arange(k) % seg // block
+        recon = (codes - zeros[group_of_row]) * scales[group_of_row]
+    else:
+        recon = (codes - zeros[0]) * scales[0]
     diff = (recon - w).reshape(-1)
     sqnr = _db(float(np.dot(w.reshape(-1), w.reshape(-1))), float(np.dot(diff, diff)))
     native = qt.storage if qt.bits >= 8 else np.dtype(np.int8 if qt.signed else np.uint8)
@@ -138,8 +154,8 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None, qt: QType | str, *,
         scale, zp = scales[0], zeros[0]
     else:
         scale, zp = scales, zeros
-    return QuantizedTensor(codes=codes.astype(native), scale=np.ascontiguousarray(scale, np.float32),
-                           zero_points=np.ascontiguousarray(zp).astype(native), qtype=qt, granularity=granularity,
+    return QuantizedTensor(codes=codes.astype(native), scale=np.array(scale, np.float32),  # 0-d stays 0-d
+                           zero_points=np.array(zp).astype(native), qtype=qt, granularity=granularity,
                            sqnr=sqnr, dequantized=recon.astype(np.float32) if keep_dequantized else None,
                            scale_dtype="float16" if half else "float32")
 
@@ -147,8 +163,69 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None, qt: QType | str, *,
 def transposed(qt: QuantizedTensor) -> QuantizedTensor:
     """The same quantization of a 2-D weight stored transposed ((N, K) instead of (K, N))."""
     g = qt.granularity
-    return QuantizedTensor(codes=np.ascontiguousarray(qt.codes.T), scale=np.ascontiguousarray(qt.scale.T),
-                           zero_points=np.ascontiguousarray(qt.zero_points.T), qtype=qt.qtype,
+    return QuantizedTensor(codes=np.ascontiguousarray(qt.codes.T), scale=np.array(qt.scale.T),  # 0-d stays 0-d
+                           zero_points=np.array(qt.zero_points.T), qtype=qt.qtype,
                            granularity=Granularity(None if g.axis is None else 1 - g.axis % 2, g.block),
                            sqnr=qt.sqnr, dequantized=None if qt.dequantized is None else
                            np.ascontiguousarray(qt.dequantized.T), scale_dtype=qt.scale_dtype)
+
+
+# ------------------------------------------------------------------------------------------------ Conv weights
+# A Conv is a MatMul of its input's patches: row p * C + c of the (K, M) view is input channel c at kernel position p
+# (C order), so that the blocks along the input channels of one kernel position are runs of consecutive rows.
+
+
+def conv_kn(w: np.ndarray) -> np.ndarray:
+    """A Conv weight (M, C, *kernel) as the (K = P * C, M) matrix the input's patches multiply."""
+    return np.ascontiguousarray(np.moveaxis(np.asarray(w, np.float32), (0, 1), (-1, -2)).reshape(-1, w.shape[0]))
+
+
+def conv_from_kn(qt: QuantizedTensor, shape: tuple[int, ...], granularity: Granularity) -> QuantizedTensor:
+    """The quantization of :func:`conv_kn`'s matrix in the Conv weight's own layout and ``granularity`` (per output
+    channel: axis 0; blocks along the input channels: axis 1; or per tensor)."""
+    m, c, *kernel = shape
+
+    def back(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.moveaxis(a.reshape(*kernel, c, m), (-1, -2), (0, 1)))
+
+    scale, zp = qt.scale, qt.zero_points
+    if granularity.axis is not None and granularity.block is not None:  # (positions x blocks, M) -> (M, blocks, *k)
+        scale, zp = (np.ascontiguousarray(np.moveaxis(a.reshape(*kernel, -1, m), (-1, -2), (0, 1))) for a in (scale, zp))
+    return QuantizedTensor(codes=back(qt.codes), scale=scale, zero_points=zp, qtype=qt.qtype, granularity=granularity,
+                           sqnr=qt.sqnr, dequantized=None if qt.dequantized is None else back(qt.dequantized),
+                           scale_dtype=qt.scale_dtype)
+
+
+def conv_rows(x: np.ndarray, kernel: Sequence[int], pads: Sequence[int], strides: Sequence[int],
+              dilations: Sequence[int], max_bytes: int = 16 << 20) -> Iterator[np.ndarray]:
+    """The patches a Conv (group 1) multiplies by :func:`conv_kn`'s matrix: rows of P * C values, in blocks of about
+    ``max_bytes``. ``x`` is (N, C, *spatial); ``pads`` are ONNX's (begins, then ends)."""
+    r = len(kernel)
+    x = np.pad(np.asarray(x, np.float32), [(0, 0), (0, 0)] + [(pads[i], pads[i + r]) for i in range(r)])
+    span = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
+    windows = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + r)))
+    windows = windows[(slice(None), slice(None), *(slice(None, None, s) for s in strides),
+                       *(slice(None, None, d) for d in dilations))]  # (N, C, *out, *kernel)
+    order = (0, *range(2, 2 + 2 * r), 1)  # (N, *out, *kernel, C)
+    width = int(np.prod(kernel)) * x.shape[1]
+    per_sample = int(np.prod(windows.shape[2 : 2 + r])) * width * 4
+    step = max(1, max_bytes // max(1, per_sample))
+    for a in range(0, x.shape[0], step):
+        yield windows[a : a + step].transpose(order).reshape(-1, width)
+
+
+def conv_pads(node_pads: Sequence[int], auto_pad: str, spatial: Sequence[int], kernel: Sequence[int],
+              strides: Sequence[int], dilations: Sequence[int]) -> list[int]:
+    """ONNX Conv's pads (begins, then ends) for its ``auto_pad`` on an input of the given spatial size."""
+    r = len(kernel)
+    if auto_pad in ("", "NOTSET"):
+        return list(node_pads) if node_pads else [0] * (2 * r)
+    if auto_pad == "VALID":
+        return [0] * (2 * r)
+    begins, ends = [], []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+        total = max(0, (-(-size // s) - 1) * s + d * (k - 1) + 1 - size)
+        small = total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else total - small)
+        ends.append(total - begins[-1])
+    return begins + ends

@@ -8,7 +8,7 @@ from helpers import mlp_model
 from onnx import TensorProto, helper, numpy_helper
 
 from qxc import ir as qir
-from qxc.calibrate.hessian import GramCache
+from qxc.calibrate.hessian import GramCache, Source
 from qxc.data import make_dataset
 
 
@@ -26,7 +26,7 @@ def test_grams_match_numpy_and_are_let_go_once_served(rows, budget):
     x = np.random.default_rng(0).normal(size=(rows, 24)).astype(np.float32)
     data = make_dataset({"x": x}, model)
     acts = _forward(proto, x)
-    cache = GramCache(model, data, {"w0": (["x"], 24), "w1": (["r0"], 32)}, batch_size=7, budget=budget)
+    cache = GramCache(model, data, {"w0": ([Source("x")], 24), "w1": ([Source("r0")], 32)}, batch_size=7, budget=budget)
     assert len(cache.groups) == (2 if budget == 1 else 1)
     cache.last_sweep = True
     for key, name in (("w0", "x"), ("w1", "r0")):
@@ -34,7 +34,7 @@ def test_grams_match_numpy_and_are_let_go_once_served(rows, budget):
         want = acts[name].T.astype(np.float64) @ acts[name]
         assert n == rows
         np.testing.assert_allclose(np.triu(h), np.triu(want), rtol=1e-4, atol=1e-4)
-        assert name not in cache.loaded  # its last weight was served: the rows are gone
+        assert Source(name) not in cache.loaded  # its last weight was served: the rows are gone
     assert cache.runner is None  # the session went after the last group
     with pytest.raises(RuntimeError, match="after the last sweep"):
         cache.get("w0")
@@ -52,9 +52,9 @@ def test_a_tensor_feeding_several_weights_is_collected_once_and_summed_for_a_sha
                           [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(wk, "wk")])
     model = qir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     x = rng.normal(size=(40, 8)).astype(np.float32)
-    cache = GramCache(model, make_dataset({"x": x}, model), {"wq": (["x"], 8), "wk": (["q", "x"], 8)})
+    cache = GramCache(model, make_dataset({"x": x}, model), {"wq": ([Source("x")], 8), "wk": ([Source("q"), Source("x")], 8)})
     hq, nq = cache.get("wq")
-    assert "x" in cache.loaded  # wk still needs it
+    assert Source("x") in cache.loaded  # wk still needs it
     hk, nk = cache.get("wk")
     q = x @ wq
     np.testing.assert_allclose(np.triu(hq), np.triu(x.T @ x), rtol=1e-4, atol=1e-4)

@@ -422,6 +422,21 @@ def test_gptq_fit_on_the_train_split_beats_mse_on_the_test_split():
     np.testing.assert_allclose(outs["qdq"], outs["matmulnbits"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("fmt", ["qdq", "matmulnbits"])
+def test_gptq_weights_of_every_granularity_run_in_onnxruntime(granularity, fmt):
+    """Per tensor (a 0-d scale), per channel or per block, in the layouts QDQ and MatMulNBits store."""
+    for trans_b in (0, 1):
+        model = qir.from_proto(_gemm_model(trans_b, True))
+        x = np.random.default_rng(6).normal(size=(64, 48)).astype(np.float32)
+        result = compile_model(model, f"quantize-weights{{bits=4,method=gptq,granularity={granularity},format={fmt}}}",
+                               data={"x": x}, verify_runtime=True)
+        entry = result.records[0].report["quantized"][0]
+        assert (entry["method"], entry["granularity"]) == ("gptq", "block32" if granularity == "block" else granularity)
+        ref = run(_gemm_model(trans_b, True), {"x": x})[0]
+        assert sqnr_db(ref, run(qir.to_proto(result.model), {"x": x})[0]) > 10
+
+
 def test_gptq_on_a_transposed_gemm_weight_quantizes_along_k_in_both_formats(tmp_path):
     """PyTorch's Linear stores its weight (N, K): GPTQ runs on the (K, N) view, and QDQ gets the codes back in the
     stored layout, MatMulNBits in its own; both compute the same outputs, closer to float than mse's on held-out
@@ -474,12 +489,39 @@ def test_gptq_falls_back_to_mse_where_the_samples_hold_infinities():
         ("w0", "mse", "its inputs hold inf or NaN on the sample data"), ("w1", "gptq", None)]
 
 
-def test_gptq_leaves_conv_weights_to_mse_and_says_why():
-    path, _ = REFERENCE["cnn_digits"]
-    result = compile_model(path, "quantize-weights{bits=4,method=gptq}", data=MODELS / "cnn_digits_train.npz")
-    methods = {e["op"]: (e["method"], e.get("method_reason", "")) for e in result.records[0].report["quantized"]}
-    assert methods["Gemm"] == ("gptq", "")
-    assert methods["Conv"] == ("mse", "gptq needs x @ W (a MatMul or Gemm weight), not Conv input 1")
+@pytest.mark.parametrize("granularity", ["block", "channel"])
+def test_gptq_on_conv_weights_through_their_patches_beats_mse_held_out(granularity):
+    """The CNN: conv1 (8 x 1 x 3 x 3) is one group per output channel, conv2 (16 x 8 x 3 x 3) blocks of its 8 input
+    channels at each kernel position (or per channel), the classifier a transposed Gemm. QDQ stores GPTQ's codes in
+    each weight's own layout: onnxruntime computes our reconstruction, closer to float on the test split."""
+    path, test = REFERENCE["cnn_digits"]
+    spec = f"quantize-weights{{bits=4,granularity={granularity},method=%s}}"
+    result = compile_model(path, spec % "gptq", data=MODELS / "cnn_digits_train.npz", verify_runtime=True)
+    report = result.records[0].report
+    assert {e["op"]: e["method"] for e in report["quantized"]} == {"Conv": "gptq", "Gemm": "gptq"}
+    assert [e["granularity"] for e in report["quantized"]] == (
+        ["channel", "block8", "block32"] if granularity == "block" else ["channel"] * 3)
+    feeds = feeds_for(path, test)
+    ref = run(path, feeds)[0]
+    gptq = sqnr_db(ref, run(qir.to_proto(result.model), feeds)[0])
+    mse = sqnr_db(ref, run(qir.to_proto(compile_model(path, spec % "mse").model), feeds)[0])
+    assert gptq > mse + 1.0
+
+
+def test_gptq_leaves_grouped_convs_and_conv_transposes_to_mse_and_says_why():
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["x", "dw"], ["d"], group=4, pads=[1, 1, 1, 1], name="depthwise"),
+             helper.make_node("ConvTranspose", ["d", "up"], ["y"], strides=[2, 2], name="up")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2, 12, 12])],
+                          [numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "dw"),
+                           numpy_helper.from_array(rng.normal(size=(4, 2, 2, 2)).astype(np.float32), "up")])
+    model = qir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    x = rng.normal(size=(8, 4, 6, 6)).astype(np.float32)
+    report = compile_model(model, "quantize-weights{bits=4,method=gptq}", data={"x": x}).records[0].report
+    assert {e["weight"]: (e["method"], e["method_reason"]) for e in report["quantized"]} == {
+        "dw": ("mse", "gptq takes Convs of group 1, this one's is 4"),
+        "up": ("mse", "gptq needs x @ W (a MatMul or Gemm weight) or a Conv's, not ConvTranspose input 1")}
 
 
 def test_gather_and_lstm_weights_on_request():

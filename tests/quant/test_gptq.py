@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from qxc.quant import Granularity, NonFiniteError, quantize_tensor
-from qxc.quant.gptq import auto_damp, gptq_quantize, inverse_cholesky, transposed
+from qxc.quant.gptq import (
+    auto_damp,
+    conv_from_kn,
+    conv_kn,
+    conv_pads,
+    conv_rows,
+    gptq_quantize,
+    inverse_cholesky,
+    transposed,
+)
 
 
 def _correlated(n: int, k: int, seed: int) -> np.ndarray:
@@ -26,6 +35,7 @@ def test_uncorrelated_inputs_give_exactly_plain_rounding(qt, symmetric, granular
     got = gptq_quantize(w, 3.0 * np.eye(48), qt, symmetric=symmetric, granularity=granularity, method=method)
     want = quantize_tensor(w, qt, symmetric=symmetric, granularity=granularity, method=method)
     np.testing.assert_array_equal(got.codes, want.codes)
+    assert got.scale.shape == want.scale.shape and got.zero_points.shape == want.zero_points.shape
     np.testing.assert_array_equal(got.scale, want.scale)
     np.testing.assert_array_equal(got.zero_points, want.zero_points)
     np.testing.assert_allclose(got.dequantized, want.dequantized, rtol=0, atol=0)
@@ -85,3 +95,52 @@ def test_bad_weights_and_shapes_are_named():
     with pytest.raises(ValueError, match="'fc.w'.*wants \\(8, 8\\), got \\(6, 6\\)"):
         gptq_quantize(np.ones((8, 4), np.float32), np.eye(6), "uint4", symmetric=False,
                       granularity=Granularity(axis=1), name="fc.w")
+
+
+@pytest.mark.parametrize("kernel,pads,strides,dilations,auto_pad", [
+    ((3, 3), (1, 1, 1, 1), (1, 1), (1, 1), "NOTSET"),
+    ((2, 3), (0, 1, 1, 0), (2, 1), (1, 2), "NOTSET"),
+    ((3,), (), (2,), (1,), "SAME_UPPER"),
+    ((3, 3), (), (2, 2), (1, 1), "SAME_LOWER"),
+    ((2, 2), (), (1, 1), (1, 1), "VALID"),
+])
+def test_conv_patches_times_the_weight_matrix_are_onnxruntimes_conv(kernel, pads, strides, dilations, auto_pad):
+    """conv_rows (padding, strides, dilations, auto_pad) and conv_kn's (P * C, M) layout, against onnxruntime."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(8)
+    spatial = (7, 6)[: len(kernel)] if len(kernel) == 2 else (9,)
+    x = rng.normal(size=(3, 4, *spatial)).astype(np.float32)
+    w = rng.normal(size=(5, 4, *kernel)).astype(np.float32)
+    attrs = {"strides": list(strides), "dilations": list(dilations)}
+    attrs.update({"pads": list(pads)} if auto_pad == "NOTSET" else {"auto_pad": auto_pad})
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], **attrs)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    p = conv_pads(pads, auto_pad, spatial, kernel, strides, dilations)
+    rows = np.concatenate(list(conv_rows(x, kernel, p, strides, dilations, max_bytes=256)))  # several blocks
+    np.testing.assert_allclose(rows @ conv_kn(w), np.moveaxis(y, 1, -1).reshape(-1, 5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels,method", [(64, "mse"), (40, "rtn")])  # 40: a partial block at every position
+@pytest.mark.parametrize("granularity", [Granularity(axis=1, block=32), Granularity(axis=0), Granularity()])
+def test_a_conv_weight_through_its_patch_matrix_comes_back_in_its_own_layout(channels, method, granularity):
+    """With uncorrelated patches, GPTQ of conv_kn's matrix, blocks restarting at each kernel position, is
+    quantize_tensor of the Conv weight itself: same codes, scales and zero points in ONNX's layout (mse's
+    least-squares scale of a whole channel sums in the patch order: within 1e-6)."""
+    w = np.random.default_rng(9).standard_t(5, size=(6, channels, 3, 3)).astype(np.float32)
+    block = granularity.block is not None
+    kn = (Granularity(axis=0, block=32) if block else Granularity(axis=1) if granularity.axis is not None
+          else Granularity())
+    got = conv_from_kn(gptq_quantize(conv_kn(w), np.eye(9 * channels), "uint4", symmetric=False, granularity=kn,
+                                     method=method, segment=channels if block else None), w.shape, granularity)
+    want = quantize_tensor(w, "uint4", symmetric=False, granularity=granularity, method=method)
+    np.testing.assert_array_equal(got.codes, want.codes)
+    np.testing.assert_array_equal(got.zero_points, want.zero_points)
+    tol = 1e-6 if method == "mse" and not block else 0
+    np.testing.assert_allclose(got.scale, want.scale, rtol=tol, atol=0)
+    np.testing.assert_allclose(got.dequantized, want.dequantized, rtol=tol, atol=tol)
+    assert got.granularity == granularity and got.scale.shape == want.scale.shape
