@@ -33,6 +33,7 @@ from qxc.quant.numerics import (
 )
 
 LAZY_ROWS = 32  # rows quantized between two matrix updates of the remaining rows (the paper's lazy batches)
+COLUMN_ELEMS = 1 << 22  # weights GPTQ updates at a time (16 MB): a 4,096 x 50,000 lm_head goes 1,024 columns at a time
 
 
 def auto_damp(k: int, rows: int) -> float:
@@ -100,23 +101,62 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None, qt: QType | str, *,
         lo, hi = (w.min(axis=0), w.max(axis=0)) if granularity.axis is not None else (w.min(), w.max())
     half = scale_dtype == "float16" and _half_fits(np.ravel(lo), np.ravel(hi), qt, symmetric)
     u = factor if factor is not None else inverse_cholesky(hessian, damp)
-    codes = np.empty((k, n), np.float32)
+    native = qt.storage if qt.bits >= 8 else np.dtype(np.int8 if qt.signed else np.uint8)
+    codes = np.empty((k, n), native)
     scales = np.empty((nb, n), np.float32)
     zeros = np.empty((nb, n), np.float32)
+    recon = np.empty((k, n), np.float32) if keep_dequantized else None
+    whole = None
+    if granularity.axis is None:  # one scale for the whole tensor, from the weight as given
+        flat = w.reshape(1, -1)
+        whole = kernel(flat, qt, symmetric, flat.min(axis=1), flat.max(axis=1), half=half)[1:]
+    group_of_row = np.arange(k) // seg * per_seg + np.arange(k) % seg // block if block else np.zeros(k, int)
+    noise = 0.0
+    step = max(1, COLUMN_ELEMS // k)  # columns are independent given H: bounded temporaries, whatever N is
+    for c in range(0, n, step):
+        cols = slice(c, min(n, c + step))
+        q, scales[:, cols], zeros[:, cols] = _columns(w[:, cols], u, qt, symmetric, kernel, half, block, seg, per_seg,
+                                                      whole)
+        codes[:, cols] = q
+        q -= zeros[group_of_row, cols]
+        q *= scales[group_of_row, cols]  # q now holds the reconstruction
+        if recon is not None:
+            recon[:, cols] = q
+        q -= w[:, cols]
+        noise += float(np.einsum("ij,ij->", q, q, dtype=np.float64))
+    sqnr = _db(float(np.dot(w.reshape(-1), w.reshape(-1))), noise)
+    if granularity.axis is None:
+        scale, zp = scales[0, :1].reshape(()), zeros[0, :1].reshape(())
+    elif block is None:
+        scale, zp = scales[0], zeros[0]
+    else:
+        scale, zp = scales, zeros
+    return QuantizedTensor(codes=codes, scale=np.array(scale, np.float32),  # 0-d stays 0-d
+                           zero_points=np.array(zp).astype(native), qtype=qt, granularity=granularity,
+                           sqnr=sqnr, dequantized=recon, scale_dtype="float16" if half else "float32")
+
+
+def _columns(w: np.ndarray, u: np.ndarray, qt: QType, symmetric: bool, kernel, half: bool, block: int | None,
+             seg: int, per_seg: int, whole: tuple | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ of some columns of a (K, N) weight: codes (float32), and the scales and zero points of every group
+    (one row per group; a single row without blocks). ``whole``: the per-tensor (scale, zero point)."""
+    k, n = w.shape
 
     def params(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if granularity.axis is None:  # one scale for the whole tensor, from the weight as given
-            flat = w.reshape(1, -1)
-            _, s, z = kernel(flat, qt, symmetric, flat.min(axis=1), flat.max(axis=1), half=half)
-            return np.repeat(s, n), np.repeat(z, n)
+        if whole is not None:
+            return np.repeat(whole[0], n), np.repeat(whole[1], n)
         m = np.ascontiguousarray(rows.T)  # (N, rows): a group per column
         _, s, z = kernel(m, qt, symmetric, m.min(axis=1), m.max(axis=1), half=half)
         return s, z
 
-    rest = w.copy()
+    nb = k // seg * per_seg if block else 1
+    codes = np.empty((k, n), np.float32)
+    scales = np.empty((nb, n), np.float32)
+    zeros = np.empty((nb, n), np.float32)
+    rest = np.array(w, np.float32)  # a copy, updated as rows are quantized
     s = z = None
     if block is None:
-        s, z = params(w)
+        s, z = params(rest)
         scales[0], zeros[0] = s, z
     for a in range(0, k, LAZY_ROWS):
         b = min(a + LAZY_ROWS, k)
@@ -139,25 +179,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None, qt: QType | str, *,
             errs[i] = err
         if b < k:
             rest[b:] -= u[a:b, b:].T @ errs
-    del rest
-    if block:
-        group_of_row = np.arange(k) // seg * per_seg + np.arange(k) % seg // block
-        recon = (codes - zeros[group_of_row]) * scales[group_of_row]
-    else:
-        recon = (codes - zeros[0]) * scales[0]
-    diff = (recon - w).reshape(-1)
-    sqnr = _db(float(np.dot(w.reshape(-1), w.reshape(-1))), float(np.dot(diff, diff)))
-    native = qt.storage if qt.bits >= 8 else np.dtype(np.int8 if qt.signed else np.uint8)
-    if granularity.axis is None:
-        scale, zp = scales[0, :1].reshape(()), zeros[0, :1].reshape(())
-    elif block is None:
-        scale, zp = scales[0], zeros[0]
-    else:
-        scale, zp = scales, zeros
-    return QuantizedTensor(codes=codes.astype(native), scale=np.array(scale, np.float32),  # 0-d stays 0-d
-                           zero_points=np.array(zp).astype(native), qtype=qt, granularity=granularity,
-                           sqnr=sqnr, dequantized=recon.astype(np.float32) if keep_dequantized else None,
-                           scale_dtype="float16" if half else "float32")
+    return codes, scales, zeros
 
 
 def transposed(qt: QuantizedTensor) -> QuantizedTensor:
