@@ -30,10 +30,12 @@ GRAM_BYTES = 128 << 20
 @dataclass(frozen=True)
 class Source:
     """Where a weight's input rows come from: ``tensor`` read as rows of its last axis (MatMul, Gemm), or the patches
-    a Conv (group 1) takes of it, ``conv = (kernel, pads, auto_pad, strides, dilations)``."""
+    a Conv takes of it, ``conv = (kernel, pads, auto_pad, strides, dilations)``, of its input channels
+    ``channels = (first, stop)`` only when given (one group of a grouped Conv)."""
 
     tensor: str
     conv: tuple | None = None
+    channels: tuple[int, int] | None = None
 
     def rows(self, arr: np.ndarray, k: int) -> Iterator[np.ndarray]:
         arr = np.asarray(arr, np.float32)
@@ -41,6 +43,8 @@ class Source:
             width = arr.shape[-1]
         else:
             kernel, pads, auto_pad, strides, dilations = self.conv
+            if arr.ndim == 2 + len(kernel) and self.channels is not None and self.channels[1] <= arr.shape[1]:
+                arr = arr[:, self.channels[0] : self.channels[1]]
             width = arr.shape[1] * int(np.prod(kernel)) if arr.ndim == 2 + len(kernel) else -1
         if width != k:
             raise UsageError(f"tensor '{self.tensor}' has shape {list(arr.shape)} on the sample data, which its "

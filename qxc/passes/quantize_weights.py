@@ -45,7 +45,15 @@ from qxc.graphs import (
 from qxc.passes._weights import weight_rule
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.quant import Granularity, QuantizedTensor, quantize_tensor
-from qxc.quant.gptq import auto_damp, conv_from_kn, conv_kn, gptq_quantize, inverse_cholesky, transposed
+from qxc.quant.gptq import (
+    auto_damp,
+    conv_from_kn,
+    conv_kn,
+    gptq_quantize,
+    inverse_cholesky,
+    stack_output_channels,
+    transposed,
+)
 from qxc.quant.numerics import pack_uint4
 from qxc.runtime.threads import serial_blas
 
@@ -338,7 +346,7 @@ class QuantizeWeightsPass(QxcPass):
 
         nbits_rows = nbits and _transposed(value_uses[0].node)  # quantized as (K, N), MatMulNBits' groups
         qt = None
-        if self._grams is not None and value in self._grams.wanted:
+        if self._grams is not None and value in self._gptq_parts:
             qt = self._gptq(value, value_uses, g, nbits, qt_name, keep)
         if qt is None:
             qt = quantize_tensor(lambda: np.asarray(t.numpy(), dtype=np.float32).T if nbits_rows else
@@ -363,13 +371,17 @@ class QuantizeWeightsPass(QxcPass):
             raise UsageError("pass 'quantize-weights': method=gptq needs sample data; pass --data, or use method=mse")
         if self.options.samples:
             data = data.head(self.options.samples)
-        wanted, self._gptq_skipped = {}, {}
+        wanted, self._gptq_skipped, self._gptq_parts = {}, {}, {}
         for value, value_uses in todo:
-            inputs = _gptq_inputs(value, value_uses)
-            if isinstance(inputs, str):
-                self._gptq_skipped[value] = inputs
-            else:
-                wanted[value] = inputs
+            parts = _gptq_inputs(value, value_uses)
+            if (not isinstance(parts, str) and len(parts) > 1
+                    and self._granularity(value_uses[0], tuple(value.const_value.shape)).axis is None):
+                parts = "gptq takes a grouped Conv's weight per channel or block, not per tensor"
+            if isinstance(parts, str):
+                self._gptq_skipped[value] = parts
+                continue
+            self._gptq_parts[value] = len(parts)
+            wanted.update({(value, i): part for i, part in enumerate(parts)})
         return GramCache(model, data, wanted)
 
     def _gptq(self, value: ir.Value, value_uses: list[_Use], g: Granularity, nbits: bool, qt_name: str,
@@ -381,25 +393,32 @@ class QuantizeWeightsPass(QxcPass):
         stored_nk = _transposed(value_uses[0].node)  # Gemm transB: the weight is stored (N, K)
         w = np.asarray(t.numpy(), dtype=np.float32)
         flip = stored_nk and not nbits  # MatMulNBits' groups are already given in (K, N)
-        hessian, rows = self._grams.get(value)
-        if not np.isfinite(hessian).all():  # inf/NaN inputs on the samples (an attention mask's -inf, say)
-            self._gptq_skipped[value] = "its inputs hold inf or NaN on the sample data"
-            return None
-        try:
-            factor = inverse_cholesky(hessian, o.damp or auto_damp(hessian.shape[0], rows))
-        except np.linalg.LinAlgError as e:
-            raise UsageError(f"pass 'quantize-weights': weight '{value.name}': {e}") from None
-        del hessian  # K x K: not kept through the loop
+        parts = self._gptq_parts[value]
+        factors = []
+        for i in range(parts):  # one Gram per group of a grouped Conv; one for any other weight
+            hessian, rows = self._grams.get((value, i))
+            if not np.isfinite(hessian).all():  # inf/NaN inputs on the samples (an attention mask's -inf, say)
+                self._gptq_skipped[value] = "its inputs hold inf or NaN on the sample data"
+                return None
+            try:
+                factors.append(inverse_cholesky(hessian, o.damp or auto_damp(hessian.shape[0], rows)))
+            except np.linalg.LinAlgError as e:
+                raise UsageError(f"pass 'quantize-weights': weight '{value.name}': {e}") from None
+            del hessian  # K x K: not kept through the loop
         scale_dtype = "float16" if t.dtype == ir.DataType.FLOAT16 else o.scale_dtype
         if value_uses[0].node.op_type == "Conv":  # (M, C, *kernel) as the (P * C, M) matrix of its patches
             # per output channel (axis 0): the matrix's columns; blocks along C (axis 1): runs of C rows, one per
-            # kernel position, cut in blocks
+            # kernel position, cut in blocks. A grouped Conv: each group's output channels on their own Gram.
             g_kn = (Granularity() if g.axis is None else Granularity(axis=1) if g.block is None
                     else Granularity(axis=0, block=g.block))
-            qt = gptq_quantize(conv_kn(w), None, qt_name, symmetric=o.symmetric, factor=factor, name=value.name,
-                               granularity=g_kn, segment=w.shape[1] if g.block else None, keep_dequantized=keep,
-                               scale_dtype=scale_dtype)
-            return conv_from_kn(qt, w.shape, g)
+            per = w.shape[0] // parts
+            pieces = [conv_from_kn(gptq_quantize(conv_kn(w[i * per : (i + 1) * per]), None, qt_name,
+                                                 symmetric=o.symmetric, factor=factor, name=value.name,
+                                                 granularity=g_kn, segment=w.shape[1] if g.block else None,
+                                                 keep_dequantized=keep, scale_dtype=scale_dtype),
+                                   (per, *w.shape[1:]), g) for i, factor in enumerate(factors)]
+            return pieces[0] if parts == 1 else stack_output_channels(pieces, w)
+        factor = factors[0]
         qt = gptq_quantize(w.T if stored_nk else w, None, qt_name, symmetric=o.symmetric, factor=factor,
                            granularity=Granularity(None if g.axis is None else 1 - g.axis % 2, g.block) if flip
                            else g, name=value.name, keep_dequantized=keep, scale_dtype=scale_dtype)
@@ -561,16 +580,16 @@ class QuantizeWeightsPass(QxcPass):
         return bits
 
 
-def _gptq_inputs(value: ir.Value, value_uses: list[_Use]) -> tuple[list[Source], int] | str:
+def _gptq_inputs(value: ir.Value, value_uses: list[_Use]) -> list[tuple[list[Source], int]] | str:
     """Where the rows multiplying a weight come from, and their length K, when GPTQ applies (``x @ W`` in a MatMul
-    or a Gemm without transA; a Conv of group 1, through its input's patches); otherwise why not."""
+    or a Gemm without transA; a Conv, through its input's patches: one part per group of a grouped Conv, each with
+    its own Gram); otherwise why not."""
     shape = tuple(value.const_value.shape)
-    sources = set()
+    sources, groups = set(), 1
     for use in value_uses:
         node, attrs = use.node, use.node.attributes
         if node.op_type == "Conv" and use.index == 1:
-            if attrs.get_int("group", 1) != 1:
-                return f"gptq takes Convs of group 1, this one's is {attrs.get_int('group', 1)}"
+            groups = attrs.get_int("group", 1)
             r = len(shape) - 2
             conv = (shape[2:], tuple(attrs.get_ints("pads", ())), attrs.get_string("auto_pad", "NOTSET"),
                     tuple(attrs.get_ints("strides", (1,) * r)), tuple(attrs.get_ints("dilations", (1,) * r)))
@@ -581,9 +600,14 @@ def _gptq_inputs(value: ir.Value, value_uses: list[_Use]) -> tuple[list[Source],
             return f"gptq needs a 2-D weight, this MatMul's is rank {len(shape)}"
         else:
             sources.add(Source(node.inputs[0].name))
-    if value_uses[0].node.op_type == "Conv":
-        return sorted(sources, key=str), shape[1] * math.prod(shape[2:])
-    return sorted(sources, key=str), shape[1] if _transposed(value_uses[0].node) else shape[0]
+    ordered = sorted(sources, key=str)
+    if value_uses[0].node.op_type != "Conv":
+        return [(ordered, shape[1] if _transposed(value_uses[0].node) else shape[0])]
+    if len(sources) > 1 and groups > 1:
+        return "gptq takes a grouped Conv's weight in one Conv only"
+    c = shape[1]  # input channels per group
+    return [([Source(s.tensor, s.conv, (i * c, (i + 1) * c) if groups > 1 else None) for s in ordered],
+             c * math.prod(shape[2:])) for i in range(groups)]
 
 
 def _replace(node: ir.Node, new: ir.Node) -> None:

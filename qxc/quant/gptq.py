@@ -218,6 +218,25 @@ def conv_from_kn(qt: QuantizedTensor, shape: tuple[int, ...], granularity: Granu
                            scale_dtype=qt.scale_dtype)
 
 
+def stack_output_channels(pieces: list[QuantizedTensor], w: np.ndarray) -> QuantizedTensor:
+    """The quantizations of consecutive output-channel slices of ``w`` (a grouped Conv's groups, per channel or per
+    block) as one, in ``w``'s layout."""
+    first = pieces[0]
+    noise = sum(_noise(p, part) for p, part in zip(pieces, np.split(w, len(pieces))))
+    cat = [np.concatenate([getattr(p, f) for p in pieces]) for f in ("codes", "scale", "zero_points")]
+    return QuantizedTensor(codes=cat[0], scale=cat[1], zero_points=cat[2], qtype=first.qtype,
+                           granularity=first.granularity, sqnr=_db(float(np.sum(np.square(w, dtype=np.float64))), noise),
+                           dequantized=None if first.dequantized is None else
+                           np.concatenate([p.dequantized for p in pieces]),
+                           scale_dtype="float16" if all(p.scale_dtype == "float16" for p in pieces) else "float32")
+
+
+def _noise(qt: QuantizedTensor, w: np.ndarray) -> float:
+    """The squared reconstruction error behind ``qt.sqnr`` (dB) of ``w``."""
+    signal = float(np.sum(np.square(w, dtype=np.float64)))
+    return 0.0 if qt.sqnr == float("inf") else signal / 10 ** (qt.sqnr / 10)
+
+
 def conv_rows(x: np.ndarray, kernel: Sequence[int], pads: Sequence[int], strides: Sequence[int],
               dilations: Sequence[int], max_bytes: int = 16 << 20) -> Iterator[np.ndarray]:
     """The patches a Conv (group 1) multiplies by :func:`conv_kn`'s matrix: rows of P * C values, in blocks of about

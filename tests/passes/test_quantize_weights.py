@@ -508,20 +508,38 @@ def test_gptq_on_conv_weights_through_their_patches_beats_mse_held_out(granulari
     assert gptq > mse + 1.0
 
 
-def test_gptq_leaves_grouped_convs_and_conv_transposes_to_mse_and_says_why():
-    rng = np.random.default_rng(5)
+def _grouped_convs(rng) -> ir.Model:
+    """A depthwise Conv (group 4), a grouped one (group 2, 2 x 2 channels), then a ConvTranspose."""
     nodes = [helper.make_node("Conv", ["x", "dw"], ["d"], group=4, pads=[1, 1, 1, 1], name="depthwise"),
-             helper.make_node("ConvTranspose", ["d", "up"], ["y"], strides=[2, 2], name="up")]
+             helper.make_node("Conv", ["d", "gw"], ["e"], group=2, pads=[1, 1, 1, 1], name="grouped"),
+             helper.make_node("ConvTranspose", ["e", "up"], ["y"], strides=[2, 2], name="up")]
+    mix = rng.normal(size=(4, 4, 3, 3)).astype(np.float32)
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 6, 6])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2, 12, 12])],
                           [numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "dw"),
+                           numpy_helper.from_array(mix[:, :2], "gw"),
                            numpy_helper.from_array(rng.normal(size=(4, 2, 2, 2)).astype(np.float32), "up")])
-    model = qir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
-    x = rng.normal(size=(8, 4, 6, 6)).astype(np.float32)
-    report = compile_model(model, "quantize-weights{bits=4,method=gptq}", data={"x": x}).records[0].report
-    assert {e["weight"]: (e["method"], e["method_reason"]) for e in report["quantized"]} == {
-        "dw": ("mse", "gptq takes Convs of group 1, this one's is 4"),
+    return qir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_gptq_on_grouped_convs_uses_each_groups_own_inputs_and_leaves_conv_transposes_to_mse():
+    """Each group's output channels are fit on the patches of that group's input channels only (a depthwise Conv:
+    one channel's 3 x 3 patches each); onnxruntime runs the result, closer to float than mse on held-out rows."""
+    rng = np.random.default_rng(5)
+    smooth = np.cumsum(np.cumsum(rng.normal(size=(400, 4, 6, 6)), axis=2), axis=3)  # neighbours correlate
+    x, held_out = smooth[:200].astype(np.float32), smooth[200:].astype(np.float32)
+    ref = run(qir.to_proto(_grouped_convs(np.random.default_rng(5))), {"x": held_out})[0]
+    got, methods = {}, {}
+    for method in ("gptq", "mse"):
+        result = compile_model(_grouped_convs(np.random.default_rng(5)), f"quantize-weights{{bits=4,method={method}}}",
+                               data={"x": x}, verify_runtime=True)
+        methods[method] = {e["weight"]: (e["method"], e.get("method_reason"))
+                           for e in result.records[0].report["quantized"]}
+        got[method] = sqnr_db(ref, run(qir.to_proto(result.model), {"x": held_out})[0])
+    assert methods["gptq"] == {
+        "dw": ("gptq", None), "gw": ("gptq", None),
         "up": ("mse", "gptq needs x @ W (a MatMul or Gemm weight) or a Conv's, not ConvTranspose input 1")}
+    assert got["gptq"] > got["mse"] + 1.0
 
 
 def test_gather_and_lstm_weights_on_request():
@@ -719,3 +737,11 @@ def test_ir3_weights_listed_as_inputs_are_quantized():
     proto.ir_version = 4  # the same listing in IR 4: deliberate, overridable inputs
     report = compile_model(proto, "quantize-weights").records[0].report
     assert report["weights_quantized"] == 0 and "also a graph input" in report["skipped"][0]["reason"]
+
+
+def test_gptq_leaves_a_grouped_convs_per_tensor_scale_to_mse():
+    x = np.random.default_rng(6).normal(size=(16, 4, 6, 6)).astype(np.float32)
+    report = compile_model(_grouped_convs(np.random.default_rng(5)),
+                           "quantize-weights{bits=8,method=gptq,granularity=tensor}", data={"x": x}).records[0].report
+    reasons = {e["weight"]: e.get("method_reason") for e in report["quantized"]}
+    assert reasons["dw"] == reasons["gw"] == "gptq takes a grouped Conv's weight per channel or block, not per tensor"
