@@ -371,7 +371,7 @@ class QuantizeWeightsPass(QxcPass):
             raise UsageError("pass 'quantize-weights': method=gptq needs sample data; pass --data, or use method=mse")
         if self.options.samples:
             data = data.head(self.options.samples)
-        wanted, self._gptq_skipped, self._gptq_parts = {}, {}, {}
+        wanted, self._gptq_skipped, self._gptq_parts, self._gptq_fit = {}, {}, {}, {}
         for value, value_uses in todo:
             parts = _gptq_inputs(value, value_uses)
             if (not isinstance(parts, str) and len(parts) > 1
@@ -401,7 +401,9 @@ class QuantizeWeightsPass(QxcPass):
                 self._gptq_skipped[value] = "its inputs hold inf or NaN on the sample data"
                 return None
             try:
-                factors.append(inverse_cholesky(hessian, o.damp or auto_damp(hessian.shape[0], rows)))
+                damp = o.damp or auto_damp(hessian.shape[0], rows)
+                factors.append(inverse_cholesky(hessian, damp))
+                self._gptq_fit[value] = {"rows": rows, "damp": round(damp, 6)}
             except np.linalg.LinAlgError as e:
                 raise UsageError(f"pass 'quantize-weights': weight '{value.name}': {e}") from None
             del hessian  # K x K: not kept through the loop
@@ -430,7 +432,7 @@ class QuantizeWeightsPass(QxcPass):
             return {"method": self.options.method}
         if value in self._gptq_skipped:
             return {"method": "mse", "method_reason": self._gptq_skipped[value]}
-        return {"method": "gptq"}
+        return {"method": "gptq", "gptq": self._gptq_fit[value]}
 
     def _quantize_all(self, todo, bits_for) -> Iterator[tuple[int, Granularity, QuantizedTensor, list | None]]:
         """Quantize on two threads (numpy releases the GIL), yielding in order with at most two in flight; weights

@@ -463,6 +463,21 @@ def test_gptq_on_a_transposed_gemm_weight_quantizes_along_k_in_both_formats(tmp_
     assert sqnr_db(ref, got["gptq", "qdq"]) > sqnr_db(ref, got["mse", "qdq"]) + 3.0
 
 
+def test_gptq_inside_if_branches_and_its_rows_and_damping_in_the_report():
+    """The If fixture's branch weights (Constant nodes, folded first) take their inputs from the branch taps; the
+    report says how many rows each Gram summed and the damping they led to (K / rows, at most 1). The samples
+    never take the else branch: its second weight's inputs are never seen (no rows: plain rounding), its first
+    reads the outer input x, which every sample has."""
+    path, data = REFERENCE["if_constants"]
+    result = compile_model(path, "fold-constants,quantize-weights{bits=4,method=gptq,samples=24}", data=data,
+                           verify_runtime=True)
+    fits = {e["weight"]: (e["method"], e["gptq"]["rows"], e["gptq"]["damp"])
+            for e in result.records[1].report["quantized"]}
+    assert fits == {"then.w1": ("gptq", 24, pytest.approx(4 / 24, abs=1e-6)),
+                    "then.w2": ("gptq", 24, pytest.approx(8 / 24, abs=1e-6)),
+                    "else.w1": ("gptq", 24, pytest.approx(4 / 24, abs=1e-6)), "else.w2": ("gptq", 0, 1.0)}
+
+
 def test_gptq_with_keep_sensitive_scores_and_quantizes_every_weight_by_gptq():
     """The sensitivity sweeps (int4 and int8 of every weight) and the final one each collect the inputs again."""
     path, _ = REFERENCE["digits_mlp"]
