@@ -29,18 +29,20 @@ GRAM_BYTES = 128 << 20
 
 @dataclass(frozen=True)
 class Source:
-    """Where a weight's input rows come from: ``tensor`` read as rows of its last axis (MatMul, Gemm), or the patches
-    a Conv takes of it, ``conv = (kernel, pads, auto_pad, strides, dilations)``, of its input channels
-    ``channels = (first, stop)`` only when given (one group of a grouped Conv)."""
+    """Where a weight's input rows come from: ``tensor`` read as rows of its last ``axes`` axes (MatMul, Gemm: one;
+    an Einsum summing several), or the patches a Conv takes of it, ``conv = (kernel, pads, auto_pad, strides,
+    dilations)``, of its input channels ``channels = (first, stop)`` only when given (one group of a grouped
+    Conv)."""
 
     tensor: str
     conv: tuple | None = None
     channels: tuple[int, int] | None = None
+    axes: int = 1
 
     def rows(self, arr: np.ndarray, k: int) -> Iterator[np.ndarray]:
         arr = np.asarray(arr, np.float32)
         if self.conv is None:
-            width = arr.shape[-1]
+            width = int(np.prod(arr.shape[-self.axes :])) if arr.ndim >= self.axes else -1
         else:
             kernel, pads, auto_pad, strides, dilations = self.conv
             if arr.ndim == 2 + len(kernel) and self.channels is not None and self.channels[1] <= arr.shape[1]:

@@ -10,8 +10,8 @@ Gather embeddings and LSTM/GRU matrices become integer initializers followed by 
 A weight shared by several selected nodes is quantized once. Every weight considered is reported, quantized or
 skipped with the reason; include/exclude patterns that match no node are errors.
 
-``method=gptq`` (with data) rounds MatMul, Gemm and Conv weights by GPTQ on the Gram of their inputs (a Conv's
-through its input's patches), see :mod:`qxc.quant.gptq`.
+``method=gptq`` (with data) rounds MatMul, Gemm, Einsum and Conv weights by GPTQ on the Gram of their inputs (a
+Conv's through its input's patches, a grouped Conv's per group), see :mod:`qxc.quant.gptq`.
 
 With data, ``keep-sensitive=K`` keeps the K weights whose int4 quantization alone hurts the outputs most at int8, and
 ``max-error=E`` promotes weights to int8, most sensitive first, until the outputs' relative RMS error is <= E.
@@ -51,6 +51,7 @@ from qxc.quant.gptq import (
     conv_kn,
     gptq_quantize,
     inverse_cholesky,
+    reshaped,
     stack_output_channels,
     transposed,
 )
@@ -74,7 +75,7 @@ class QuantizeWeightsOptions:
     method: Literal["rtn", "mse", "gptq"] = opt(
         "mse", "round-to-nearest on min/max, a clipping search minimising the weights' MSE, or (with --data) GPTQ: "
                "mse's scales with each row's rounding error compensated in the rows after it, minimising the "
-               "layer's output error on the samples (MatMul, Gemm and group-1 Conv weights; others get mse)")
+               "layer's output error on the samples (MatMul, Gemm, Einsum and Conv weights; others get mse)")
     damp: float = opt(0.0, "method=gptq: damping added to the inputs' Gram diagonal, as a fraction of its mean "
                            "(0: auto, K / rows between 0.01 and 1: few rows need more, or GPTQ fits them)")
     samples: int = opt(0, "method=gptq: use at most this many sample rows (0: all)")
@@ -421,6 +422,18 @@ class QuantizeWeightsPass(QxcPass):
                                    (per, *w.shape[1:]), g) for i, factor in enumerate(factors)]
             return pieces[0] if parts == 1 else stack_output_channels(pieces, w)
         factor = factors[0]
+        if value_uses[0].node.op_type == "Einsum":  # the weight as (K = its leading summed axes, N = the rest)
+            summed = self._grams.wanted[(value, 0)][0][0].axes
+            k = math.prod(w.shape[:summed])
+            if g.axis is not None and g.block is None and w.ndim != summed + 1:
+                self._gptq_skipped[value] = "gptq takes an Einsum weight per channel only with one kept subscript"
+                return None
+            g_kn = (Granularity() if g.axis is None else Granularity(axis=1) if g.block is None
+                    else Granularity(axis=0, block=g.block))
+            qt = gptq_quantize(w.reshape(k, -1), None, qt_name, symmetric=o.symmetric, factor=factor,
+                               granularity=g_kn, segment=w.shape[summed - 1] if g.block else None, name=value.name,
+                               keep_dequantized=keep, scale_dtype=scale_dtype)
+            return reshaped(qt, w.shape, g)
         qt = gptq_quantize(w.T if stored_nk else w, None, qt_name, symmetric=o.symmetric, factor=factor,
                            granularity=Granularity(None if g.axis is None else 1 - g.axis % 2, g.block) if flip
                            else g, name=value.name, keep_dequantized=keep, scale_dtype=scale_dtype)
@@ -596,13 +609,23 @@ def _gptq_inputs(value: ir.Value, value_uses: list[_Use]) -> list[tuple[list[Sou
             conv = (shape[2:], tuple(attrs.get_ints("pads", ())), attrs.get_string("auto_pad", "NOTSET"),
                     tuple(attrs.get_ints("strides", (1,) * r)), tuple(attrs.get_ints("dilations", (1,) * r)))
             sources.add(Source(node.inputs[0].name, conv))
+        elif node.op_type == "Einsum":
+            summed = _einsum_summed(node, use.index)
+            if isinstance(summed, str):
+                return summed
+            sources.add(Source(node.inputs[1 - use.index].name, axes=summed))
         elif use.index != 1 or node.op_type not in ("MatMul", "Gemm") or attrs.get_int("transA", 0):
-            return f"gptq needs x @ W (a MatMul or Gemm weight) or a Conv's, not {node.op_type} input {use.index}"
+            return (f"gptq needs x @ W (a MatMul, Gemm or Einsum weight) or a Conv's, not {node.op_type} input "
+                    f"{use.index}")
         elif len(shape) != 2:
             return f"gptq needs a 2-D weight, this MatMul's is rank {len(shape)}"
         else:
             sources.add(Source(node.inputs[0].name))
     ordered = sorted(sources, key=str)
+    if value_uses[0].node.op_type == "Einsum":
+        if len({s.axes for s in sources}) > 1:
+            return "gptq takes an Einsum weight summed the same way in every use"
+        return [(ordered, math.prod(shape[: ordered[0].axes]))]
     if value_uses[0].node.op_type != "Conv":
         return [(ordered, shape[1] if _transposed(value_uses[0].node) else shape[0])]
     if len(sources) > 1 and groups > 1:
@@ -610,6 +633,23 @@ def _gptq_inputs(value: ir.Value, value_uses: list[_Use]) -> list[tuple[list[Sou
     c = shape[1]  # input channels per group
     return [([Source(s.tensor, s.conv, (i * c, (i + 1) * c) if groups > 1 else None) for s in ordered],
              c * math.prod(shape[2:])) for i in range(groups)]
+
+
+def _einsum_summed(node: ir.Node, index: int) -> int | str:
+    """How many leading axes of an Einsum's weight (input ``index``) are summed, when GPTQ can read it as the (K, N)
+    matrix ``W.reshape(K, -1)`` of the other input's rows: its summed subscripts come first in the weight and last
+    in the activation, in the same order (``abc,cde->abde``, ``abcd,cde->abe``); otherwise why not."""
+    equation = node.attributes.get_string("equation").replace(" ", "")
+    terms, _, output = equation.partition("->")
+    weight, act = terms.split(",")[index], terms.split(",")[1 - index]
+    if "->" not in equation:
+        letters = terms.replace(",", "").replace(".", "")
+        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    summed = "".join(c for c in weight if c not in output)
+    if not (weight.startswith(summed) and act.endswith(summed)) or any(c in output for c in summed):
+        return (f"gptq takes an Einsum whose weight's summed subscripts come first and end the activation's, not "
+                f"'{equation}'")
+    return len(summed)
 
 
 def _replace(node: ir.Node, new: ir.Node) -> None:

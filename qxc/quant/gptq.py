@@ -218,6 +218,18 @@ def conv_from_kn(qt: QuantizedTensor, shape: tuple[int, ...], granularity: Granu
                            scale_dtype=qt.scale_dtype)
 
 
+def reshaped(qt: QuantizedTensor, shape: tuple[int, ...], granularity: Granularity) -> QuantizedTensor:
+    """The quantization of ``w.reshape(K, N)`` (K: ``w``'s leading axes, blocks along the last of them) in ``w``'s
+    own ``shape`` and ``granularity``: blocks along that axis, the one kept axis as channels, or per tensor."""
+    scale, zp = qt.scale, qt.zero_points
+    if granularity.axis is not None and granularity.block is not None:
+        pshape = granularity.param_shape(shape)
+        scale, zp = scale.reshape(pshape), zp.reshape(pshape)
+    return QuantizedTensor(codes=qt.codes.reshape(shape), scale=scale, zero_points=zp, qtype=qt.qtype,
+                           granularity=granularity, sqnr=qt.sqnr, scale_dtype=qt.scale_dtype,
+                           dequantized=None if qt.dequantized is None else qt.dequantized.reshape(shape))
+
+
 def stack_output_channels(pieces: list[QuantizedTensor], w: np.ndarray) -> QuantizedTensor:
     """The quantizations of consecutive output-channel slices of ``w`` (a grouped Conv's groups, per channel or per
     block) as one, in ``w``'s layout."""

@@ -14,6 +14,7 @@ from qxc.quant.gptq import (
     conv_rows,
     gptq_quantize,
     inverse_cholesky,
+    reshaped,
     transposed,
 )
 
@@ -160,3 +161,19 @@ def test_columns_in_chunks_give_the_whole_matrixs_result(monkeypatch, granularit
     np.testing.assert_array_equal(chunked.scale, whole.scale)
     np.testing.assert_array_equal(chunked.dequantized, whole.dequantized)
     assert chunked.sqnr == pytest.approx(whole.sqnr, abs=1e-9)
+
+
+@pytest.mark.parametrize("granularity", [Granularity(axis=1, block=32), Granularity()])
+def test_a_weight_with_two_summed_axes_through_its_matrix_comes_back_in_its_own_layout(granularity):
+    """An Einsum weight (4, 40, 16) summed over its first two axes is a 160 x 16 matrix; blocks of 32 along the
+    40-long axis restart at each of the 4 (a partial block each): with uncorrelated inputs, quantize_tensor's codes."""
+    w = np.random.default_rng(12).normal(size=(4, 40, 16)).astype(np.float32)
+    kn = Granularity(axis=0, block=32) if granularity.axis is not None else Granularity()
+    got = reshaped(gptq_quantize(w.reshape(160, 16), np.eye(160), "int4", symmetric=True, granularity=kn,
+                                 method="rtn", segment=40 if granularity.axis is not None else None),
+                   w.shape, granularity)
+    want = quantize_tensor(w, "int4", symmetric=True, granularity=granularity, method="rtn")
+    for field in ("codes", "scale", "zero_points", "dequantized"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert a.shape == b.shape, field
+        np.testing.assert_array_equal(a, b, err_msg=field)
