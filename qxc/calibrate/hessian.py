@@ -30,7 +30,8 @@ GRAM_BYTES = 128 << 20
 @dataclass(frozen=True)
 class Source:
     """Where a weight's input rows come from: ``tensor`` read as rows of its last ``axes`` axes (MatMul, Gemm: one;
-    an Einsum summing several), or the patches a Conv takes of it, ``conv = (kernel, pads, auto_pad, strides,
+    an Einsum summing several), or as its columns (``columns``: the x of a MatMul ``W @ x``), or the patches a Conv
+    takes of it, ``conv = (kernel, pads, auto_pad, strides,
     dilations)``, of its input channels ``channels = (first, stop)`` only when given (one group of a grouped
     Conv)."""
 
@@ -38,9 +39,12 @@ class Source:
     conv: tuple | None = None
     channels: tuple[int, int] | None = None
     axes: int = 1
+    columns: bool = False
 
     def rows(self, arr: np.ndarray, k: int) -> Iterator[np.ndarray]:
         arr = np.asarray(arr, np.float32)
+        if self.columns:  # W @ x: the rows W multiplies are x's columns
+            arr = np.swapaxes(arr, -1, -2) if arr.ndim >= 2 else arr
         if self.conv is None:
             width = int(np.prod(arr.shape[-self.axes :])) if arr.ndim >= self.axes else -1
         else:

@@ -10,8 +10,8 @@ Gather embeddings and LSTM/GRU matrices become integer initializers followed by 
 A weight shared by several selected nodes is quantized once. Every weight considered is reported, quantized or
 skipped with the reason; include/exclude patterns that match no node are errors.
 
-``method=gptq`` (with data) rounds MatMul, Gemm, Einsum and Conv weights by GPTQ on the Gram of their inputs (a
-Conv's through its input's patches, a grouped Conv's per group), see :mod:`qxc.quant.gptq`.
+``method=gptq`` (with data) rounds MatMul (either side), Gemm, Einsum and Conv weights by GPTQ on the Gram of their
+inputs (a Conv's through its input's patches, a grouped Conv's per group), see :mod:`qxc.quant.gptq`.
 
 With data, ``keep-sensitive=K`` keeps the K weights whose int4 quantization alone hurts the outputs most at int8, and
 ``max-error=E`` promotes weights to int8, most sensitive first, until the outputs' relative RMS error is <= E.
@@ -391,7 +391,7 @@ class QuantizeWeightsPass(QxcPass):
         (with the reason noted) where the samples give no usable Gram."""
         o = self.options
         t = value.const_value
-        stored_nk = _transposed(value_uses[0].node)  # Gemm transB: the weight is stored (N, K)
+        stored_nk = _stored_nk(value_uses[0])  # Gemm transB, W @ x: the weight is stored (N, K)
         w = np.asarray(t.numpy(), dtype=np.float32)
         flip = stored_nk and not nbits  # MatMulNBits' groups are already given in (K, N)
         parts = self._gptq_parts[value]
@@ -614,6 +614,8 @@ def _gptq_inputs(value: ir.Value, value_uses: list[_Use]) -> list[tuple[list[Sou
             if isinstance(summed, str):
                 return summed
             sources.add(Source(node.inputs[1 - use.index].name, axes=summed))
+        elif node.op_type == "MatMul" and use.index == 0 and len(shape) == 2:  # W @ x: rows of x's columns
+            sources.add(Source(node.inputs[1].name, columns=True))
         elif use.index != 1 or node.op_type not in ("MatMul", "Gemm") or attrs.get_int("transA", 0):
             return (f"gptq needs x @ W (a MatMul, Gemm or Einsum weight) or a Conv's, not {node.op_type} input "
                     f"{use.index}")
@@ -626,13 +628,18 @@ def _gptq_inputs(value: ir.Value, value_uses: list[_Use]) -> list[tuple[list[Sou
         if len({s.axes for s in sources}) > 1:
             return "gptq takes an Einsum weight summed the same way in every use"
         return [(ordered, math.prod(shape[: ordered[0].axes]))]
-    if value_uses[0].node.op_type != "Conv":
-        return [(ordered, shape[1] if _transposed(value_uses[0].node) else shape[0])]
+    if value_uses[0].node.op_type != "Conv":  # K: W's rows, or its columns when stored (N, K) (transB, W @ x)
+        return [(ordered, shape[1] if _stored_nk(value_uses[0]) else shape[0])]
     if len(sources) > 1 and groups > 1:
         return "gptq takes a grouped Conv's weight in one Conv only"
     c = shape[1]  # input channels per group
     return [([Source(s.tensor, s.conv, (i * c, (i + 1) * c) if groups > 1 else None) for s in ordered],
              c * math.prod(shape[2:])) for i in range(groups)]
+
+
+def _stored_nk(use: _Use) -> bool:
+    """Whether the weight is stored (N, K): a Gemm's with transB, a MatMul's applied from the left (``W @ x``)."""
+    return _transposed(use.node) or (use.node.op_type == "MatMul" and use.index == 0)
 
 
 def _einsum_summed(node: ir.Node, index: int) -> int | str:

@@ -56,7 +56,8 @@ def inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray:
     if info == 0:
         low, info = lapack.strtri(low, lower=1, overwrite_c=1)
     if info != 0:
-        raise np.linalg.LinAlgError(f"the damped Gram of its inputs is not positive definite (LAPACK info {info}); raise damp")
+        raise np.linalg.LinAlgError(f"the damped Gram of its inputs is not positive definite (LAPACK info {info}); "
+                                    "raise damp")
     return low[::-1, ::-1]  # a view of the factor (negative strides): no second K x K copy
 
 
@@ -212,7 +213,8 @@ def conv_from_kn(qt: QuantizedTensor, shape: tuple[int, ...], granularity: Granu
 
     scale, zp = qt.scale, qt.zero_points
     if granularity.axis is not None and granularity.block is not None:  # (positions x blocks, M) -> (M, blocks, *k)
-        scale, zp = (np.ascontiguousarray(np.moveaxis(a.reshape(*kernel, -1, m), (-1, -2), (0, 1))) for a in (scale, zp))
+        scale, zp = (np.ascontiguousarray(np.moveaxis(a.reshape(*kernel, -1, m), (-1, -2), (0, 1)))
+                     for a in (scale, zp))
     return QuantizedTensor(codes=back(qt.codes), scale=scale, zero_points=zp, qtype=qt.qtype, granularity=granularity,
                            sqnr=qt.sqnr, dequantized=None if qt.dequantized is None else back(qt.dequantized),
                            scale_dtype=qt.scale_dtype)
@@ -237,7 +239,8 @@ def stack_output_channels(pieces: list[QuantizedTensor], w: np.ndarray) -> Quant
     noise = sum(_noise(p, part) for p, part in zip(pieces, np.split(w, len(pieces))))
     cat = [np.concatenate([getattr(p, f) for p in pieces]) for f in ("codes", "scale", "zero_points")]
     return QuantizedTensor(codes=cat[0], scale=cat[1], zero_points=cat[2], qtype=first.qtype,
-                           granularity=first.granularity, sqnr=_db(float(np.sum(np.square(w, dtype=np.float64))), noise),
+                           granularity=first.granularity,
+                           sqnr=_db(float(np.sum(np.square(w, dtype=np.float64))), noise),
                            dequantized=None if first.dequantized is None else
                            np.concatenate([p.dequantized for p in pieces]),
                            scale_dtype="float16" if all(p.scale_dtype == "float16" for p in pieces) else "float32")

@@ -52,7 +52,8 @@ def test_a_tensor_feeding_several_weights_is_collected_once_and_summed_for_a_sha
                           [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(wk, "wk")])
     model = qir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     x = rng.normal(size=(40, 8)).astype(np.float32)
-    cache = GramCache(model, make_dataset({"x": x}, model), {"wq": ([Source("x")], 8), "wk": ([Source("q"), Source("x")], 8)})
+    wanted = {"wq": ([Source("x")], 8), "wk": ([Source("q"), Source("x")], 8)}
+    cache = GramCache(model, make_dataset({"x": x}, model), wanted)
     hq, nq = cache.get("wq")
     assert Source("x") in cache.loaded  # wk still needs it
     hk, nk = cache.get("wk")

@@ -464,6 +464,26 @@ def test_gptq_weights_of_every_granularity_run_in_onnxruntime(granularity, fmt):
         assert sqnr_db(ref, run(qir.to_proto(result.model), {"x": x})[0]) > 10
 
 
+def test_gptq_on_weights_applied_from_the_left_reads_the_columns_they_multiply():
+    """``W @ x^T``: the rows GPTQ weighs are the columns of the MatMul's second input (x's rows, transposed in)."""
+    rng = np.random.default_rng(8)
+    mix = rng.normal(size=(5, 64))
+
+    def rows(n):
+        return (np.maximum(rng.normal(size=(n, 5)) @ mix, 0) + 0.05 * rng.normal(size=(n, 64))).astype(np.float32)
+
+    x, held_out = rows(300), rows(200)
+    ref = run(left_weight_model(), {"x": held_out})[0]
+    got = {}
+    for method in ("gptq", "mse"):
+        result = compile_model(qir.from_proto(left_weight_model()), f"quantize-weights{{bits=4,method={method}}}",
+                               data={"x": x}, verify_runtime=True)
+        assert {e["weight"]: e["method"] for e in result.records[0].report["quantized"]} == dict.fromkeys(
+            ("w1", "w2"), method)
+        got[method] = sqnr_db(ref, run(qir.to_proto(result.model), {"x": held_out})[0])
+    assert got["gptq"] > got["mse"] + 1.0
+
+
 def test_gptq_on_a_transposed_gemm_weight_quantizes_along_k_in_both_formats(tmp_path):
     """PyTorch's Linear stores its weight (N, K): GPTQ runs on the (K, N) view, and QDQ gets the codes back in the
     stored layout, MatMulNBits in its own; both compute the same outputs, closer to float than mse's on held-out

@@ -68,7 +68,8 @@ def test_inverse_cholesky_reads_the_upper_triangle_only():
     u = inverse_cholesky(np.triu(h) + np.tril(np.full_like(h, 7.0), -1), damp=0.1)  # junk below the diagonal
     assert np.allclose(u, np.triu(u))
     damped = h + 0.1 * np.trace(h) / 12 * np.eye(12)
-    np.testing.assert_allclose(u.T @ u, np.linalg.inv(damped), rtol=2e-3, atol=1e-6 * np.abs(np.linalg.inv(damped)).max())
+    want = np.linalg.inv(damped)
+    np.testing.assert_allclose(u.T @ u, want, rtol=2e-3, atol=1e-6 * np.abs(want).max())
     np.testing.assert_array_equal(inverse_cholesky(np.zeros((4, 4)), 1.0), np.eye(4, dtype=np.float32))
 
 
@@ -118,7 +119,8 @@ def test_conv_patches_times_the_weight_matrix_are_onnxruntimes_conv(kernel, pads
     attrs.update({"pads": list(pads)} if auto_pad == "NOTSET" else {"auto_pad": auto_pad})
     g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], **attrs)], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")])
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w, "w")])
     proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     p = conv_pads(pads, auto_pad, spatial, kernel, strides, dilations)
