@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qxc.quant import Granularity, NonFiniteError, quantize_tensor
 from qxc.quant.gptq import (
@@ -179,3 +181,30 @@ def test_a_weight_with_two_summed_axes_through_its_matrix_comes_back_in_its_own_
         a, b = getattr(got, field), getattr(want, field)
         assert a.shape == b.shape, field
         np.testing.assert_array_equal(a, b, err_msg=field)
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 6), c=st.integers(1, 40), kernel=st.sampled_from([(1,), (3,), (1, 1), (2, 3), (3, 3)]),
+       kind=st.sampled_from(["block16", "block32", "channel", "tensor"]), qt=st.sampled_from(["uint4", "int4", "int8"]),
+       seed=st.integers(0, 2**16))
+def test_conv_codes_scales_and_zero_points_dequantize_to_the_reconstruction(m, c, kernel, kind, qt, seed):
+    """Whatever the shape and groups, what GPTQ hands back in the Conv weight's layout is self-consistent under
+    ONNX's DequantizeLinear (blocks along axis 1, a partial last one; per axis 0; per tensor), within the type."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(m, c, *kernel)).astype(np.float32)
+    k = c * int(np.prod(kernel))
+    x = rng.normal(size=(max(4, k // 2), k)) @ rng.normal(size=(k, k))  # correlated, maybe rank-deficient
+    block = int(kind[5:]) if kind.startswith("block") else None
+    stored = (Granularity(axis=1, block=block) if block else Granularity(axis=0) if kind == "channel"
+              else Granularity())
+    kn = Granularity(axis=0, block=block) if block else Granularity(axis=1) if kind == "channel" else Granularity()
+    got = conv_from_kn(gptq_quantize(conv_kn(w), x.T @ x, qt, symmetric=qt != "uint4", granularity=kn, damp=0.1,
+                                     segment=c if block else None), w.shape, stored)
+    assert got.codes.shape == w.shape and got.scale.shape == stored.param_shape(w.shape)
+    assert got.codes.min() >= got.qtype.qmin and got.codes.max() <= got.qtype.qmax
+    scale, zp = got.scale.astype(np.float32), got.zero_points.astype(np.float32)
+    if block:
+        scale, zp = (np.repeat(a, block, axis=1)[:, :c] for a in (scale, zp))
+    elif kind == "channel":
+        scale, zp = (a.reshape(-1, *[1] * (w.ndim - 1)) for a in (scale, zp))
+    np.testing.assert_array_equal((got.codes.astype(np.float32) - zp) * scale, got.dequantized)
