@@ -375,9 +375,15 @@ class QuantizeWeightsPass(QxcPass):
         wanted, self._gptq_skipped, self._gptq_parts, self._gptq_fit = {}, {}, {}, {}
         for value, value_uses in todo:
             parts = _gptq_inputs(value, value_uses)
-            if (not isinstance(parts, str) and len(parts) > 1
-                    and self._granularity(value_uses[0], tuple(value.const_value.shape)).axis is None):
+            shape = tuple(value.const_value.shape)
+            g = self._granularity(value_uses[0], shape)
+            if isinstance(parts, str):
+                pass
+            elif len(parts) > 1 and g.axis is None:
                 parts = "gptq takes a grouped Conv's weight per channel or block, not per tensor"
+            elif (value_uses[0].node.op_type == "Einsum" and g.axis is not None and g.block is None
+                  and len(shape) != parts[0][0][0].axes + 1):  # a channel spans several of the matrix's columns
+                parts = "gptq takes an Einsum weight per channel only with one kept subscript"
             if isinstance(parts, str):
                 self._gptq_skipped[value] = parts
                 continue
@@ -409,11 +415,11 @@ class QuantizeWeightsPass(QxcPass):
                 raise UsageError(f"pass 'quantize-weights': weight '{value.name}': {e}") from None
             del hessian  # K x K: not kept through the loop
         scale_dtype = "float16" if t.dtype == ir.DataType.FLOAT16 else o.scale_dtype
+        # a Conv's or an Einsum's groups on its (K, N) matrix: blocks along K, channels as columns, or per tensor
+        g_kn = Granularity() if g.axis is None else Granularity(axis=1) if g.block is None else Granularity(0, g.block)
         if value_uses[0].node.op_type == "Conv":  # (M, C, *kernel) as the (P * C, M) matrix of its patches
-            # per output channel (axis 0): the matrix's columns; blocks along C (axis 1): runs of C rows, one per
-            # kernel position, cut in blocks. A grouped Conv: each group's output channels on their own Gram.
-            g_kn = (Granularity() if g.axis is None else Granularity(axis=1) if g.block is None
-                    else Granularity(axis=0, block=g.block))
+            # blocks along C (axis 1) are runs of C rows, one per kernel position, cut in blocks. A grouped Conv:
+            # each group's output channels on their own Gram.
             per = w.shape[0] // parts
             pieces = [conv_from_kn(gptq_quantize(conv_kn(w[i * per : (i + 1) * per]), None, qt_name,
                                                  symmetric=o.symmetric, factor=factor, name=value.name,
@@ -425,11 +431,6 @@ class QuantizeWeightsPass(QxcPass):
         if value_uses[0].node.op_type == "Einsum":  # the weight as (K = its leading summed axes, N = the rest)
             summed = self._grams.wanted[(value, 0)][0][0].axes
             k = math.prod(w.shape[:summed])
-            if g.axis is not None and g.block is None and w.ndim != summed + 1:
-                self._gptq_skipped[value] = "gptq takes an Einsum weight per channel only with one kept subscript"
-                return None
-            g_kn = (Granularity() if g.axis is None else Granularity(axis=1) if g.block is None
-                    else Granularity(axis=0, block=g.block))
             qt = gptq_quantize(w.reshape(k, -1), None, qt_name, symmetric=o.symmetric, factor=factor,
                                granularity=g_kn, segment=w.shape[summed - 1] if g.block else None, name=value.name,
                                keep_dequantized=keep, scale_dtype=scale_dtype)
