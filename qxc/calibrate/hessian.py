@@ -31,9 +31,8 @@ GRAM_BYTES = 128 << 20
 class Source:
     """Where a weight's input rows come from: ``tensor`` read as rows of its last ``axes`` axes (MatMul, Gemm: one;
     an Einsum summing several), or as its columns (``columns``: the x of a MatMul ``W @ x``), or the patches a Conv
-    takes of it, ``conv = (kernel, pads, auto_pad, strides,
-    dilations)``, of its input channels ``channels = (first, stop)`` only when given (one group of a grouped
-    Conv)."""
+    takes of it, ``conv = (kernel, pads, auto_pad, strides, dilations)``, of its input channels ``channels =
+    (first, stop)`` only when given (one group of a grouped Conv)."""
 
     tensor: str
     conv: tuple | None = None
@@ -89,9 +88,9 @@ class _Rows:
 
 class GramCache:
     """``get(key)``: ``x^T x`` summed over the rows of the sources feeding ``key`` (a weight; rows of length ``k``),
-    in the upper triangle. Keys are collected in the order given, a group at
-    a time; asking for a key loads its group and drops the previous one; each key is asked for once per collection
-    (a second ask collects its group again). Thread-safe."""
+    in the upper triangle. Keys are collected in the order given, a group at a time; asking for a key loads its
+    group and drops the previous one; each key is asked for once per collection (a second ask collects its group
+    again). Thread-safe."""
 
     def __init__(self, model: ir.Model, data: Dataset, wanted: dict[Hashable, tuple[Sequence[Source], int]],
                  batch_size: int = 64, budget: int = GRAM_BYTES):
