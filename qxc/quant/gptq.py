@@ -255,8 +255,8 @@ def _noise(qt: QuantizedTensor, w: np.ndarray) -> float:
 def conv_rows(x: np.ndarray, kernel: Sequence[int], pads: Sequence[int], strides: Sequence[int],
               dilations: Sequence[int], max_bytes: int = 16 << 20) -> Iterator[np.ndarray]:
     """The patches a Conv multiplies by :func:`conv_kn`'s matrix (of a grouped one's group: x holds that group's
-    channels): rows of P * C values, in blocks of about
-    ``max_bytes``. ``x`` is (N, C, *spatial); ``pads`` are ONNX's (begins, then ends)."""
+    channels): rows of P * C values, in blocks of about ``max_bytes``. ``x`` is (N, C, *spatial); ``pads`` are
+    ONNX's (begins, then ends)."""
     r = len(kernel)
     x = np.pad(np.asarray(x, np.float32), [(0, 0), (0, 0)] + [(pads[i], pads[i + r]) for i in range(r)])
     span = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
