@@ -48,6 +48,8 @@ class Source:
             width = int(np.prod(arr.shape[-self.axes :])) if arr.ndim >= self.axes else -1
         else:
             kernel, pads, auto_pad, strides, dilations = self.conv
+            if arr.ndim > 2 + len(kernel):  # a Loop body's tensor, one slice per iteration: more samples
+                arr = arr.reshape(-1, *arr.shape[-1 - len(kernel) :])
             if arr.ndim == 2 + len(kernel) and self.channels is not None and self.channels[1] <= arr.shape[1]:
                 arr = arr[:, self.channels[0] : self.channels[1]]
             width = arr.shape[1] * int(np.prod(kernel)) if arr.ndim == 2 + len(kernel) else -1

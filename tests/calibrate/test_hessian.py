@@ -61,3 +61,25 @@ def test_a_tensor_feeding_several_weights_is_collected_once_and_summed_for_a_sha
     np.testing.assert_allclose(np.triu(hq), np.triu(x.T @ x), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.triu(hk), np.triu(x.T @ x + q.T @ q), rtol=1e-4, atol=1e-3)
     assert (nq, nk) == (40, 80)
+
+
+def test_sources_read_rows_columns_patches_and_loop_slices():
+    """Rows of the last axes (an Einsum summing two), columns (W @ x), a grouped Conv's channels, a Loop body's
+    stacked iterations (one more leading axis); a shape the weight cannot take is a one-line usage error."""
+    from qxc.errors import UsageError
+    from qxc.quant.gptq import conv_rows
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 5, 4, 8)).astype(np.float32)
+    (rows,) = Source("t", axes=2).rows(x, 32)
+    np.testing.assert_array_equal(rows, x.reshape(-1, 32))
+    (cols,) = Source("t", columns=True).rows(x[0, 0], 4)
+    np.testing.assert_array_equal(cols, x[0, 0].T)
+    conv = ((3, 3), (1, 1, 1, 1), "NOTSET", (1, 1), (1, 1))
+    img = rng.normal(size=(3, 2, 6, 4, 4)).astype(np.float32)  # 3 iterations of 2 samples, 6 channels
+    got = np.concatenate(list(Source("t", conv, channels=(2, 4)).rows(img, 18)))
+    want = np.concatenate(list(conv_rows(img.reshape(6, 6, 4, 4)[:, 2:4], (3, 3), (1, 1, 1, 1), (1, 1), (1, 1))))
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(UsageError, match="tensor 't' has shape \\[2, 5, 4, 8\\] on the sample data, which its "
+                                         "weight cannot take \\(16 inputs\\)"):
+        list(Source("t").rows(x, 16))
