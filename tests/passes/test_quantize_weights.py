@@ -555,7 +555,8 @@ def test_gptq_falls_back_to_mse_where_the_samples_hold_infinities():
 def test_gptq_on_conv_weights_through_their_patches_beats_mse_held_out(granularity):
     """The CNN: conv1 (8 x 1 x 3 x 3) is one group per output channel, conv2 (16 x 8 x 3 x 3) blocks of its 8 input
     channels at each kernel position (or per channel), the classifier a transposed Gemm. QDQ stores GPTQ's codes in
-    each weight's own layout: onnxruntime computes our reconstruction, closer to float on the test split."""
+    each weight's own layout (tests/quant/test_gptq.py checks that layout); onnxruntime runs it, closer to float
+    than mse on the test split."""
     path, test = REFERENCE["cnn_digits"]
     spec = f"quantize-weights{{bits=4,granularity={granularity},method=%s}}"
     result = compile_model(path, spec % "gptq", data=MODELS / "cnn_digits_train.npz", verify_runtime=True)
