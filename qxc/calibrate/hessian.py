@@ -1,7 +1,7 @@
 """Input Gram matrices ``X^T X`` of chosen tensors over sample data, for GPTQ (upper triangles: all it reads).
 
 One instrumented onnxruntime session serves every weight. A tensor's rows are kept as they come while there are
-fewer of them than its width K (512 rows of a 2,048-wide input: 4 MB, where its Gram takes 16 MB), and folded into
+fewer than half its width K (512 rows of a 2,048-wide input: 4 MB, where its Gram takes 16 MB), and folded into
 the Gram once there are more; a tensor's storage is dropped once every weight it feeds has had its matrix. Tensors
 are collected in groups whose storage fits ``GRAM_BYTES``, one pass over the data per group fetching only that
 group's tensors, so memory does not grow with the number of layers.
@@ -64,7 +64,8 @@ class Source:
 
 
 class _Rows:
-    """One tensor's rows (fewer than its width), or their Gram's upper triangle once there are more."""
+    """One tensor's rows while they take less than half its Gram (fewer than K / 2 of them), then the Gram's upper
+    triangle: at most K x K floats, 1.5x that while folding."""
 
     def __init__(self, k: int):
         self.k, self.rows, self.parts, self.upper = k, 0, [], None
@@ -73,12 +74,14 @@ class _Rows:
         self.rows += len(x)
         if self.upper is None:
             self.parts.append(x)
-            if self.rows < self.k:
+            if 2 * self.rows < self.k:
                 return
             self.upper = np.zeros((self.k, self.k), np.float32, order="F")
-            x, self.parts = np.concatenate(self.parts), []
-        # x^T x added in place, one triangle: 10x faster than `gram += x.T @ x` and its K x K temporary
-        self.upper = blas.ssyrk(1.0, x.T, beta=1.0, c=self.upper, trans=0, lower=0, overwrite_c=1)
+            parts, self.parts = self.parts, []
+        else:
+            parts = [x]
+        for part in parts:  # x^T x added in place, one triangle: 10x faster than `gram += x.T @ x` and its temporary
+            self.upper = blas.ssyrk(1.0, part.T, beta=1.0, c=self.upper, trans=0, lower=0, overwrite_c=1)
 
     def gram(self) -> np.ndarray:
         """X^T X in the upper triangle (the lower one is not meaningful)."""
@@ -110,9 +113,10 @@ class GramCache:
         probe = min(len(data), 4 if data.stacked is not None else 1)  # per-sample data: one sample per run
         seen = self.runner.run(next(data.slice(0, probe).batches(probe)))
         size = budget + 1
-        for key, (sources, k) in wanted.items():  # each source: min(its rows, K) x K floats
-            need = sum(4 * k * min(k, sum(len(r) for r in s.rows(seen[s.tensor], k)) * -(-len(data) // probe))
-                       for s in sources if s.tensor in seen)
+        for key, (sources, k) in wanted.items():  # each source: its rows x K floats, K x K once folded (_Rows)
+            rows = [sum(len(r) for r in s.rows(seen[s.tensor], k)) * -(-len(data) // probe)
+                    for s in sources if s.tensor in seen]
+            need = sum(4 * k * (n if 2 * n < k else k) for n in rows)
             if size + need > budget:
                 self.groups.append([])
                 size = 0
