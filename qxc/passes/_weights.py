@@ -45,19 +45,26 @@ def weight_rule(node: ir.Node) -> tuple[int, int, int] | None:
     return None
 
 
+def einsum_terms(node: ir.Node) -> tuple[list[str], str]:
+    """An Einsum's operand subscripts and its output's; without '->' the output is the subscripts that appear once,
+    in alphabetical order (as numpy reads it)."""
+    equation = (node.attributes.get_string("equation") or "").replace(" ", "")
+    operands, _, output = equation.partition("->")
+    terms = operands.split(",")
+    if "->" not in equation:
+        letters = "".join(terms).replace(".", "")
+        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    return terms, output
+
+
 def einsum_rule(node: ir.Node) -> tuple[int, int, int] | None:
     """An Einsum of an activation and a constant weight (Keras' EinsumDense, ``abc,cde->abde``, in every
     tf2onnx-exported MultiHeadAttention): the weight's last subscript kept in the output is its channel axis, its
     last subscript summed over the reduction axis. None for another form (two activations, ellipses in the weight,
     a repeated subscript, no subscript kept or none summed)."""
-    equation = (node.attributes.get_string("equation") or "").replace(" ", "")
     if len(node.inputs) != 2:
         return None
-    operands, _, output = equation.partition("->")
-    terms = operands.split(",")
-    if "->" not in equation:  # implicit output: the subscripts that appear once, in alphabetical order
-        letters = "".join(terms).replace(".", "")
-        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    terms, output = einsum_terms(node)
     constant = [_constant(v) for v in node.inputs]
     if len(terms) != 2 or constant[0] == constant[1]:
         return None

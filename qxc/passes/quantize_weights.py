@@ -42,7 +42,7 @@ from qxc.graphs import (
     unique_name,
     value_names,
 )
-from qxc.passes._weights import weight_rule
+from qxc.passes._weights import einsum_terms, weight_rule
 from qxc.pipeline import QxcPass, opt, register_pass
 from qxc.quant import Granularity, QuantizedTensor, quantize_tensor
 from qxc.quant.gptq import (
@@ -54,6 +54,7 @@ from qxc.quant.gptq import (
     reshaped,
     stack_output_channels,
     transposed,
+    transposed_groups,
 )
 from qxc.quant.numerics import pack_uint4
 from qxc.runtime.threads import serial_blas
@@ -436,8 +437,7 @@ class QuantizeWeightsPass(QxcPass):
                                keep_dequantized=keep, scale_dtype=scale_dtype)
             return reshaped(qt, w.shape, g)
         qt = gptq_quantize(w.T if stored_nk else w, None, qt_name, symmetric=o.symmetric, factor=factor,
-                           granularity=Granularity(None if g.axis is None else 1 - g.axis % 2, g.block) if flip
-                           else g, name=value.name, keep_dequantized=keep, scale_dtype=scale_dtype)
+                           granularity=transposed_groups(g) if flip else g, name=value.name, keep_dequantized=keep, scale_dtype=scale_dtype)
         return transposed(qt) if flip else qt
 
     def _method_for(self, value: ir.Value) -> dict:
@@ -647,16 +647,12 @@ def _einsum_summed(node: ir.Node, index: int) -> int | str:
     """How many leading axes of an Einsum's weight (input ``index``) are summed, when GPTQ can read it as the (K, N)
     matrix ``W.reshape(K, -1)`` of the other input's rows: its summed subscripts come first in the weight and last
     in the activation, in the same order (``abc,cde->abde``, ``abcd,cde->abe``); otherwise why not."""
-    equation = node.attributes.get_string("equation").replace(" ", "")
-    terms, _, output = equation.partition("->")
-    weight, act = terms.split(",")[index], terms.split(",")[1 - index]
-    if "->" not in equation:
-        letters = terms.replace(",", "").replace(".", "")
-        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    terms, output = einsum_terms(node)
+    weight, act = terms[index], terms[1 - index]
     summed = "".join(c for c in weight if c not in output)
-    if not (weight.startswith(summed) and act.endswith(summed)) or any(c in output for c in summed):
+    if not (weight.startswith(summed) and act.endswith(summed)):
         return (f"gptq takes an Einsum whose weight's summed subscripts come first and end the activation's, not "
-                f"'{equation}'")
+                f"'{node.attributes.get_string('equation')}'")
     return len(summed)
 
 

@@ -183,13 +183,16 @@ def _columns(w: np.ndarray, u: np.ndarray, qt: QType, symmetric: bool, kernel, h
     return codes, scales, zeros
 
 
+def transposed_groups(g: Granularity) -> Granularity:
+    """A 2-D weight's groups once it is transposed: axis 0 and 1 swap."""
+    return Granularity(None if g.axis is None else 1 - g.axis % 2, g.block)
+
+
 def transposed(qt: QuantizedTensor) -> QuantizedTensor:
     """The same quantization of a 2-D weight stored transposed ((N, K) instead of (K, N))."""
-    g = qt.granularity
     return QuantizedTensor(codes=np.ascontiguousarray(qt.codes.T), scale=np.array(qt.scale.T),  # 0-d stays 0-d
                            zero_points=np.array(qt.zero_points.T), qtype=qt.qtype,
-                           granularity=Granularity(None if g.axis is None else 1 - g.axis % 2, g.block),
-                           sqnr=qt.sqnr, dequantized=None if qt.dequantized is None else
+                           granularity=transposed_groups(qt.granularity), sqnr=qt.sqnr, dequantized=None if qt.dequantized is None else
                            np.ascontiguousarray(qt.dequantized.T), scale_dtype=qt.scale_dtype)
 
 
