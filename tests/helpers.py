@@ -147,6 +147,27 @@ def mixed_pipeline(per_column: bool = False):
     return proto, feeds, y
 
 
+def embedding_lm(tied: bool) -> onnx.ModelProto:
+    """ids -> Gather(table) -> MatMul(head): a (400, 32) token table and a (32, 400) head, or, ``tied``, the head
+    reading the table itself through a Gemm with transB (one initializer, two readers)."""
+    rng = np.random.default_rng(5)
+    table = numpy_helper.from_array(rng.normal(size=(400, 32)).astype(np.float32), "table")
+    inits = [table]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed")]
+    if tied:
+        nodes.append(helper.make_node("Gemm", ["e", "table"], ["y"], name="head", transB=1))
+        ids_shape, y_shape = [5], [5, 400]
+    else:
+        inits.append(numpy_helper.from_array(rng.normal(size=(32, 400)).astype(np.float32), "head_w"))
+        nodes.append(helper.make_node("MatMul", ["e", "head_w"], ["y"], name="head"))
+        ids_shape, y_shape = [None, 5], [None, 5, 400]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ids_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
 def left_weight_model(seed: int = 0) -> onnx.ModelProto:
     """``y = (W2 @ relu(W1 @ x^T))^T``: MatMuls whose constant weight comes first (``W @ x``), a weight applied to column
     vectors, as PyTorch exports ``torch.matmul(W, x)``; W1 is (24, 64), W2 (8, 24)."""

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from helpers import MODELS, mlp_model
+from helpers import MODELS, embedding_lm, mlp_model
 from onnx import numpy_helper
 
 from qxc.cli import main
@@ -33,6 +33,16 @@ def test_compile_writes_model_and_json(tmp_path, capsys):
     assert [p["pass"] for p in stats["passes"]] == ["fold-constants", "cleanup"]
     assert stats["before"]["nodes"] > stats["after"]["nodes"]
     assert onnx.load(out).graph.node
+
+
+def test_compile_notes_the_weights_a_pass_left_in_float(tmp_path, capsys):
+    model = tmp_path / "lm.onnx"
+    onnx.save(embedding_lm(False), model)
+    assert main(["compile", str(model), "-o", str(tmp_path / "q.onnx"), "-p", "int4-weights"]) == 0
+    err = capsys.readouterr().err
+    assert "qxc: note: pass 'quantize-weights': 1 Gather weight not quantized (Gather is not in ops)" in err
+    assert main(["compile", str(model), "-o", str(tmp_path / "q.onnx"), "-p", "int4-weights", "-q"]) == 0
+    assert "note" not in capsys.readouterr().err
 
 
 def test_two_runs_give_identical_bytes_and_json(tmp_path):

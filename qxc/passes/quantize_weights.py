@@ -124,6 +124,10 @@ class _Use:
     reduction_axis: int
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
 def _required_opset(bits: int, g: Granularity, fmt: str) -> int:
     if fmt == "matmulnbits":
         return 0
@@ -163,9 +167,13 @@ class QuantizeWeightsPass(QxcPass):
         matched = {p: False for p in o.include + o.exclude}
         uses: dict[ir.Value, list[_Use]] = {}
         skipped: list[dict] = []
+        self._unselected: dict[ir.Value, list[ir.Node]] = {}
         for graph in all_graphs(model):
             for node in graph:
-                if node.domain not in ("", "ai.onnx") or node.op_type not in o.ops:
+                if node.domain not in ("", "ai.onnx"):
+                    continue
+                if node.op_type not in o.ops:
+                    self._note_unselected(node)
                     continue
                 rule = weight_rule(node)
                 if rule is None and not (node.op_type == "Einsum" and any(map(is_weight, node.inputs))):
@@ -199,6 +207,46 @@ class QuantizeWeightsPass(QxcPass):
             raise UsageError(f"pass 'quantize-weights': pattern '{unmatched[0]}' matched no "
                              f"{'/'.join(o.ops)} node; check the node names with `qxc inspect --json`")
         return uses, skipped
+
+    def _note_unselected(self, node: ir.Node) -> None:
+        """Remember the float weight of a node whose op type has a weight rule but is not in ``ops`` (an embedding
+        under the default ops): it stays float, and the report says how many bytes that keeps."""
+        if node.op_type not in DEFAULT_OPS + OPTIONAL_OPS:
+            return
+        rule = weight_rule(node)
+        if rule is None or rule[0] >= len(node.inputs) or node.inputs[rule[0]] is None:
+            return
+        value = node.inputs[rule[0]]
+        t = value.const_value
+        if (value.producer() is None and t is not None and len(t.shape) >= 2
+                and t.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)):
+            self._unselected.setdefault(value, []).append(node)
+
+    def _left_float(self, model: ir.Model, uses: dict) -> tuple[list[dict], list[str]]:
+        """The float weights of op types not in ``ops`` that the pass did not quantize through another node, and a
+        note naming the largest of them when together they hold at least a tenth of the weight bytes the pass leaves."""
+        left = []
+        for value, nodes in self._unselected.items():
+            t = value.const_value
+            if value in uses or t is None:  # also read by a selected node: reported as quantized or skipped
+                continue
+            ops = sorted({n.op_type for n in nodes})
+            left.append({"weight": value.name, "nodes": [n.name for n in nodes], "op": ops[0], "bytes": t.nbytes,
+                         "reason": f"{'/'.join(ops)} not in ops"})
+        left.sort(key=lambda e: -e["bytes"])
+        total = sum(v.const_value.nbytes for g in all_graphs(model) for v in g.initializers.values()
+                    if v.const_value is not None)
+        kept = sum(e["bytes"] for e in left)
+        notes = []
+        if left and kept >= 0.1 * max(1, total):
+            ops = "/".join(sorted({e["op"] for e in left}))
+            named = ", ".join(f"'{e['weight']}' ({_mib(e['bytes'])})" for e in left[:3])
+            more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+            notes.append(f"{len(left)} {ops} weight{'s' if len(left) > 1 else ''} not quantized ({ops} is not in ops), "
+                         f"{100 * kept / total:.0f} % of the weight bytes after this pass: {named}{more}; add {ops} to "
+                         f"ops to quantize {'them' if len(left) > 1 else 'it'} (ops=[{', '.join(self.options.ops)}, "
+                         f"{ops.replace('/', ', ')}])")
+        return left, notes
 
     def _eligible(self, value: ir.Value, value_uses: list[_Use]) -> str | None:
         """Why this weight is left alone, or None when it can be quantized."""
@@ -292,6 +340,11 @@ class QuantizeWeightsPass(QxcPass):
                        "weights_quantized": len(quantized), "weights_skipped": len(skipped),
                        "bytes_before": sum(e["bytes_before"] for e in quantized),
                        "bytes_after": sum(e["bytes_after"] for e in quantized)}
+        left, notes = self._left_float(model, uses)
+        if left:
+            self.report["left_float"] = left
+        if notes:
+            self.report["notes"] = notes
         if not uses and not skipped:
             self.report["warnings"] = [nothing_to_do(model, o.ops, "quantize")]
         if getattr(self, "sensitivity", None):

@@ -63,7 +63,7 @@ def _skipped(compile_doc: dict) -> list[dict]:
     rows = []
     for p in compile_doc.get("passes", []):
         rep = p.get("report", {})
-        for key in ("skipped", "kept_whole", "constants_kept", "too_large"):
+        for key in ("skipped", "kept_whole", "constants_kept", "too_large", "left_float"):
             for s in rep.get(key, []) or []:
                 if isinstance(s, dict):
                     what = s.get("weight") or s.get("node") or s.get("tensor") or ""

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from helpers import MODELS, REFERENCE, as_half, feeds_for, left_weight_model, mlp_model, run, sqnr_db
+from helpers import MODELS, REFERENCE, as_half, embedding_lm, feeds_for, left_weight_model, mlp_model, run, sqnr_db
 from onnx import TensorProto, helper, numpy_helper
 
 from qxc import compile_model
@@ -623,6 +623,33 @@ def test_gather_and_lstm_weights_on_request():
     ids = np.array([[1], [7], [3], [49], [0]], np.int64)
     assert sqnr_db(run(m, {"ids": ids})[0], run(qir.to_proto(result.model), {"ids": ids})[0]) > 30
 
+
+
+def test_float_weights_of_ops_left_out_are_reported_with_a_note():
+    """An embedding under the default ops stays float: the report lists it with its bytes, and a note (which the CLI
+    prints) says how much of the model it keeps in float and how to include it; with Gather in ops, nothing is
+    left."""
+    result = compile_model(qir.from_proto(embedding_lm(False)), "quantize-weights{bits=4}")
+    report = result.records[0].report
+    assert [e["weight"] for e in report["quantized"]] == ["head_w"]
+    assert report["left_float"] == [{"weight": "table", "nodes": ["embed"], "op": "Gather", "bytes": 400 * 32 * 4,
+                                     "reason": "Gather not in ops"}]
+    left = 400 * 32 * 4 / (400 * 32 * 4 + report["bytes_after"])
+    assert report["notes"] == [
+        f"1 Gather weight not quantized (Gather is not in ops), {100 * left:.0f} % of the weight bytes after this "
+        "pass: 'table' (50 KiB); add Gather to ops to quantize it (ops=[MatMul, Gemm, Conv, ConvTranspose, Einsum, "
+        "Gather])"]
+    every = compile_model(qir.from_proto(embedding_lm(False)), "quantize-weights{bits=4,ops=[MatMul,Gather]}")
+    assert "left_float" not in every.records[0].report and "notes" not in every.records[0].report
+
+
+def test_a_tied_weight_read_by_an_unselected_gather_is_reported_once():
+    """A table shared by the head (selected) and the embedding (not) is skipped with the reason, not also listed as
+    left in float."""
+    report = compile_model(qir.from_proto(embedding_lm(True)), "quantize-weights{bits=4}").records[0].report
+    assert report["skipped"] == [{"weight": "table", "nodes": ["head"],
+                                  "reason": "shared with unselected node 'embed' (Gather)"}]
+    assert "left_float" not in report
 
 def _embedding(dtype=np.float32) -> onnx.ModelProto:
     """A (300, 80) embedding table looked up by token ids: blocks of 32 along its 80 features (the last one of 16)."""
