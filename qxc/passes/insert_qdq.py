@@ -424,6 +424,10 @@ class InsertQdqPass(QxcPass):
             if v is None or not is_weight(v):
                 continue
             arr = v.const_value.numpy().astype(np.float32)
+            if not np.isfinite(arr).all():  # a constant attention mask's -inf: rounding would make it finite
+                skipped.append({"tensor": v.name, "reason": "constant holds infinities or NaN (a mask's -inf): "
+                                "kept float"})
+                continue
             s, z, qt = self._params(float(arr.min()), float(arr.max()), "8")
             q = quantize(arr, s, z.astype(np.int64), qt).astype(z.dtype)
             dequantize_weight(v, q, s, z, taken)
