@@ -55,8 +55,8 @@ def captured_rows():
     """Every row block the Predictors run meanwhile, copied, with whether its labels were asked for (the floor asks
     onnxruntime for the very outputs qxc asked for: the scores alone skip a classifier's label branch)."""
     rows, run = [], Predictor._run
-    Predictor._run = lambda self, block, with_labels=True: rows.append(
-        (np.array(block), with_labels)) or run(self, block, with_labels)
+    Predictor._run = lambda self, block, with_labels=True, pick=None: rows.append(
+        (np.array(block), with_labels)) or run(self, block, with_labels, pick)
     try:
         yield rows
     finally:

@@ -148,8 +148,8 @@ class ImportanceResult:
 
 def _predict_blocks(predictor: Predictor, blocks, rows_per_run: int, base: Prediction):
     """Yield ``(rows, prediction)`` for each ``(rows, values)`` block of perturbed rows, in order. The blocks are
-    packed into one reused buffer of at most ``rows_per_run`` rows and ``BUFFER_BYTES`` (so a wide row, an image's,
-    takes fewer), run together; a block larger than the buffer runs alone. Memory stays bounded by the buffer and
+    packed into one reused buffer of at most ``rows_per_run`` rows and ``BUFFER_BYTES`` of input or output (so a wide
+    row, an image's, or a wide output, a language model's logits, takes fewer), run together; a block larger than the buffer runs alone. Memory stays bounded by the buffer and
     the largest block, however many blocks there are."""
     buf, filled, pending = None, 0, []
 
@@ -165,7 +165,7 @@ def _predict_blocks(predictor: Predictor, blocks, rows_per_run: int, base: Predi
 
     for rows, values in blocks:
         if buf is None:
-            row_bytes = max(1, values.shape[1] * np.dtype(predictor.dtype).itemsize)
+            row_bytes = max(1, values.shape[1] * np.dtype(predictor.dtype).itemsize, predictor.out_row_bytes or 0)
             buf = np.empty((max(1, min(rows_per_run, BUFFER_BYTES // row_bytes)), values.shape[1]), predictor.dtype)
         if len(rows) > len(buf):
             yield from flush()

@@ -22,8 +22,9 @@ from qxc.errors import DataError, ModelError, UsageError
 # take 231 ns a row against 327 ns for 65,536-row runs (same on a tree ensemble and the 10-feature MLP), and a fresh
 # session's first runs fault in 8x less arena memory.
 BATCH_ROWS = 8192
-# ... and at most this many input bytes per run: a wide row (an image of 3 x 32 x 32) takes fewer rows per run, so
-# the run's input and onnxruntime's arena for its activations stay bounded whatever the row's width
+# ... and at most this many input bytes, and as many output bytes, per run: a wide row (an image of 3 x 32 x 32) or a
+# wide output (a language model's tokens x vocabulary logits) takes fewer rows per run, so the run's input and
+# output and onnxruntime's arena for its activations stay bounded whatever the row's width
 BATCH_BYTES = 8 << 20
 
 
@@ -72,6 +73,8 @@ class Predictor:
         self.output = output  # the column of a multi-output regressor that ``value`` explains
         self.rows_evaluated = 0
         self.calls = 0
+        self.out_row_bytes: int | None = None  # the score output's bytes per row, once a run has shown it
+        self.out_item_shape: tuple[int, ...] | None = None  # ... and its shape per row, before flattening
         self.argmax_labels = False  # labels are the argmax of the scores (no label output)
         if task not in ("auto", "classification", "regression"):
             raise UsageError(f"unknown task '{task}'; use auto, classification or regression")
@@ -88,7 +91,7 @@ class Predictor:
             return
         probe = self.session.run([self.score_out], self.table_inputs.feeds(np.zeros((1, self.n_features),
                                                                                      self.dtype), probe=True))[0]
-        probe = np.asarray(probe, np.float64)
+        probe = _per_row(np.asarray(probe, np.float64))
         matrix = probe.ndim == 2 and probe.shape[1] >= 2
         if task == "classification" and not matrix:
             raise UsageError(f"output '{self.score_out}' gives shape {list(probe.shape)} for one row; a classifier "
@@ -105,8 +108,10 @@ class Predictor:
     def is_classifier(self) -> bool:
         return self.label_out is not None or self.argmax_labels
 
-    def _run(self, x: np.ndarray, with_labels: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
-        """Labels (when ``with_labels``: onnxruntime then also runs the label branch) and scores of ``x``."""
+    def _run(self, x: np.ndarray, with_labels: bool = True, pick=None) -> tuple[np.ndarray | None, np.ndarray]:
+        """Labels (when ``with_labels``: onnxruntime then also runs the label branch) and scores of ``x``; ``pick``
+        (scores, rows) reduces each run's scores of the rows ``rows`` (a slice of ``x``) as they come, so only what
+        it keeps is held for every row."""
         from qxc.runtime.session import normalize_output, run
 
         label_out = self.label_out if with_labels else None
@@ -114,8 +119,15 @@ class Predictor:
         labels, scores = [], []
         fixed = self.table_inputs.fixed_batch  # an export without a dynamic batch axis takes exactly that many rows
         step = fixed or max(1, min(self.batch_size, BATCH_BYTES // max(1, x[:1].nbytes)))
-        for s in range(0, len(x), step):
-            block = x[s : s + step]
+        s = 0
+        while s < len(x):
+            start = s
+            # a first run of one row shows the output's width, which then bounds the rows of every later run
+            rows = step if self.out_row_bytes is not None or fixed else 1
+            if self.out_row_bytes is not None and not fixed:
+                rows = max(1, min(step, BATCH_BYTES // max(1, self.out_row_bytes)))
+            block = x[s : s + rows]
+            s += rows
             short = fixed - len(block) if fixed else 0
             if short:  # the last block, padded with its last row; the padding's outputs are dropped
                 block = np.concatenate([block, np.repeat(block[-1:], short, axis=0)])
@@ -125,7 +137,11 @@ class Predictor:
             keep = slice(None, len(block) - short if short else None)
             if label_out is not None:
                 labels.append(np.asarray(out[0])[keep])
-            scores.append(normalize_output(out[-1])[keep])
+            sc = normalize_output(out[-1])
+            if self.out_row_bytes is None and len(sc):
+                self.out_row_bytes, self.out_item_shape = sc[:1].nbytes, tuple(sc.shape[1:])
+            sc = _per_row(sc)[keep]
+            scores.append(sc if pick is None else pick(sc, slice(start, start + len(sc))))
         self.rows_evaluated += len(x)
         sc = np.concatenate(scores) if scores else np.zeros((0,), np.float32)
         if self.argmax_labels and with_labels:
@@ -133,32 +149,41 @@ class Predictor:
         if len(sc) != len(x):
             raise ModelError(f"output '{self.score_out}' gave {len(sc)} rows for {len(x)} input rows; explanations "
                              "need one output row per input row (check the exporter's output shape)")
-        if sc.ndim == 2 and sc.shape[1] == 1 and self.label_out is None:
-            sc = sc[:, 0]
-        return (np.concatenate(labels) if labels else None), sc
+        return (np.concatenate(labels) if labels else None), self._squeezed(sc)
 
-    def predict(self, x: np.ndarray, with_labels: bool = True) -> Prediction:
+    def _squeezed(self, sc: np.ndarray) -> np.ndarray:
+        """A one-column regression output as a vector."""
+        return sc[:, 0] if sc.ndim == 2 and sc.shape[1] == 1 and self.label_out is None else sc
+
+    def _checked(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=self.dtype)
         if x.ndim != 2 or (self.n_features is not None and x.shape[1] != self.n_features):
             raise DataError(f"{self.table_inputs.what} expects {self.n_features} features per row; got shape "
                             f"{x.shape}")
-        labels, scores = self._run(x, with_labels)
+        return x
+
+    def predict(self, x: np.ndarray, with_labels: bool = True) -> Prediction:
+        labels, scores = self._run(self._checked(x), with_labels)
         return Prediction(labels, scores)
 
     def value(self, x: np.ndarray, classes: np.ndarray | None = None) -> np.ndarray:
         """The scalar explained per row: the regression output (column ``output`` of a multi-output regressor), or
         the probability of ``classes`` (per row). The label output is not asked for: onnxruntime skips its
         nodes."""
-        p = self.predict(x, with_labels=False)
-        if p.scores.ndim == 1:
-            return p.scores.astype(np.float64)
-        if not self.is_classifier:
-            if not 0 <= self.output < p.scores.shape[1]:
-                raise UsageError(f"output {self.output} to explain: the model's '{self.score_out}' has "
-                                 f"{p.scores.shape[1]} columns (0..{p.scores.shape[1] - 1})")
-            return p.scores[:, self.output].astype(np.float64)
-        cls = classes if classes is not None else np.argmax(p.scores, axis=1)
-        return p.scores[np.arange(len(x)), cls].astype(np.float64)
+        def pick(scores: np.ndarray, rows: slice) -> np.ndarray:  # each run's explained column, as it comes
+            scores = self._squeezed(scores)
+            if scores.ndim == 1:
+                return scores.astype(np.float64)
+            if not self.is_classifier:
+                if not 0 <= self.output < scores.shape[1]:
+                    raise UsageError(f"output {self.output} to explain: the model's '{self.score_out}' has "
+                                     f"{scores.shape[1]} columns (0..{scores.shape[1] - 1})")
+                return scores[:, self.output].astype(np.float64)
+            cls = classes[rows] if classes is not None else np.argmax(scores, axis=1)
+            return scores[np.arange(len(scores)), cls].astype(np.float64)
+
+        x = self._checked(x)
+        return self._run(x, with_labels=False, pick=pick)[1]
 
     @property
     def feature_names(self) -> list[str] | None:
@@ -287,6 +312,12 @@ class _TableInputs:
                 part = np.ascontiguousarray(part, dtype=spec.dtype)
             feeds[spec.name] = part.reshape(len(x)) if len(spec.shape) == 1 else part
         return feeds
+
+
+def _per_row(scores: np.ndarray) -> np.ndarray:
+    """An output of rank 3 or more (a language model's (rows, tokens, vocabulary) logits) as (rows, columns), its
+    elements in C order, as an image input's elements are features."""
+    return scores.reshape(len(scores), -1) if scores.ndim > 2 else scores
 
 
 def element_names(name: str, item_shape: tuple[int, ...]) -> list[str]:

@@ -4,6 +4,8 @@ Schema ``qxc.explain/1``::
 
     {"schema", "model", "features": [names], "task": "classification"|"regression", "rows",
      "outputs", "explained_output": (multi-output regressors) how many outputs, and the one explained,
+     "output_shape", "explained_element": (an output of rank 3 or more, a language model's logits) its shape after
+                 the batch axis, and the explained output as an index into it; the outputs are its elements in C order,
      "categories": (string inputs) {feature: [category names]}: the feature's values are indices into these,
      "input_shape": (an image-like input) its shape after the batch axis; the features are its elements in C order,
      "permutation" | "ablation": {"values": {feature: mean}, "std", "stability", "metric", "seconds", "settings"},
@@ -101,6 +103,10 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
                  "task": "classification" if predictor.is_classifier else "regression", "rows": int(len(x))}
     if columns > 1:
         doc["outputs"], doc["explained_output"] = columns, output
+        shape = predictor.out_item_shape
+        if shape is not None and len(shape) > 1:  # (tokens, vocabulary) logits: columns are their elements in C order
+            doc["output_shape"] = list(shape)
+            doc["explained_element"] = [int(i) for i in np.unravel_index(output, shape)]
     if predictor.table_inputs.single is not None and predictor.table_inputs.item_shape:
         doc["input_shape"] = list(predictor.table_inputs.item_shape)
     categories = _categories(predictor, features)
