@@ -283,21 +283,12 @@ def _half(scale: np.ndarray) -> np.ndarray:
     return scale.astype(np.float16).astype(np.float32)
 
 
-def _codes(m: np.ndarray, s: np.ndarray, z: np.ndarray, qt: QType) -> np.ndarray:
-    q = np.divide(m, s[:, None], dtype=np.float32)
+def _codes(m: np.ndarray, s: np.ndarray, z: np.ndarray, qt: QType, out: np.ndarray | None = None) -> np.ndarray:
+    q = np.divide(m, s[:, None], dtype=np.float32, out=out)
     np.rint(q, out=q)
     q += z[:, None]
     np.clip(q, qt.qmin, qt.qmax, out=q)
     return q
-
-
-def _row_sq_err(m: np.ndarray, q: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """Each row's squared reconstruction error, summed in float32 (3x faster than casting every element to float64;
-    ~1e-7 relative, far below the differences between the candidates it ranks)."""
-    d = q - z[:, None]
-    d *= s[:, None]
-    np.subtract(m, d, out=d)
-    return np.einsum("ij,ij->i", d, d)
 
 
 def _group_rtn(m: np.ndarray, qt: QType, symmetric: bool, lo: np.ndarray, hi: np.ndarray, half: bool = False):
@@ -338,42 +329,57 @@ def _group_mse(m: np.ndarray, qt: QType, symmetric: bool, lo: np.ndarray, hi: np
             for d in deltas:
                 best.consider(np.clip(center + np.float32(d), 0.05, 1.0))
         best.refine_scale()
-        out_q[start : start + step], out_s[start : start + step], out_z[start : start + step] = best.q, best.s, best.z
+        out_q[start : start + step] = _codes(sub, best.s, best.z, qt)
+        out_s[start : start + step], out_z[start : start + step] = best.s, best.z
     return out_q, out_s, out_z
 
 
 class _ClipSearch:
-    """Best (codes, scale, zero point) per row found so far, starting from round-to-nearest."""
+    """Best scale and zero point per row found so far, starting from round-to-nearest, and their errors.
+
+    A candidate's error ||(q - z) s - w||^2 is measured in one reused buffer, and only the winner's codes are
+    made: a candidate's codes are never copied (keeping each better row's codes cost a masked copy per candidate).
+    """
 
     def __init__(self, m: np.ndarray, qt: QType, symmetric: bool, lo: np.ndarray, hi: np.ndarray, half: bool = False):
         self.m, self.qt, self.symmetric, self.half = m, qt, symmetric, half
         self.lo, self.hi = lo, hi
-        self.q, self.s, self.z = _group_rtn(m, qt, symmetric, self.lo, self.hi, half)
-        self.err = _row_sq_err(m, self.q, self.s, self.z)
+        self.buf = np.empty_like(m)
+        self.s, self.z = _params32(lo, hi, qt, symmetric, half)
+        self.err = self._error(self.s, self.z)
         self.f = np.ones(len(m), np.float32)
 
-    def _keep(self, q, s, z, err, f=None) -> None:
+    def _error(self, s: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Each row's squared reconstruction error at scale ``s`` and zero point ``z``, summed in float32 (3x
+        faster than casting every element to float64; ~1e-7 relative, far below the differences between the
+        candidates it ranks)."""
+        t = _codes(self.m, s, z, self.qt, out=self.buf)
+        t -= z[:, None]
+        t *= s[:, None]
+        t -= self.m
+        return np.einsum("ij,ij->i", t, t)
+
+    def _keep(self, s, z, err, f=None) -> None:
         better = err < self.err
-        if better.any():
-            self.q[better], self.s[better], self.z[better] = q[better], s[better], z[better]
-            self.err = np.where(better, err, self.err)
-            if f is not None:
-                self.f[better] = np.broadcast_to(f, better.shape)[better]
+        self.s, self.z, self.err = np.where(better, s, self.s), np.where(better, z, self.z), np.where(better, err,
+                                                                                                      self.err)
+        if f is not None:
+            self.f = np.where(better, f, self.f).astype(np.float32)
 
     def consider(self, f) -> None:
-        q, s, z = _group_rtn(self.m, self.qt, self.symmetric, self.lo * f, self.hi * f, self.half)
-        self._keep(q, s, z, _row_sq_err(self.m, q, s, z), f)
+        s, z = _params32(self.lo * f, self.hi * f, self.qt, self.symmetric, self.half)
+        self._keep(s, z, self._error(s, z), f)
 
     def refine_scale(self) -> None:
         """With the codes fixed, the least-squares scale s = <w, q-z> / <q-z, q-z>; kept where it lowers the error."""
-        c = self.q - self.z[:, None]
-        den = np.einsum("ij,ij->i", c, c)  # float32 sums, as in _row_sq_err
+        c = _codes(self.m, self.s, self.z, self.qt)
+        c -= self.z[:, None]
+        den = np.einsum("ij,ij->i", c, c)  # float32 sums, as in _error
         s = (np.einsum("ij,ij->i", self.m, c) / np.where(den > 0, den, 1)).astype(np.float32)
         s = np.where((den > 0) & (s * self.s > 0), s, self.s)  # the sign stays (signed-extreme scales may be < 0)
         if self.half:
             s = np.where(_half(s) * self.s > 0, _half(s), self.s)
-        q = _codes(self.m, s, self.z, self.qt)
-        self._keep(q, s, self.z, _row_sq_err(self.m, q, s, self.z))
+        self._keep(s, self.z, self._error(s, self.z))
 
 
 def quantize_tensor(x, qt: QType | str = "int8", *, symmetric: bool = True,

@@ -133,6 +133,25 @@ def test_mse_is_never_worse_than_rtn_and_better_on_outliers():
     assert mse_c.sqnr_db(w) > rtn_c.sqnr_db(w) + 0.3  # heavy-tailed channels of 64: clipping the extreme pays
 
 
+
+@pytest.mark.parametrize("qt,symmetric,half", [("uint4", False, True), ("int4", True, False), ("int8", True, False)])
+def test_the_clip_search_keeps_each_rows_best_error_without_its_codes(qt, symmetric, half):
+    """The search measures a candidate's error without keeping its codes: the error it holds for each row is the
+    very float32 error of the codes made at the end from the winning scale and zero point."""
+    from qxc.quant.numerics import _ClipSearch, _codes
+
+    rng = np.random.default_rng(1)
+    m = rng.standard_t(df=4, size=(500, 32)).astype(np.float32)
+    q_t = qtype(qt)
+    best = _ClipSearch(m, q_t, symmetric, m.min(axis=1), m.max(axis=1), half)
+    rtn_err = best.err.copy()
+    for f in (0.6, 0.8, 0.9):
+        best.consider(np.float32(f))
+    best.refine_scale()
+    d = m - (_codes(m, best.s, best.z, q_t) - best.z[:, None]) * best.s[:, None]
+    np.testing.assert_array_equal(best.err, np.einsum("ij,ij->i", d, d))
+    assert np.all(best.err <= rtn_err) and np.any(best.err < rtn_err)
+
 def test_nan_weights_are_named():
     w = np.ones((4, 4), np.float32)
     w[1, 2] = np.nan
