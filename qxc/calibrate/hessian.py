@@ -21,7 +21,7 @@ from qxc import ir as qir
 from qxc.calibrate.collect import TapRunner, _schedule
 from qxc.data import Dataset
 from qxc.errors import UsageError
-from qxc.quant.gptq import conv_pads, conv_rows
+from qxc.quant.gptq import conv_pads, conv_rows, conv_transpose_rows
 from qxc.runtime.progress import progress
 
 GRAM_BYTES = 128 << 20
@@ -32,13 +32,15 @@ class Source:
     """Where a weight's input rows come from: ``tensor`` read as rows of its last ``axes`` axes (MatMul, Gemm: one;
     an Einsum summing several), or as its columns (``columns``: the x of a MatMul ``W @ x``), or the patches a Conv
     takes of it, ``conv = (kernel, pads, auto_pad, strides, dilations)``, of its input channels ``channels =
-    (first, stop)`` only when given (one group of a grouped Conv)."""
+    (first, stop)`` only when given (one group of a grouped Conv); with ``output_padding``, the patches of the Conv
+    that computes a ConvTranspose with these attributes (:func:`~qxc.quant.gptq.conv_transpose_rows`)."""
 
     tensor: str
     conv: tuple | None = None
     channels: tuple[int, int] | None = None
     axes: int = 1
     columns: bool = False
+    output_padding: tuple[int, ...] | None = None
 
     def rows(self, arr: np.ndarray, k: int) -> Iterator[np.ndarray]:
         arr = np.asarray(arr, np.float32)
@@ -58,6 +60,8 @@ class Source:
                              f"weight cannot take ({k} inputs); check --data against the model's inputs")
         if self.conv is None:
             yield arr.reshape(-1, k)
+        elif self.output_padding is not None:
+            yield from conv_transpose_rows(arr, kernel, pads, strides, dilations, self.output_padding)
         else:
             yield from conv_rows(arr, kernel, conv_pads(pads, auto_pad, arr.shape[2:], kernel, strides, dilations),
                                  strides, dilations)

@@ -10,8 +10,9 @@ Gather embeddings and LSTM/GRU matrices become integer initializers followed by 
 A weight shared by several selected nodes is quantized once. Every weight considered is reported, quantized or
 skipped with the reason; include/exclude patterns that match no node are errors.
 
-``method=gptq`` (with data) rounds MatMul (either side), Gemm, Einsum and Conv weights by GPTQ on the Gram of their
-inputs (a Conv's through its input's patches, a grouped Conv's per group), see :mod:`qxc.quant.gptq`.
+``method=gptq`` (with data) rounds MatMul (either side), Gemm, Einsum, Conv and ConvTranspose weights by GPTQ on
+the Gram of their inputs (a Conv's through its input's patches, a grouped Conv's per group, a ConvTranspose's
+through the patches of the Conv that computes it), see :mod:`qxc.quant.gptq`.
 
 With data, ``keep-sensitive=K`` keeps the K weights whose int4 quantization alone hurts the outputs most at int8, and
 ``max-error=E`` promotes weights to int8, most sensitive first, until the outputs' relative RMS error is <= E.
@@ -49,6 +50,8 @@ from qxc.quant.gptq import (
     auto_damp,
     conv_from_kn,
     conv_kn,
+    conv_transpose_as_conv,
+    conv_transpose_from_conv,
     gptq_quantize,
     inverse_cholesky,
     reshaped,
@@ -76,7 +79,7 @@ class QuantizeWeightsOptions:
     method: Literal["rtn", "mse", "gptq"] = opt(
         "mse", "round-to-nearest on min/max, a clipping search minimising the weights' MSE, or (with --data) GPTQ: "
                "mse's scales with each row's rounding error compensated in the rows after it, minimising the "
-               "layer's output error on the samples (MatMul, Gemm, Einsum and Conv weights; others get mse)")
+               "layer's output error on the samples (MatMul, Gemm, Einsum, Conv and ConvTranspose weights; others get mse)")
     damp: float = opt(0.0, "method=gptq: damping added to the inputs' Gram diagonal, as a fraction of its mean "
                            "(0: auto, K / rows between 0.01 and 1: few rows need more, or GPTQ fits them)")
     samples: int = opt(0, "method=gptq: use at most this many sample rows (0: all)")
@@ -482,6 +485,14 @@ class QuantizeWeightsPass(QxcPass):
                                    (per, *w.shape[1:]), g) for i, factor in enumerate(factors)]
             return pieces[0] if parts == 1 else stack_output_channels(pieces, w)
         factor = factors[0]
+        if value_uses[0].node.op_type == "ConvTranspose":  # as the Conv computing it: (M, C, *kernel flipped)
+            wc = conv_transpose_as_conv(w)
+            g_conv = Granularity() if g.axis is None else Granularity(axis=0) if g.block is None else \
+                Granularity(1, g.block)
+            qt = gptq_quantize(conv_kn(wc), None, qt_name, symmetric=o.symmetric, factor=factor, name=value.name,
+                               granularity=g_kn, segment=wc.shape[1] if g.block else None, keep_dequantized=keep,
+                               scale_dtype=scale_dtype)
+            return conv_transpose_from_conv(conv_from_kn(qt, wc.shape, g_conv), g)
         if value_uses[0].node.op_type == "Einsum":  # the weight as (K = its leading summed axes, N = the rest)
             summed = self._grams.wanted[(value, 0)][0][0].axes
             k = math.prod(w.shape[:summed])
@@ -657,12 +668,18 @@ def _gptq_inputs(value: ir.Value, value_uses: list[_Use]) -> list[tuple[list[Sou
     sources, groups = set(), 1
     for use in value_uses:
         node, attrs = use.node, use.node.attributes
-        if node.op_type == "Conv" and use.index == 1:
+        if node.op_type in ("Conv", "ConvTranspose") and use.index == 1:
             groups = attrs.get_int("group", 1)
             r = len(shape) - 2
             conv = (shape[2:], tuple(attrs.get_ints("pads", ())), attrs.get_string("auto_pad", "NOTSET"),
                     tuple(attrs.get_ints("strides", (1,) * r)), tuple(attrs.get_ints("dilations", (1,) * r)))
-            sources.add(Source(node.inputs[0].name, conv))
+            if node.op_type == "Conv":
+                sources.add(Source(node.inputs[0].name, conv))
+                continue
+            if groups > 1 or conv[2] not in ("", "NOTSET") or "output_shape" in attrs:
+                return "gptq takes a ConvTranspose of one group with explicit pads (no auto_pad or output_shape)"
+            sources.add(Source(node.inputs[0].name, (conv[0], conv[1] or (0,) * (2 * r), *conv[2:]),
+                               output_padding=tuple(attrs.get_ints("output_padding", (0,) * r))))
         elif node.op_type == "Einsum":
             summed = _einsum_summed(node, use.index)
             if isinstance(summed, str):
@@ -671,8 +688,8 @@ def _gptq_inputs(value: ir.Value, value_uses: list[_Use]) -> list[tuple[list[Sou
         elif node.op_type == "MatMul" and use.index == 0 and len(shape) == 2:  # W @ x: rows of x's columns
             sources.add(Source(node.inputs[1].name, columns=True))
         elif use.index != 1 or node.op_type not in ("MatMul", "Gemm") or attrs.get_int("transA", 0):
-            return (f"gptq needs x @ W (a MatMul, Gemm or Einsum weight) or a Conv's, not {node.op_type} input "
-                    f"{use.index}")
+            return (f"gptq needs x @ W (a MatMul, Gemm or Einsum weight) or a Conv's or ConvTranspose's, not "
+                    f"{node.op_type} input {use.index}")
         elif len(shape) != 2:
             return f"gptq needs a 2-D weight, this MatMul's is rank {len(shape)}"
         else:
@@ -682,8 +699,13 @@ def _gptq_inputs(value: ir.Value, value_uses: list[_Use]) -> list[tuple[list[Sou
         if len({s.axes for s in sources}) > 1:
             return "gptq takes an Einsum weight summed the same way in every use"
         return [(ordered, math.prod(shape[: ordered[0].axes]))]
-    if value_uses[0].node.op_type != "Conv":  # K: W's rows, or its columns when stored (N, K) (transB, W @ x)
+    op = value_uses[0].node.op_type
+    if op not in ("Conv", "ConvTranspose"):  # K: W's rows, or its columns when stored (N, K) (transB, W @ x)
         return [(ordered, shape[1] if _stored_nk(value_uses[0]) else shape[0])]
+    if len({s.output_padding is None for s in sources}) > 1:
+        return "gptq takes a weight read by a Conv or by a ConvTranspose, not both"
+    if op == "ConvTranspose":  # (C, M, *kernel): K = C * P, as its equivalent Conv's
+        return [(ordered, shape[0] * math.prod(shape[2:]))]
     if len(sources) > 1 and groups > 1:
         return "gptq takes a grouped Conv's weight in one Conv only"
     c = shape[1]  # input channels per group

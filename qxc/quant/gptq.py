@@ -223,6 +223,50 @@ def conv_from_kn(qt: QuantizedTensor, shape: tuple[int, ...], granularity: Granu
                            scale_dtype=qt.scale_dtype)
 
 
+# A ConvTranspose is a Conv, stride 1, over its input with stride - 1 zeros between samples, padded by
+# d * (k - 1) - pads (plus output_padding at the end), with the kernel flipped and its channel axes swapped.
+
+
+def conv_transpose_as_conv(w: np.ndarray) -> np.ndarray:
+    """A ConvTranspose weight (C, M, *kernel) as the weight (M, C, *kernel flipped) of the Conv that computes it on
+    :func:`conv_transpose_rows`' input."""
+    w = np.asarray(w, np.float32)
+    return np.ascontiguousarray(np.flip(np.swapaxes(w, 0, 1), axis=tuple(range(2, w.ndim))))
+
+
+def conv_transpose_from_conv(qt: QuantizedTensor, granularity: Granularity) -> QuantizedTensor:
+    """The quantization of :func:`conv_transpose_as_conv`'s weight (per output channel: axis 0; blocks along the
+    input channels: axis 1; or per tensor) in the ConvTranspose weight's own layout and ``granularity`` (output
+    channels on axis 1, blocks along the input channels on axis 0)."""
+
+    def back(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.swapaxes(np.flip(a, axis=tuple(range(2, a.ndim))), 0, 1))
+
+    blocked = granularity.axis is not None and granularity.block is not None
+    scale, zp = (back(qt.scale), back(qt.zero_points)) if blocked else (qt.scale, qt.zero_points)
+    return QuantizedTensor(codes=back(qt.codes), scale=scale, zero_points=zp, qtype=qt.qtype, granularity=granularity,
+                           sqnr=qt.sqnr, dequantized=None if qt.dequantized is None else back(qt.dequantized),
+                           scale_dtype=qt.scale_dtype)
+
+
+def conv_transpose_rows(x: np.ndarray, kernel: Sequence[int], pads: Sequence[int], strides: Sequence[int],
+                        dilations: Sequence[int], output_padding: Sequence[int], max_bytes: int = 16 << 20
+                        ) -> Iterator[np.ndarray]:
+    """The patches a ConvTranspose's equivalent Conv multiplies by ``conv_kn(conv_transpose_as_conv(w))``: ``x``
+    (N, C, *spatial) with stride - 1 zeros between its samples, padded by d * (k - 1) - pads at the start and that
+    plus output_padding at the end (cropped where negative), in rows of P * C values."""
+    r = len(kernel)
+    x = np.asarray(x, np.float32)
+    up = np.zeros((*x.shape[:2], *[(size - 1) * s + 1 for size, s in zip(x.shape[2:], strides)]), np.float32)
+    up[(slice(None), slice(None), *(slice(None, None, s) for s in strides))] = x
+    begins = [d * (k - 1) - pads[i] for i, (k, d) in enumerate(zip(kernel, dilations))]
+    ends = [d * (k - 1) - pads[i + r] + output_padding[i] for i, (k, d) in enumerate(zip(kernel, dilations))]
+    up = up[(slice(None), slice(None), *(slice(max(0, -b), up.shape[2 + i] - max(0, -e))
+                                         for i, (b, e) in enumerate(zip(begins, ends))))]
+    yield from conv_rows(up, kernel, [max(0, b) for b in begins] + [max(0, e) for e in ends], [1] * r, dilations,
+                         max_bytes)
+
+
 def reshaped(qt: QuantizedTensor, shape: tuple[int, ...], granularity: Granularity) -> QuantizedTensor:
     """The quantization of ``w.reshape(K, N)`` (K: ``w``'s leading axes, blocks along the last of them) in ``w``'s
     own ``shape`` and ``granularity``: blocks along that axis, the one kept axis as channels, or per tensor."""

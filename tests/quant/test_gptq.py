@@ -14,6 +14,9 @@ from qxc.quant.gptq import (
     conv_kn,
     conv_pads,
     conv_rows,
+    conv_transpose_as_conv,
+    conv_transpose_from_conv,
+    conv_transpose_rows,
     gptq_quantize,
     inverse_cholesky,
     reshaped,
@@ -149,6 +152,55 @@ def test_a_conv_weight_through_its_patch_matrix_comes_back_in_its_own_layout(cha
     np.testing.assert_allclose(got.scale, want.scale, rtol=tol, atol=0)
     np.testing.assert_allclose(got.dequantized, want.dequantized, rtol=tol, atol=tol)
     assert got.granularity == granularity and got.scale.shape == want.scale.shape
+
+
+@pytest.mark.parametrize("kernel,pads,strides,dilations,output_padding", [
+    ((4, 4), (1, 1, 1, 1), (2, 2), (1, 1), (0, 0)),  # PyTorch's ConvTranspose2d(k=4, s=2, p=1): a U-Net's upsampler
+    ((2, 2), (0, 0, 0, 0), (2, 2), (1, 1), (0, 0)),
+    ((3, 3), (1, 1, 1, 1), (2, 2), (1, 1), (1, 1)),
+    ((3,), (2, 4), (3,), (2,), (1,)),
+    ((3, 2), (0, 1, 2, 0), (1, 2), (2, 1), (0, 1)),
+    ((5,), (6, 5), (2,), (1,), (0,)),  # pads beyond d * (k - 1): the zero-filled input is cropped
+])
+def test_conv_transpose_patches_times_the_conv_weight_are_onnxruntimes_conv_transpose(kernel, pads, strides,
+                                                                                     dilations, output_padding):
+    """A ConvTranspose as a Conv over its input with zeros between samples, against onnxruntime's ConvTranspose."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(2, 3, *([7] * len(kernel)))).astype(np.float32)
+    w = rng.normal(size=(3, 4, *kernel)).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=list(strides), pads=list(pads),
+                            dilations=list(dilations), output_padding=list(output_padding))
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    rows = np.concatenate(list(conv_transpose_rows(x, kernel, pads, strides, dilations, output_padding,
+                                                   max_bytes=256)))
+    np.testing.assert_allclose(rows @ conv_kn(conv_transpose_as_conv(w)), np.moveaxis(y, 1, -1).reshape(-1, 4),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", [Granularity(axis=0, block=32), Granularity(axis=1), Granularity()])
+def test_a_conv_transpose_weight_through_its_conv_comes_back_in_its_own_layout(granularity):
+    """With uncorrelated patches, GPTQ of the equivalent Conv's matrix is quantize_tensor of the ConvTranspose
+    weight (C, M, *kernel) itself: blocks along C (axis 0), channels along M (axis 1), in ONNX's layout."""
+    w = np.random.default_rng(11).standard_t(5, size=(40, 6, 4, 4)).astype(np.float32)
+    wc = conv_transpose_as_conv(w)
+    block = granularity.block is not None
+    g_conv = Granularity(axis=1, block=32) if block else Granularity(axis=0) if granularity.axis is not None else \
+        Granularity()
+    kn = Granularity(axis=0, block=32) if block else Granularity(axis=1) if granularity.axis is not None else \
+        Granularity()
+    qt = gptq_quantize(conv_kn(wc), np.eye(16 * 40), "uint4", symmetric=False, granularity=kn, method="rtn",
+                       segment=40 if block else None)
+    got = conv_transpose_from_conv(conv_from_kn(qt, wc.shape, g_conv), granularity)
+    want = quantize_tensor(w, "uint4", symmetric=False, granularity=granularity, method="rtn")
+    for field in ("codes", "scale", "zero_points", "dequantized"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    assert got.granularity == granularity
 
 
 @pytest.mark.parametrize("granularity", [Granularity(axis=0, block=32), Granularity(axis=1), Granularity()])
