@@ -123,9 +123,8 @@ class Predictor:
         while s < len(x):
             start = s
             # a first run of one row shows the output's width, which then bounds the rows of every later run
-            rows = step if self.out_row_bytes is not None or fixed else 1
-            if self.out_row_bytes is not None and not fixed:
-                rows = max(1, min(step, BATCH_BYTES // max(1, self.out_row_bytes)))
+            rows = step if fixed else 1 if self.out_row_bytes is None else max(
+                1, min(step, BATCH_BYTES // max(1, self.out_row_bytes)))
             block = x[s : s + rows]
             s += rows
             short = fixed - len(block) if fixed else 0
@@ -133,7 +132,7 @@ class Predictor:
                 block = np.concatenate([block, np.repeat(block[-1:], short, axis=0)])
             out = run(self.session, names, self.table_inputs.feeds(block))
             self.calls += 1
-            # an unpadded block keeps every row the model gave: one giving too many is caught below
+            # an unpadded block keeps every row the model gave, so that one giving too many is caught
             keep = slice(None, len(block) - short if short else None)
             if label_out is not None:
                 labels.append(np.asarray(out[0])[keep])
@@ -141,14 +140,14 @@ class Predictor:
             if self.out_row_bytes is None and len(sc):
                 self.out_row_bytes, self.out_item_shape = sc[:1].nbytes, tuple(sc.shape[1:])
             sc = _per_row(sc)[keep]
+            if len(sc) != len(block) - short:
+                raise ModelError(f"output '{self.score_out}' gave {len(sc)} rows for {len(block) - short} input rows; "
+                                 "explanations need one output row per input row (check the exporter's output shape)")
             scores.append(sc if pick is None else pick(sc, slice(start, start + len(sc))))
         self.rows_evaluated += len(x)
         sc = np.concatenate(scores) if scores else np.zeros((0,), np.float32)
         if self.argmax_labels and with_labels:
             labels = [np.argmax(sc, axis=1)] if len(sc) else []
-        if len(sc) != len(x):
-            raise ModelError(f"output '{self.score_out}' gave {len(sc)} rows for {len(x)} input rows; explanations "
-                             "need one output row per input row (check the exporter's output shape)")
         return (np.concatenate(labels) if labels else None), self._squeezed(sc)
 
     def _squeezed(self, sc: np.ndarray) -> np.ndarray:

@@ -540,8 +540,9 @@ def test_an_output_with_more_rows_than_inputs_is_a_model_error():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([-1, 1]), "shape")])
     model = qir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    with pytest.raises(ModelError, match="output 'y' gave 6 rows for 3 input rows"):
-        Predictor(model).predict(np.ones((3, 4), np.float32))
+    for ask in (Predictor.predict, Predictor.value):  # the first run, of one row, shows it
+        with pytest.raises(ModelError, match="output 'y' gave 2 rows for 1 input rows"):
+            ask(Predictor(model), np.ones((3, 4), np.float32))
 
 
 def test_explain_output_and_task_reach_the_chunked_path(tmp_path):
