@@ -200,10 +200,7 @@ class QuantizeWeightsPass(QxcPass):
                                     "with subscripts both kept and summed"})
                     continue
                 idx, ch, red = rule
-                indices = [idx] + ([2] if node.op_type in ("LSTM", "GRU") else [])
-                for i in indices:
-                    if i >= len(node.inputs) or node.inputs[i] is None:
-                        continue
+                for i in _weight_inputs(node, idx):
                     uses.setdefault(node.inputs[i], []).append(_Use(node, i, ch, red))
         unmatched = [p for p, hit in matched.items() if not hit]
         if unmatched:
@@ -217,13 +214,14 @@ class QuantizeWeightsPass(QxcPass):
         if node.op_type not in DEFAULT_OPS + OPTIONAL_OPS:
             return
         rule = weight_rule(node)
-        if rule is None or rule[0] >= len(node.inputs) or node.inputs[rule[0]] is None:
+        if rule is None:
             return
-        value = node.inputs[rule[0]]
-        t = value.const_value
-        if (value.producer() is None and t is not None and len(t.shape) >= 2
-                and t.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)):
-            self._unselected.setdefault(value, []).append(node)
+        for i in _weight_inputs(node, rule[0]):
+            value = node.inputs[i]
+            t = value.const_value
+            if (value.producer() is None and t is not None and len(t.shape) >= 2
+                    and t.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)):
+                self._unselected.setdefault(value, []).append(node)
 
     def _left_float(self, model: ir.Model, uses: dict) -> tuple[list[dict], list[str]]:
         """The float weights of op types not in ``ops`` that the pass did not quantize through another node, and a
@@ -711,6 +709,12 @@ def _gptq_inputs(value: ir.Value, value_uses: list[_Use]) -> list[tuple[list[Sou
     c = shape[1]  # input channels per group
     return [([Source(s.tensor, s.conv, (i * c, (i + 1) * c) if groups > 1 else None) for s in ordered],
              c * math.prod(shape[2:])) for i in range(groups)]
+
+
+def _weight_inputs(node: ir.Node, index: int) -> list[int]:
+    """The inputs of ``node`` holding its weights: ``index``, and an LSTM's or a GRU's recurrence weight R."""
+    indices = [index] + ([2] if node.op_type in ("LSTM", "GRU") else [])
+    return [i for i in indices if i < len(node.inputs) and node.inputs[i] is not None]
 
 
 def _stored_nk(use: _Use) -> bool:

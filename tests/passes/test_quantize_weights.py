@@ -661,6 +661,8 @@ def test_gather_and_lstm_weights_on_request():
     m.ir_version = 8
     result = compile_model(qir.from_proto(m), "quantize-weights{ops=[Gather,LSTM]}", verify_runtime=True)
     assert sorted(e["weight"] for e in result.records[0].report["quantized"]) == ["R", "W", "emb"]
+    left = compile_model(qir.from_proto(m), "quantize-weights{ops=[Gather]}").records[0].report["left_float"]
+    assert [(e["weight"], e["op"]) for e in left] == [("W", "LSTM"), ("R", "LSTM")]  # the recurrence's too
     ids = np.array([[1], [7], [3], [49], [0]], np.int64)
     assert sqnr_db(run(m, {"ids": ids})[0], run(qir.to_proto(result.model), {"ids": ids})[0]) > 30
 
