@@ -410,6 +410,12 @@ class PruneChannelsPass(QxcPass):
         self.report = {"layers": layers, "kept_whole": kept, "parameters_removed": int(removed)}
         if not sel.weights and not sel.skipped:
             self.report["warnings"] = [nothing_to_do(model, o.ops, "prune")]
+        elif not layers and kept:  # every candidate kept whole: the model leaves as it came, say why
+            first = kept[0]
+            self.report["warnings"] = [f"no layer's channels could be removed ({len(kept)} kept whole; the first, "
+                                       f"'{first['node']}': {first['reason']}); the model is unchanged, see the "
+                                       "report's kept_whole, or prune without removing channels (prune-magnitude, "
+                                       "prune-nm)"]
         if getattr(self, "sensitivity", None):
             self.report["sensitivity"] = self.sensitivity
         return ir.passes.PassResult(model, modified=bool(layers))

@@ -50,8 +50,14 @@ def test_weights_applied_from_the_left_prune_along_their_columns():
         assert e["pattern"] == "2:4 along axis 1 (verified)"
         w = next(v for v in result.model.graph.initializers.values() if v.name == name).const_value.numpy()
         assert nm_holds(w, 2, 4, axis=1) and not nm_holds(w, 2, 4, axis=0)
-    kept = compile_model(qir.from_proto(left_weight_model()), "prune-channels").records[0].report["kept_whole"]
+    result = compile_model(qir.from_proto(left_weight_model()), "prune-channels")
+    kept = result.records[0].report["kept_whole"]
     assert {k["node"] for k in kept if "applies its weight from the left" in k["reason"]} == {"fc1", "fc2"}
+    # nothing could shrink: a warning (printed even with -q) says so, naming the first layer and why
+    assert not result.modified and result.records[0].report["warnings"] == [
+        f"no layer's channels could be removed ({len(kept)} kept whole; the first, '{kept[0]['node']}': "
+        f"{kept[0]['reason']}); the model is unchanged, see the report's kept_whole, or prune without removing "
+        "channels (prune-magnitude, prune-nm)"]
 
 
 def test_channels_shrink_matrices_and_the_model_runs(tmp_path):
@@ -60,7 +66,7 @@ def test_channels_shrink_matrices_and_the_model_runs(tmp_path):
     w = _weights(result.model)
     assert w["layer0.w1"].shape == (32, 32) and w["layer0.b1"].shape == (32,) and w["layer0.w2"].shape == (32, 32)
     kept = result.records[0].report["kept_whole"]
-    assert {k["node"] for k in kept} == {"layer0.fc2", "layer1.fc2", "head"}
+    assert {k["node"] for k in kept} == {"layer0.fc2", "layer1.fc2", "head"} and "warnings" not in result.records[0].report
     assert all("residual" in k["reason"] or "graph output" in k["reason"] for k in kept)
     onnx.checker.check_model(qir.to_proto(result.model), full_check=True)
     feeds = feeds_for(path, data)
