@@ -225,6 +225,16 @@ def _cast(name: str, arr: np.ndarray, spec: InputSpec, src: str) -> np.ndarray:
     if want.kind == "f":
         if arr.dtype.kind == "f" or arr.dtype.kind in "biu":
             return arr.astype(want)
+    if want.kind in "iu" and arr.dtype.kind == "f":  # whole numbers saved as floats (pandas, np.savez of a mix)
+        if not np.isfinite(arr).all():
+            raise DataError(f"{src}: input '{name}' holds NaN or inf, which its {want} input cannot take")
+        if not np.array_equal(arr, np.round(arr)):
+            raise DataError(f"{src}: input '{name}' holds fractions for its {want} input; round them or save whole "
+                            "numbers")
+        info = np.iinfo(want)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise DataError(f"{src}: input '{name}' values do not fit the model's {want}")
+        return arr.astype(want)
     if want.kind in "iu" and arr.dtype.kind in "iu":
         cast = arr.astype(want)
         if not np.array_equal(cast, arr):

@@ -155,3 +155,23 @@ def test_an_empty_cell_for_an_integer_input_is_named(tmp_path):
     (tmp_path / "ok.csv").write_text('k,s\n1,"a, quoted"\n2,b\n')
     ds = load_data(tmp_path / "ok.csv", model)
     assert ds.stacked["k"].dtype == np.int64 and ds.stacked["s"][0, 0] == "a, quoted"
+
+
+def _ids_model(elem=TensorProto.INT64):
+    graph = helper.make_graph([helper.make_node("Cast", ["ids"], ["y"], to=TensorProto.FLOAT)], "g",
+                              [helper.make_tensor_value_info("ids", elem, [None, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
+    return qir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_whole_numbers_saved_as_floats_feed_an_integer_input():
+    """Token ids or counts saved as floats (pandas, a mixed np.savez) are cast when every value is a whole number
+    that fits, as a CSV's are; a fraction, a NaN or a value out of range is named."""
+    ds = load_data({"ids": np.array([[1.0, 4999.0, 0.0]], np.float32)}, _ids_model())
+    assert ds.stacked["ids"].dtype == np.int64 and ds.stacked["ids"].tolist() == [[1, 4999, 0]]
+    for values, match in [([[1.5, 2, 3]], "holds fractions for its int64 input"),
+                          ([[np.nan, 2, 3]], "holds NaN or inf"),
+                          ([[300, 2, 3]], "values do not fit the model's uint8")]:
+        model = _ids_model(TensorProto.UINT8 if "uint8" in match else TensorProto.INT64)
+        with pytest.raises(DataError, match=match):
+            load_data({"ids": np.array(values, np.float64)}, model)
