@@ -52,7 +52,10 @@ FLOAT_OUT = ("MatMul", "Gemm", "Add", "Mul", "Softmax", "Sigmoid", "Concat")
 
 @dataclass(frozen=True)
 class InsertQdqOptions:
-    method: Literal["minmax", "percentile", "entropy", "mse"] = opt("minmax", "calibration method for activations")
+    method: Literal["minmax", "percentile", "entropy", "mse"] = opt(
+        "minmax", "calibration method for activations: minmax, percentile (99.999), entropy (TensorRT's KL threshold; "
+                  "it may clip a spiky tensor's real outliers, such as a ViT's class token, where mse weighs clipping "
+                  "against rounding per tensor)")
     percentile: float = opt(99.999, "percentile kept by method=percentile")
     activations: Literal["auto", "uint8", "int8"] = opt(
         "auto", "activation type: uint8 asymmetric (CPU), int8 symmetric (CUDA/TensorRT); auto picks by provider")
