@@ -158,8 +158,11 @@ def _predict_blocks(predictor: Predictor, blocks, rows_per_run: int, base: Predi
         run = predictor.predict(buf[:filled]) if filled else base.take(slice(0, 0))
         at = 0
         for rows in pending:
-            yield rows, run.take(slice(at, at + len(rows)))
+            # a copy: a view would keep the whole run's predictions alive through the next run (twice the buffer)
+            part = run.take(slice(at, at + len(rows)))
+            yield rows, Prediction(None if part.labels is None else part.labels.copy(), part.scores.copy())
             at += len(rows)
+        del run
         pending.clear()
         filled = 0
 
@@ -294,18 +297,18 @@ def ablation_importance(predictor: Predictor, x: np.ndarray, y: np.ndarray | Non
     base = predictor.predict(x)
     classifier, labeled = predictor.is_classifier, y is not None
     terms = RowTerms(base, y, classifier)  # each row's score term, unablated
-    ablated = np.empty((f, *terms.base_terms.shape))  # ... and with each feature ablated
-    for col, (rows, part) in enumerate(_predict_blocks(predictor, blocks(), rows_per_run, base)):
-        ablated[col] = terms.base_terms
-        ablated[col, rows] = terms.terms(part, rows)
+    # a bootstrap sample's score comes from its rows' terms summed: how often it draws each row, times the terms;
+    # a feature's ablation changes only its changed rows' terms, so nothing (features x rows x outputs) is held
+    counts = np.stack([np.bincount(rows, minlength=n) for rows in subsets]).astype(np.float64)  # (repeats, rows)
+    base_sums = counts @ terms.base_terms
+    ss_tot = [_ss_tot(np.asarray(y)[rows]) if labeled and not classifier else None for rows in subsets]
+    baseline_scores = [score_from_sums(base_sums[r], len(rows), classifier, labeled, ss_tot[r])
+                       for r, rows in enumerate(subsets)]
     imp = np.zeros((f, len(subsets)))
-    baseline_scores = []
-    for r, rows in enumerate(subsets):  # a bootstrap sample's score: its rows' terms summed
-        ss_tot = _ss_tot(np.asarray(y)[rows]) if labeled and not classifier else None
-        bs = score_from_sums(terms.base_terms[rows].sum(axis=0), len(rows), classifier, labeled, ss_tot)
-        baseline_scores.append(bs)
-        sums = ablated[:, rows].sum(axis=1)  # (features, ...) at once
-        imp[:, r] = [bs - score_from_sums(sums[col], len(rows), classifier, labeled, ss_tot) for col in range(f)]
+    for col, (rows, part) in enumerate(_predict_blocks(predictor, blocks(), rows_per_run, base)):
+        sums = base_sums + counts[:, rows] @ (terms.terms(part, rows) - terms.base_terms[rows])
+        imp[col] = [bs - score_from_sums(sums[r], len(subset), classifier, labeled, ss_tot[r])
+                    for r, (bs, subset) in enumerate(zip(baseline_scores, subsets))]
     metric = ("accuracy" if predictor.is_classifier else "r2") if y is not None else "prediction_change"
     return ImportanceResult(imp, float(np.mean(baseline_scores)), metric, time.perf_counter() - t,
                             {"baseline": baseline, "n_repeats": n_repeats, "random_state": random_state, "rows": n,

@@ -116,7 +116,7 @@ class Predictor:
 
         label_out = self.label_out if with_labels else None
         names = [n for n in (label_out, self.score_out) if n is not None]
-        labels, scores = [], []
+        labels, scores = [], None  # scores: every row's, filled run by run (no second copy of them to concatenate)
         fixed = self.table_inputs.fixed_batch  # an export without a dynamic batch axis takes exactly that many rows
         step = fixed or max(1, min(self.batch_size, BATCH_BYTES // max(1, x[:1].nbytes)))
         s = 0
@@ -143,9 +143,12 @@ class Predictor:
             if len(sc) != len(block) - short:
                 raise ModelError(f"output '{self.score_out}' gave {len(sc)} rows for {len(block) - short} input rows; "
                                  "explanations need one output row per input row (check the exporter's output shape)")
-            scores.append(sc if pick is None else pick(sc, slice(start, start + len(sc))))
+            sc = sc if pick is None else pick(sc, slice(start, start + len(sc)))
+            if scores is None:
+                scores = np.empty((len(x), *sc.shape[1:]), sc.dtype)
+            scores[start : start + len(sc)] = sc
         self.rows_evaluated += len(x)
-        sc = np.concatenate(scores) if scores else np.zeros((0,), np.float32)
+        sc = scores if scores is not None else np.zeros((0,), np.float32)
         if self.argmax_labels and with_labels:
             labels = [np.argmax(sc, axis=1)] if len(sc) else []
         return (np.concatenate(labels) if labels else None), self._squeezed(sc)

@@ -1035,3 +1035,32 @@ def test_wide_outputs_run_in_bounded_batches_with_the_same_values(monkeypatch):
     got = capped.value(x)
     assert rows_per_run[0] == 1 and max(rows_per_run) == 10 and sum(rows_per_run) == 100
     np.testing.assert_array_equal(got, want)
+
+
+def test_ablation_of_a_wide_output_scores_each_bootstrap_sample_as_brute_force():
+    """Without labels, ablation's score is the mean change over rows and outputs; each bootstrap sample's comes
+    from how often it draws each row, never from a features x rows x outputs array (a small GPT's 16 x 5,000
+    logits made it 1.7 GB)."""
+    model = _three_d_output_model()
+    x = np.random.default_rng(7).normal(size=(50, 6)).astype(np.float32)
+    pred = Predictor(model)
+    res = ablation_importance(pred, x, None, n_repeats=3, random_state=4)
+    base = pred.predict(x).scores
+    rng = np.random.default_rng(4)
+    subsets = [rng.choice(50, size=50, replace=True) for _ in range(3)]
+    for col in range(6):
+        xa = x.copy()
+        xa[:, col] = x[:, col].mean()
+        change = np.abs(pred.predict(xa).scores.astype(np.float64) - base).mean(axis=1)
+        np.testing.assert_allclose(res.importances[col], [change[s].mean() for s in subsets], rtol=1e-6)
+    import tracemalloc  # numpy reports its buffers to tracemalloc
+
+    wide, xw = _three_d_output_model(60, 25, 200), np.random.default_rng(8).normal(size=(200, 60)).astype(np.float32)
+    pw = Predictor(wide)
+    tracemalloc.start()
+    ablation_importance(pw, xw, None)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # one run buffer's 64 MB of outputs (the one before it let go) and a few (rows x outputs) terms; features x rows
+    # x outputs in float64 would take 480 MB, twice over
+    assert peak < 125e6
