@@ -109,8 +109,10 @@ def _float(v: ir.Value | None) -> bool:
 
 def _weight_axis(node: ir.Node, index: int, rank: int) -> int | None:
     """The axis of a weight's per-channel scales; None (one scale) for a MatMul's weight applied from the left,
-    where onnxruntime's QLinearMatMul takes a per-tensor scale."""
-    if index == 0:
+    where onnxruntime's QLinearMatMul takes a per-tensor scale, and for a batched MatMul's weight of rank 3 or more,
+    whose per-column scales onnxruntime's fused MatMulIntegerToFloat refuses at run time ("b zero point is not
+    valid": it takes a weight's parameters per column only for a 2-D weight)."""
+    if index == 0 or (node.op_type == "MatMul" and rank > 2):
         return None
     if node.op_type == "Conv":
         return 0

@@ -21,7 +21,7 @@ from helpers import (
     run,
     sqnr_db,
 )
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from qxc import compile_model
 from qxc import ir as qir
@@ -357,3 +357,23 @@ def test_a_model_with_nothing_to_quantize_says_so_and_is_not_calibrated(capsys, 
     assert main(["compile", str(MODELS / "breast_cancer_gb.onnx"), "-o", str(tmp_path / "o.onnx"), "-p",
                  "int4-weights", "-q"]) == 0
     assert "qxc: warning: pass 'quantize-weights': nothing to quantize" in capsys.readouterr().err
+
+
+def test_a_batched_matmuls_weight_of_rank_three_takes_one_scale_and_runs_in_onnxruntime(tmp_path):
+    """Per-column scales of a (heads, K, N) weight are valid ONNX, but onnxruntime fuses the QDQ MatMul into
+    MatMulIntegerToFloat, which takes per-column parameters of a 2-D weight only and failed at run time ("b zero
+    point is not valid"): such a weight gets one scale."""
+    rng = np.random.default_rng(0)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="bmm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 10, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 10, 48])],
+                          [numpy_helper.from_array(rng.normal(size=(4, 64, 48)).astype(np.float32), "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    feeds = {"x": rng.normal(size=(16, 4, 10, 64)).astype(np.float32)}
+    result = compile_model(qir.from_proto(m), "insert-qdq", data=feeds)
+    dq = next(n for n in result.model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None)
+    assert dq.inputs[1].const_value.numpy().ndim == 0
+    out = ort.InferenceSession(qir.to_proto(result.model).SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert sqnr_db(run(m, feeds)[0], out) > 30
