@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from qxc import ir as qir
-from qxc.data import Dataset, load_data
+from qxc.data import Dataset, first_sample, load_data
 from qxc.pipeline import CompileResult, Instrument, PassContext, PassManager, Step, VerifierInstrument, resolve_pipeline
 
 load = qir.load
@@ -37,7 +37,8 @@ def compile_model(model: Any, pipeline: str | os.PathLike | Sequence[Step], *, d
 
         ranges = Ranges.load(ranges)
     context = PassContext(data=dataset, ranges=ranges, providers=tuple(providers), seed=seed)
-    extra = [VerifierInstrument(runtime=verify_runtime, providers=providers)] if verify else []
+    extra = [VerifierInstrument(runtime=verify_runtime, providers=providers,
+                                sample=None if dataset is None else first_sample(dataset, model))] if verify else []
     manager = PassManager(steps, context=context, instruments=[*extra, *instruments], failure_path=failure_path)
     result = manager.run(model)
     if moved:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import sys
 import time
 import types
@@ -480,20 +481,45 @@ class StatisticsInstrument(Instrument):
 
 
 class VerifierInstrument(Instrument):
-    """After every pass: onnx.checker full check, unchanged I/O signature, optionally an onnxruntime session."""
+    """After every pass: onnx.checker full check, unchanged I/O signature, optionally an onnxruntime session (that
+    runs ``sample``, one feed of the data, when given). After the pipeline, a changed model runs ``sample`` in
+    onnxruntime once, as its graph optimizations leave it: a valid model that onnxruntime's fused kernels refuse
+    fails the compile instead of reaching the user."""
 
-    def __init__(self, runtime: bool = False, providers: Sequence[str] = ("cpu",)):
+    def __init__(self, runtime: bool = False, providers: Sequence[str] = ("cpu",),
+                 sample: dict | None = None):
         self.runtime = runtime
         self.providers = tuple(providers)
+        self.sample = sample
         self._signature = None
+        self._changed = False
 
     def before_pipeline(self, model):
         self._signature = signature(model)
+
+    def _run_sample(self, model, subject: str, hint: str = "") -> None:
+        from qxc.runtime import make_session
+
+        try:
+            session = make_session(model, providers=self.providers)
+        except QxcError as e:
+            raise PassError(f"{subject} onnxruntime cannot load: {e}{hint}") from e
+        if self.sample is not None:
+            try:
+                session.run(None, self.sample)
+            except Exception as e:  # onnxruntime's exception types are not public; its messages are multi-line
+                raise PassError(f"{subject} onnxruntime cannot run on the first sample: {_ort_failure(e)}{hint}") from e
+
+    def after_pipeline(self, model):
+        if self._changed and self.sample is not None and not self.runtime:  # with runtime, every pass ran it
+            self._run_sample(model, "the compiled model is one", "; rerun with --verify-runtime to find the pass "
+                             "that made it")
 
     def after_pass(self, index, pass_, model, record):
         if not record.modified and not pass_.changes_signature:
             record.verified.append("unchanged")  # the model is the one already verified
             return
+        self._changed = True
         try:
             qir.check(model)
         except ModelError as e:
@@ -507,14 +533,17 @@ class VerifierInstrument(Instrument):
             raise PassError(f"pass '{pass_.name}' changed the model's inputs/outputs: {self._signature} -> {sig}")
         record.verified.append("signature")
         if self.runtime:
-            from qxc.runtime import make_session
-
-            try:
-                make_session(model, providers=self.providers)
-            except QxcError as e:
-                raise PassError(f"pass '{pass_.name}' produced a model onnxruntime cannot load: {e}") from e
+            self._run_sample(model, f"pass '{pass_.name}' produced a model")
             record.verified.append("onnxruntime")
 
+
+
+def _ort_failure(e: Exception) -> str:
+    """onnxruntime's run failure in one line: the node, and the end of its message (the start is a C++ signature)."""
+    text = " ".join(str(e).split())
+    node = re.search(r"running (\S+) node\. Name:'([^']*)'", text)
+    where = f"node '{node.group(2)}' ({node.group(1)}): " if node else ""
+    return where + (text if len(text) <= 200 else "..." + text[-160:])
 
 class DumpInstrument(Instrument):
     """``--dump-dir``: the model after every pass as ``NN-pass.onnx`` (and ``00-input.onnx``)."""

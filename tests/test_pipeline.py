@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 from helpers import mlp_model
@@ -152,6 +153,41 @@ def test_failing_pass_saves_the_model_and_names_the_pass(tmp_path):
     finally:
         _REGISTRY.pop("break-graph")
 
+
+
+def test_a_compiled_model_onnxruntime_cannot_run_fails_the_compile(tmp_path):
+    """A valid model whose run fails in onnxruntime (here a Gather index past the end; in the wild a fused kernel
+    refusing its parameters) stops the compile when there is data: after the pipeline, or, with verify_runtime,
+    after the pass that made it (its model saved). A pass that changes nothing is not run again."""
+
+    @register_pass("index-past-end")
+    class IndexPastEndPass(QxcPass):
+        def call(self, model):
+            out = model.graph.outputs[0]  # (rows, width): read back through a Gather with one index past the end
+            name, width = out.name, out.shape[-1]
+            idx = ir.Value(name="past_end", const_value=ir.tensor(np.array([*range(width - 1), width + 5],
+                                                                           np.int64)))
+            model.graph.register_initializer(idx)
+            out.name = "pre_gather"
+            gather = ir.node("Gather", [out, idx], attributes={"axis": 1}, name="gather_past_end")
+            model.graph.append(gather)
+            gather.outputs[0].name, gather.outputs[0].dtype, gather.outputs[0].shape = name, out.dtype, out.shape
+            model.graph.outputs[0] = gather.outputs[0]
+            return ir.passes.PassResult(model, True)
+
+    data = {"x": np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)}
+    try:
+        with pytest.raises(PassError, match="the compiled model is one onnxruntime cannot run on the first sample: "
+                                            "node 'gather_past_end' \\(Gather\\).*rerun with --verify-runtime"):
+            compile_model(qir.from_proto(mlp_model()), "cleanup,index-past-end", data=data)
+        with pytest.raises(PassError, match="pass 'index-past-end' produced a model onnxruntime cannot run on the "
+                                            "first sample.*failed-02-index-past-end"):
+            compile_model(qir.from_proto(mlp_model()), "cleanup,index-past-end", data=data, verify_runtime=True,
+                          failure_path=tmp_path / "out.onnx")
+        assert (tmp_path / "out.failed-02-index-past-end.onnx").exists()
+        assert compile_model(qir.from_proto(mlp_model()), "cleanup", data=data).records[0].modified
+    finally:
+        _REGISTRY.pop("index-past-end")
 
 def test_verifier_rejects_a_changed_signature():
     @register_pass("rename-output")
