@@ -200,8 +200,10 @@ class InsertQdqPass(QxcPass):
         members: dict[ir.Node, set[ir.Value]] = {}  # each planned node's quantized tensors
         links: list[tuple[ir.Node, ir.Node]] = []  # a folded Relu/Clip and its producer
 
+        kept_float: set[str] = set()  # tensors no node may quantize (a float16 Concat's output)
+
         def add(v: ir.Value | None, *nodes: ir.Node) -> None:
-            if v is None or not _float(v) or is_weight(v) or not v.name:
+            if v is None or not _float(v) or is_weight(v) or not v.name or v.name in kept_float:
                 return
             plan.tensors[v] = v.name
             members.setdefault(nodes[0], set()).add(v)
@@ -216,6 +218,13 @@ class InsertQdqPass(QxcPass):
                 if not self._selected(node, excluded):
                     if node.domain in ("", "ai.onnx") and op in DEFAULT_OPS and node.name:
                         plan.skipped.append({"node": node.name, "op": op, "reason": "excluded"})
+                    continue
+                if op == "Concat" and any(v.dtype == ir.DataType.FLOAT16 for v in node.outputs):
+                    # onnxruntime fuses DQ -> Concat -> Q into QLinearConcat, which takes float32 scales only: a
+                    # float16 model with one fails to load. Its output stays float (nothing fuses then).
+                    kept_float.update(v.name for v in node.outputs if v.name)
+                    plan.skipped.append({"node": node.name or op, "op": op, "reason": "float16: onnxruntime's "
+                                         "QLinearConcat takes float32 scales only; kept float"})
                     continue
                 if op in FOLDED:
                     producer = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None

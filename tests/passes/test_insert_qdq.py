@@ -377,3 +377,30 @@ def test_a_batched_matmuls_weight_of_rank_three_takes_one_scale_and_runs_in_onnx
     out = ort.InferenceSession(qir.to_proto(result.model).SerializeToString(),
                                providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert sqnr_db(run(m, feeds)[0], out) > 30
+
+
+def test_a_float16_models_concat_stays_float_so_onnxruntime_loads_it():
+    """onnxruntime fuses DQ -> Concat -> Q into QLinearConcat, which takes float32 scales only: a float16 U-Net's
+    int8 model failed to load. The Concat and its output stay float, with the reason; the Convs are quantized."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array((rng.normal(size=s) * 0.3).astype(np.float32), n)
+             for n, s in (("w1", (8, 4, 3, 3)), ("w2", (8, 4, 3, 3)), ("w3", (4, 16, 1, 1)))]
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], name="left"),
+                           helper.make_node("Conv", ["x", "w2"], ["b"], pads=[1, 1, 1, 1], name="right"),
+                           helper.make_node("Concat", ["a", "b"], ["ab"], axis=1, name="cat"),
+                           helper.make_node("Conv", ["ab", "w3"], ["y"], name="mix")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 8, 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    half = as_half(m)
+    feeds = {"x": rng.normal(size=(16, 4, 8, 8)).astype(np.float16)}
+    result = compile_model(qir.from_proto(half), "insert-qdq", data=feeds)  # runs the first sample in onnxruntime
+    report = result.records[0].report
+    assert {"node": "cat", "op": "Concat", "reason": "float16: onnxruntime's QLinearConcat takes float32 scales only; "
+            "kept float"} in report["skipped"]
+    quantized = {n.inputs[0].name for n in result.model.graph if n.op_type == "QuantizeLinear"}
+    assert {"x", "a", "b"} <= quantized and "ab" not in quantized
+    out = ort.InferenceSession(qir.to_proto(result.model).SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert sqnr_db(run(half, feeds)[0].astype(np.float32), out.astype(np.float32)) > 25
