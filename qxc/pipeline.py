@@ -498,22 +498,24 @@ class VerifierInstrument(Instrument):
         self._signature = signature(model)
 
     def _run_sample(self, model, subject: str, hint: str = "") -> None:
+        """Load ``model`` in onnxruntime and run the sample: a failure is a PassError about ``subject``."""
         from qxc.runtime import make_session
 
         try:
             session = make_session(model, providers=self.providers)
-        except QxcError as e:
-            raise PassError(f"{subject} onnxruntime cannot load: {e}{hint}") from e
+        except QxcError as e:  # "onnxruntime cannot load the model: ..."
+            raise PassError(f"{subject}: {e}{hint}") from e
         if self.sample is not None:
             try:
                 session.run(None, self.sample)
             except Exception as e:  # onnxruntime's exception types are not public; its messages are multi-line
-                raise PassError(f"{subject} onnxruntime cannot run on the first sample: {_ort_failure(e)}{hint}") from e
+                raise PassError(f"{subject}: onnxruntime cannot run it on the first sample: {_ort_failure(e)}"
+                                f"{hint}") from e
 
     def after_pipeline(self, model):
         if self._changed and self.sample is not None and not self.runtime:  # with runtime, every pass ran it
-            self._run_sample(model, "the compiled model is one", "; rerun with --verify-runtime to find the pass "
-                             "that made it")
+            self._run_sample(model, "the compiled model", "; rerun with --verify-runtime to find the pass that made "
+                             "it")
 
     def after_pass(self, index, pass_, model, record):
         if not record.modified and not pass_.changes_signature:
@@ -533,9 +535,8 @@ class VerifierInstrument(Instrument):
             raise PassError(f"pass '{pass_.name}' changed the model's inputs/outputs: {self._signature} -> {sig}")
         record.verified.append("signature")
         if self.runtime:
-            self._run_sample(model, f"pass '{pass_.name}' produced a model")
+            self._run_sample(model, f"pass '{pass_.name}' produced a model that fails")
             record.verified.append("onnxruntime")
-
 
 
 def _ort_failure(e: Exception) -> str:
@@ -544,6 +545,7 @@ def _ort_failure(e: Exception) -> str:
     node = re.search(r"running (\S+) node\. Name:'([^']*)'", text)
     where = f"node '{node.group(2)}' ({node.group(1)}): " if node else ""
     return where + (text if len(text) <= 200 else "..." + text[-160:])
+
 
 class DumpInstrument(Instrument):
     """``--dump-dir``: the model after every pass as ``NN-pass.onnx`` (and ``00-input.onnx``)."""

@@ -177,11 +177,11 @@ def test_a_compiled_model_onnxruntime_cannot_run_fails_the_compile(tmp_path):
 
     data = {"x": np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)}
     try:
-        with pytest.raises(PassError, match="the compiled model is one onnxruntime cannot run on the first sample: "
+        with pytest.raises(PassError, match="the compiled model: onnxruntime cannot run it on the first sample: "
                                             "node 'gather_past_end' \\(Gather\\).*rerun with --verify-runtime"):
             compile_model(qir.from_proto(mlp_model()), "cleanup,index-past-end", data=data)
-        with pytest.raises(PassError, match="pass 'index-past-end' produced a model onnxruntime cannot run on the "
-                                            "first sample.*failed-02-index-past-end"):
+        with pytest.raises(PassError, match="pass 'index-past-end' produced a model that fails: onnxruntime cannot "
+                                            "run it on the first sample.*failed-02-index-past-end"):
             compile_model(qir.from_proto(mlp_model()), "cleanup,index-past-end", data=data, verify_runtime=True,
                           failure_path=tmp_path / "out.onnx")
         assert (tmp_path / "out.failed-02-index-past-end.onnx").exists()

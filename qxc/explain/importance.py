@@ -149,8 +149,8 @@ class ImportanceResult:
 def _predict_blocks(predictor: Predictor, blocks, rows_per_run: int, base: Prediction):
     """Yield ``(rows, prediction)`` for each ``(rows, values)`` block of perturbed rows, in order. The blocks are
     packed into one reused buffer of at most ``rows_per_run`` rows and ``BUFFER_BYTES`` of input or output (so a wide
-    row, an image's, or a wide output, a language model's logits, takes fewer), run together; a block larger than the buffer runs alone. Memory stays bounded by the buffer and
-    the largest block, however many blocks there are."""
+    row, an image's, or a wide output, a language model's logits, takes fewer), run together; a block larger than
+    the buffer runs alone. Memory stays bounded by the buffer and the largest block, however many blocks there are."""
     buf, filled, pending = None, 0, []
 
     def flush():

@@ -79,7 +79,8 @@ class QuantizeWeightsOptions:
     method: Literal["rtn", "mse", "gptq"] = opt(
         "mse", "round-to-nearest on min/max, a clipping search minimising the weights' MSE, or (with --data) GPTQ: "
                "mse's scales with each row's rounding error compensated in the rows after it, minimising the "
-               "layer's output error on the samples (MatMul, Gemm, Einsum, Conv and ConvTranspose weights; others get mse)")
+               "layer's output error on the samples (MatMul, Gemm, Einsum, Conv and ConvTranspose weights; others "
+               "get mse)")
     damp: float = opt(0.0, "method=gptq: damping added to the inputs' Gram diagonal, as a fraction of its mean "
                            "(0: auto, K / rows between 0.01 and 1: few rows need more, or GPTQ fits them)")
     samples: int = opt(0, "method=gptq: use at most this many sample rows (0: all)")
