@@ -87,11 +87,15 @@ class Dataset:
         return Dataset(None, self.samples[:n], labels, self.source)
 
 
+def fixed_batch(specs: list[InputSpec]) -> int | None:
+    """The rows per run of a model exported without a dynamic batch axis (the inputs' fixed first dimension)."""
+    dims = {s.shape[0] for s in specs if s.shape}
+    return dims.pop() if len(dims) == 1 and isinstance(next(iter(dims)), int) else None
+
+
 def first_sample(data: Dataset, model) -> dict[str, np.ndarray]:
     """The data's first feed the model takes: one row, or the model's fixed batch of rows."""
-    dims = {s.shape[0] for s in input_specs(model) if s.shape}
-    fixed = dims.pop() if len(dims) == 1 and isinstance(next(iter(dims)), int) else None
-    return next(data.batches(fixed or 1))
+    return next(data.batches(fixed_batch(input_specs(model)) or 1))
 
 
 def _read(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
 import sys
 import time
 import types
@@ -500,6 +499,7 @@ class VerifierInstrument(Instrument):
     def _run_sample(self, model, subject: str, hint: str = "") -> None:
         """Load ``model`` in onnxruntime and run the sample: a failure is a PassError about ``subject``."""
         from qxc.runtime import make_session
+        from qxc.runtime.session import run_failure
 
         try:
             session = make_session(model, providers=self.providers)
@@ -509,7 +509,7 @@ class VerifierInstrument(Instrument):
             try:
                 session.run(None, self.sample)
             except Exception as e:  # onnxruntime's exception types are not public; its messages are multi-line
-                raise PassError(f"{subject}: onnxruntime cannot run it on the first sample: {_ort_failure(e)}"
+                raise PassError(f"{subject}: onnxruntime cannot run it on the first sample: {run_failure(e)}"
                                 f"{hint}") from e
 
     def after_pipeline(self, model):
@@ -537,14 +537,6 @@ class VerifierInstrument(Instrument):
         if self.runtime:
             self._run_sample(model, f"pass '{pass_.name}' produced a model that fails")
             record.verified.append("onnxruntime")
-
-
-def _ort_failure(e: Exception) -> str:
-    """onnxruntime's run failure in one line: the node, and the end of its message (the start is a C++ signature)."""
-    text = " ".join(str(e).split())
-    node = re.search(r"running (\S+) node\. Name:'([^']*)'", text)
-    where = f"node '{node.group(2)}' ({node.group(1)}): " if node else ""
-    return where + (text if len(text) <= 200 else "..." + text[-160:])
 
 
 class DumpInstrument(Instrument):

@@ -178,7 +178,7 @@ def test_a_compiled_model_onnxruntime_cannot_run_fails_the_compile(tmp_path):
     data = {"x": np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)}
     try:
         with pytest.raises(PassError, match="the compiled model: onnxruntime cannot run it on the first sample: "
-                                            "node 'gather_past_end' \\(Gather\\).*rerun with --verify-runtime"):
+                                            "Gather node 'gather_past_end': .*rerun with --verify-runtime"):
             compile_model(qir.from_proto(mlp_model()), "cleanup,index-past-end", data=data)
         with pytest.raises(PassError, match="pass 'index-past-end' produced a model that fails: onnxruntime cannot "
                                             "run it on the first sample.*failed-02-index-past-end"):

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qxc.data import input_specs
+from qxc.data import fixed_batch, input_specs
 from qxc.errors import DataError, ModelError, UsageError
 
 # Rows per onnxruntime run. Small enough that a run's intermediates stay in cache: on the digits MLP 8,192-row runs
@@ -219,7 +219,7 @@ class _TableInputs:
         if not specs:
             raise UsageError("the model has no inputs to explain")
         self.specs = specs
-        self.fixed_batch = _fixed_batch(specs)
+        self.fixed_batch = fixed_batch(specs)
         strings = [s for s in specs if s.dtype == np.dtype(object)]
         if len(specs) == 1 and not strings:
             spec = specs[0]
@@ -325,12 +325,6 @@ def _per_row(scores: np.ndarray) -> np.ndarray:
 def element_names(name: str, item_shape: tuple[int, ...]) -> list[str]:
     """The features of an image-like input, in C order: ``image[0,3,5]``."""
     return [f"{name}[{','.join(map(str, i))}]" for i in np.ndindex(*item_shape)]
-
-
-def _fixed_batch(specs) -> int | None:
-    """The rows per run of a model exported without a dynamic batch axis (the inputs' fixed first dimension)."""
-    dims = {s.shape[0] for s in specs if s.shape}
-    return dims.pop() if len(dims) == 1 and isinstance(next(iter(dims)), int) else None
 
 
 def _stack_samples(data, specs) -> dict[str, np.ndarray]:

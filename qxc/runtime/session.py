@@ -7,6 +7,7 @@ their data is given to the session, so large weights are read in place rather th
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -144,7 +145,16 @@ def run(session: ort.InferenceSession, names: Sequence[str] | None, feed: dict[s
     try:
         return session.run(names, feed)
     except Exception as e:  # onnxruntime's exception types are not public; its messages are multi-line
-        raise DataError(f"onnxruntime failed on the sample data: {' '.join(str(e).split())[:300]}") from e
+        raise DataError(f"onnxruntime failed on the sample data: {run_failure(e)}") from e
+
+
+def run_failure(e: Exception) -> str:
+    """onnxruntime's run failure in one line: the node, and the end of its message (its start is often a C++
+    signature; the end says what was wrong)."""
+    text = " ".join(str(e).split())
+    node = re.search(r"running (\S+) node\. Name:'([^']*)'", text)
+    where = f"{node.group(1)} node '{node.group(2)}': " if node else ""
+    return where + (text if len(text) <= 300 else "..." + text[-240:])
 
 
 def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, batch_size: int = 1024,
