@@ -219,6 +219,12 @@ class InsertQdqPass(QxcPass):
                     if node.domain in ("", "ai.onnx") and op in DEFAULT_OPS and node.name:
                         plan.skipped.append({"node": node.name, "op": op, "reason": "excluded"})
                     continue
+                tensors = [v for v in (*node.inputs, *node.outputs) if v is not None]
+                if not any(_float(v) for v in tensors):  # nothing QuantizeLinear takes (int shapes, float64)
+                    if any(v.dtype == ir.DataType.DOUBLE for v in tensors):
+                        plan.skipped.append({"node": node.name or op, "op": op, "reason": "float64: QuantizeLinear "
+                                             "takes float32 and float16 only (export the model in float32)"})
+                    continue
                 if op == "Concat" and any(v.dtype == ir.DataType.FLOAT16 for v in node.outputs):
                     # onnxruntime fuses DQ -> Concat -> Q into QLinearConcat, which takes float32 scales only: a
                     # float16 model with one fails to load. Its output stays float (nothing fuses then).
@@ -320,16 +326,23 @@ class InsertQdqPass(QxcPass):
                 report_extra["warnings"] = [f"max-error {o.max_error:g} not reached: the outputs' relative RMS error "
                                             f"is {budget['achieved']:g} with every quantized node taken out in turn"]
         inserted = self._apply(model, plan, ranges)
-        if not plan.nodes and not upgraded:
+        changed = upgraded or any(inserted[k] for k in ("activations", "weights", "biases", "constants"))
+        if not changed:
             qir.undo_inference(inferred)
+        skipped = plan.skipped + inserted["skipped"]
+        if not changed and skipped:
+            first = skipped[0]
+            report_extra.setdefault("warnings", []).append(
+                f"nothing quantized ({len(skipped)} skipped); the first, "
+                f"'{first.get('node') or first.get('tensor')}': {first['reason']}")
         self.report = {
             "activation_type": self._activation_type()[0], "method": ranges.method, "samples": ranges.samples,
             "quantized_nodes": len(plan.nodes), "activation_qdq": inserted["activations"],
             "weights": inserted["weights"], "biases": inserted["biases"], "constants": inserted["constants"],
-            "skipped": plan.skipped + inserted["skipped"], "opset_raised_to": needed if upgraded else None,
+            "skipped": skipped, "opset_raised_to": needed if upgraded else None,
             "int16_tensors": sorted(plan.wide), **report_extra,
         }
-        return ir.passes.PassResult(model, modified=bool(plan.nodes) or upgraded)
+        return ir.passes.PassResult(model, modified=changed)
 
     def _ranges(self, model: ir.Model, plan: _Plan) -> Ranges:
         o = self.options

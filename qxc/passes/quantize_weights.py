@@ -267,7 +267,10 @@ class QuantizeWeightsPass(QxcPass):
             return "initializer is a graph output"
         t = value.const_value
         if t.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
-            return f"already integer ({t.dtype.name.lower()})" if t.dtype.is_integer() else f"dtype {t.dtype.name}"
+            if t.dtype.is_integer():
+                return f"already integer ({t.dtype.name.lower()})"
+            return (f"dtype {t.dtype.name}: DequantizeLinear yields float32, float16 or bfloat16 only (export the "
+                    "model in float32)" if t.dtype == ir.DataType.DOUBLE else f"dtype {t.dtype.name}")
         if t.size < max(1, self.options.min_elements):
             return f"{t.size} elements < min-elements={self.options.min_elements}"
         if len(t.shape) < 2 and any(u.node.op_type != "Gather" for u in value_uses):
@@ -349,6 +352,10 @@ class QuantizeWeightsPass(QxcPass):
             self.report["notes"] = notes
         if not uses and not skipped:
             self.report["warnings"] = [nothing_to_do(model, o.ops, "quantize")]
+        elif not quantized and skipped:
+            first = skipped[0]
+            self.report["warnings"] = [f"nothing quantized ({len(skipped)} skipped); the first, "
+                                       f"'{first.get('weight') or first.get('node')}': {first['reason']}"]
         if getattr(self, "sensitivity", None):
             self.report["sensitivity"] = self.sensitivity
         budget = getattr(self, "budget", None)

@@ -404,3 +404,27 @@ def test_a_float16_models_concat_stays_float_so_onnxruntime_loads_it():
     out = ort.InferenceSession(qir.to_proto(result.model).SerializeToString(),
                                providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert sqnr_db(run(half, feeds)[0].astype(np.float32), out.astype(np.float32)) > 25
+
+
+def test_a_float64_model_is_left_as_it_was_with_the_reason_and_modified_false():
+    """skl2onnx exports a float64 pipeline on request: QuantizeLinear and DequantizeLinear take no float64, so both
+    quantizers leave it unchanged, say why, and do not claim a change (insert-qdq used to count the MatMul as
+    quantized and report the model modified while inserting nothing)."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_diabetes
+    from sklearn.linear_model import LinearRegression
+
+    x, y = load_diabetes(return_X_y=True)
+    model = to_onnx(LinearRegression().fit(x, y), x[:1], target_opset={"": 17, "ai.onnx.ml": 3})
+    before = qir.to_proto(qir.from_proto(model)).SerializeToString()  # as qxc writes it, unchanged
+    qdq = compile_model(model, "insert-qdq", data={"X": x})
+    report = qdq.records[0].report
+    assert not qdq.modified and not qdq.records[0].modified and report["activation_qdq"] == 0
+    assert "float64: QuantizeLinear takes float32 and float16 only" in report["warnings"][0]
+    assert {s["op"] for s in report["skipped"]} >= {"MatMul"}
+    assert qir.to_proto(qdq.model).SerializeToString() == before
+    weights = compile_model(model, "quantize-weights{min-elements=1}")
+    assert not weights.modified
+    assert weights.records[0].report["warnings"] == [
+        "nothing quantized (1 skipped); the first, 'coef': dtype DOUBLE: DequantizeLinear yields float32, float16 or "
+        "bfloat16 only (export the model in float32)"]
