@@ -49,6 +49,43 @@ def _emit_json(obj, target: str | None) -> None:
         qir.write_text_atomic(target, text)
 
 
+_INPUTS = {"model": "the model", "reference": "the reference model", "candidate": "the candidate model",
+           "models": "a model", "result": "the result", "compare": "--compare", "data": "--data",
+           "eval_data": "--eval-data", "ranges": "--ranges"}
+_OUTPUTS = {"output": "-o", "json": "--json", "report": "--report", "embed": "--embed"}
+
+
+def _paths(args) -> list[str]:
+    """Every file a command reads or writes, by its arguments."""
+    out = []
+    for dest in (*_INPUTS, *_OUTPUTS):
+        value = getattr(args, dest, None)
+        out += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v != "-"]
+    return out
+
+
+def _check_paths(args) -> None:
+    """No two outputs of a command share a file and no output is one of its inputs (compile's -o over its model
+    takes --force, checked by the command): the later write would replace the earlier file without a word."""
+    inputs: dict[Path, str] = {}
+    for dest, label in _INPUTS.items():
+        value = getattr(args, dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and v != "-":
+                inputs.setdefault(Path(v).resolve(), label)
+    written: dict[Path, str] = {}
+    for dest, flag in _OUTPUTS.items():
+        v = getattr(args, dest, None)
+        if not isinstance(v, str) or v == "-":
+            continue
+        r = Path(v).resolve()
+        if r in written:
+            raise UsageError(f"{v}: both {written[r]} and {flag} would write it; give each its own path")
+        if r in inputs and not (args.command == "compile" and dest == "output" and inputs[r] == "the model"):
+            raise UsageError(f"{v}: {flag} would overwrite {inputs[r]}, an input; choose another path")
+        written[r] = flag
+
+
 # --------------------------------------------------------------------------------------------------- commands
 
 
@@ -103,6 +140,7 @@ def _file_bytes(path) -> int:
 def _compile_report(args, summary: dict) -> None:
     """The report of a compile: statistics, and with --data fidelity, per-layer error, latency, explanations."""
     from qxc.report import build_report, write_report
+    from qxc.report.build import beside_json
 
     summary["file_bytes"] = [_file_bytes(args.model), _file_bytes(args.output)]
     fidelity = latency = explain = None
@@ -120,7 +158,7 @@ def _compile_report(args, summary: dict) -> None:
         explain = _maybe_explain(ref, cand, data, str(args.model))
     doc = build_report(title=Path(args.model).name, compile=summary, fidelity=fidelity, latency=latency,
                        explain=explain)
-    write_report(doc, args.report)
+    write_report(doc, args.report, beside_json(args.report, _paths(args)))
 
 
 REPORT_MAX_FEATURES = 256  # a compile report explains inputs up to this wide (a table, a 16 x 16 grey image)
@@ -450,8 +488,10 @@ def cmd_explain(args) -> int:
                            "tree_fidelity": round(tree.fidelity, 6), "tree_onnx_max_diff": mismatch}
     if args.report:
         from qxc.report import build_report, write_report
+        from qxc.report.build import beside_json
 
-        write_report(build_report(title=Path(args.model).name, explain=doc), args.report)
+        write_report(build_report(title=Path(args.model).name, explain=doc), args.report,
+                     beside_json(args.report, _paths(args)))
     if args.output:
         _emit_json(doc, args.output)
     elif not args.report:
@@ -461,15 +501,11 @@ def cmd_explain(args) -> int:
 
 def cmd_report(args) -> int:
     from qxc.report import write_report
-    from qxc.report.build import coerce_document
+    from qxc.report.build import beside_json, coerce_document
 
     path = Path(args.result)
     doc = coerce_document(qir.read_json(path, "a report, explain or compile --json file"), str(path))
-    out = Path(args.output)
-    json_out = out.with_suffix(".json")
-    if json_out.resolve() == path.resolve():
-        json_out = out.with_name(out.stem + ".report.json")
-    write_report(doc, out, json_out)
+    write_report(doc, args.output, beside_json(args.output, _paths(args)))
     return 0
 
 
@@ -696,6 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from qxc.runtime import resolve_providers
 
             resolve_providers(args.provider, strict=True)
+        _check_paths(args)
         return args.func(args)
     except KeyboardInterrupt:
         print("qxc: interrupted; no output written", file=sys.stderr)

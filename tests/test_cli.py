@@ -228,3 +228,31 @@ def test_a_reader_that_stops_early_is_not_an_internal_error(monkeypatch, capsys)
     monkeypatch.setattr(sys, "stdout", closed)
     assert main(["passes"]) == 141
     assert "error" not in capsys.readouterr().err
+
+
+def test_an_output_never_replaces_another_output_or_an_input(tmp_path, capsys):
+    """--json, --report, -o and --embed must not name the same file, nor an input: the later write used to replace
+    the earlier one (compile's --json summary was overwritten by its report's JSON; --json MODEL destroyed the
+    model). The report's JSON moves to NAME.report.json when NAME.json is taken."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes((MODELS / "digits_mlp.onnx").read_bytes())
+    before = model.read_bytes()
+    out = tmp_path / "o.onnx"
+    refused = [
+        (["compile", model, "-o", out, "-p", "cleanup", "--json", model], "--json would overwrite the model, an input"),
+        (["compile", model, "-o", out, "-p", "cleanup", "--json", out], "both -o and --json would write it"),
+        (["explain", model, "--data", MODELS / "digits_test.npz", "-o", MODELS / "digits_test.npz"],
+         "-o would overwrite --data, an input"),
+        (["compare", model, model, "--data", MODELS / "digits_test.npz", "--json", model], "overwrite the reference"),
+    ]
+    for argv, message in refused:
+        assert main([str(a) for a in argv]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists() and model.read_bytes() == before
+    assert main([str(a) for a in ["compile", model, "-o", out, "-p", "cleanup", "--json", tmp_path / "r.json",
+                                  "--report", tmp_path / "r.html", "-q"]]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["output"] == str(out)  # the compile summary, kept
+    assert "compile" in json.loads((tmp_path / "r.report.json").read_text())  # the report's own document
+    assert main([str(a) for a in ["report", tmp_path / "r.report.json", "-o", tmp_path / "p.json"]]) == 0
+    assert (tmp_path / "p.json").read_text().startswith("<!DOCTYPE html>")
+    assert "compile" in json.loads((tmp_path / "p.report.json").read_text())  # not over the page

@@ -218,13 +218,22 @@ def _json_default(o):
     raise TypeError(type(o).__name__)
 
 
+def beside_json(html_path: str | os.PathLike, avoid=()) -> Path:
+    """Where the JSON document beside an HTML page goes: the page's name with ``.json``, or ``NAME.report.json``
+    where that would be the page itself or one of ``avoid`` (the command's other files: its inputs, its --json)."""
+    html = Path(html_path)
+    path = html.with_suffix(".json")
+    taken = {Path(a).resolve() for a in avoid if a and a != "-"} | {html.resolve()}
+    return html.with_name(html.stem + ".report.json") if path.resolve() in taken else path
+
+
 def write_report(doc: dict, html_path: str | os.PathLike, json_path: str | os.PathLike | None = None) -> Path:
     """Write the HTML page and, beside it (or at ``json_path``), the JSON document; both atomically."""
     from qxc.ir import write_text_atomic
 
     html_path = Path(html_path)
     html_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path = Path(json_path) if json_path else html_path.with_suffix(".json")
+    json_path = Path(json_path) if json_path else beside_json(html_path)
     write_text_atomic(json_path, json.dumps(doc, indent=1, sort_keys=True, default=_json_default) + "\n")
     # render from the document exactly as saved (sorted keys), so `qxc report saved.json` gives the same page
     write_text_atomic(html_path, render_html(json.loads(json.dumps(doc, sort_keys=True, default=_json_default))))
