@@ -3,6 +3,7 @@
 Schema ``qxc.explain/1``::
 
     {"schema", "model", "features": [names], "task": "classification"|"regression", "rows",
+     "output": the name of the model output explained (a classifier's probabilities, a regressor's first float output),
      "outputs", "explained_output": (multi-output regressors) how many outputs, and the one explained,
      "output_shape", "explained_element": (an output of rank 3 or more, a language model's logits) its shape after
                  the batch axis, and the explained output as an index into it; the outputs are its elements in C order,
@@ -100,7 +101,8 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
     features = given if given is not None and len(given) == x.shape[1] else (
         predictor.feature_names or [f"x{i}" for i in range(x.shape[1])])
     doc: dict = {"schema": SCHEMA, "model": source, "features": list(features),
-                 "task": "classification" if predictor.is_classifier else "regression", "rows": int(len(x))}
+                 "task": "classification" if predictor.is_classifier else "regression", "rows": int(len(x)),
+                 "output": predictor.score_out}
     if columns > 1:
         doc["outputs"], doc["explained_output"] = columns, output
         shape = predictor.out_item_shape

@@ -1064,3 +1064,22 @@ def test_ablation_of_a_wide_output_scores_each_bootstrap_sample_as_brute_force()
     # one run buffer's 64 MB of outputs (the one before it let go) and a few (rows x outputs) terms; features x rows
     # x outputs in float64 would take 480 MB, twice over
     assert peak < 125e6
+
+
+def test_the_document_names_the_model_output_it_explains(tmp_path):
+    """An IsolationForest's ONNX gives a (rows, 1) integer label and a float score: the score is what is explained,
+    and the JSON and the page say so by name (they used to leave the user to guess among the outputs)."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.ensemble import IsolationForest
+
+    from qxc.report import build_report, write_report
+
+    x = load_breast_cancer().data.astype(np.float32)[:120]
+    forest = IsolationForest(n_estimators=10, random_state=0).fit(x)
+    model = qir.from_proto(to_onnx(forest, x[:1], target_opset={"": 17, "ai.onnx.ml": 3}))
+    assert [o.name for o in model.graph.outputs] == ["label", "scores"]
+    doc = explain_model(model, load_data({"X": x}, model), methods=("permutation",))
+    assert doc["task"] == "regression" and doc["output"] == "scores"
+    page = write_report(build_report(title="iso", explain=doc), tmp_path / "r.html").read_text()
+    assert "Explained output: <code>scores</code> (regression)." in page
