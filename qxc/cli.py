@@ -496,6 +496,8 @@ def cmd_explain(args) -> int:
         _emit_json(doc, args.output)
     elif not args.report:
         print(_dump_json(doc), end="")
+    for note in doc.get("notes", []):
+        print(f"qxc: note: {note}", file=sys.stderr)
     return 0
 
 

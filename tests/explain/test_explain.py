@@ -1083,3 +1083,38 @@ def test_the_document_names_the_model_output_it_explains(tmp_path):
     assert doc["task"] == "regression" and doc["output"] == "scores"
     page = write_report(build_report(title="iso", explain=doc), tmp_path / "r.html").read_text()
     assert "Explained output: <code>scores</code> (regression)." in page
+
+
+def test_a_tree_fit_on_too_few_rows_comes_with_a_note(tmp_path, capsys):
+    """A logistic regression's 54 wine test rows: the tree fits its 40 perfectly and misses most of the 14 held out.
+    The JSON's notes and the command's stderr say so and point to --perturbations, which lifts the held-out
+    fidelity."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_wine
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from qxc.cli import main
+
+    x, y = load_wine(return_X_y=True)
+    xtr, xte, ytr, _ = train_test_split(x.astype(np.float32), y, test_size=0.3, random_state=0)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(xtr, ytr)
+    path = tmp_path / "clf.onnx"
+    path.write_bytes(to_onnx(clf, xtr[:1]).SerializeToString())
+    np.savez(tmp_path / "d.npz", X=xte)
+    assert main(["explain", str(path), "--data", str(tmp_path / "d.npz"), "--method", "tree", "-o",
+                 str(tmp_path / "e.json")]) == 0
+    doc = json.loads((tmp_path / "e.json").read_text())
+    tree = doc["tree"]
+    assert tree["settings"]["test_rows"] == 14 and tree["fidelity"] < tree["fidelity_train"] - 0.15
+    assert doc["notes"][0].startswith(f"tree: held-out fidelity {tree['fidelity']:.2f} on 14 rows")
+    assert "qxc: note: tree: held-out fidelity" in capsys.readouterr().err
+    assert main(["explain", str(path), "--data", str(tmp_path / "d.npz"), "--method", "tree", "--perturbations",
+                 "2000", "-o", str(tmp_path / "p.json")]) == 0
+    more = json.loads((tmp_path / "p.json").read_text())
+    assert "notes" not in more and more["tree"]["fidelity"] > tree["fidelity"]
+    digits = explain_model(qir.load(MODELS / "digits_mlp.onnx"), load_data(MODELS / "digits_test.npz",
+                           qir.load(MODELS / "digits_mlp.onnx")), methods=("tree",))
+    assert "notes" not in digits  # 450 rows: nothing to say
