@@ -103,7 +103,8 @@ def cmd_compile(args) -> int:
         instruments.append(PrintAfterInstrument(args.print_after.split(",")))
     result = compile_model(model, args.pipeline, data=args.data, verify=not args.no_verify,
                            verify_runtime=args.verify_runtime, providers=args.provider.split(","), seed=args.seed,
-                           instruments=instruments, failure_path=args.output, ranges=args.ranges)
+                           instruments=instruments, failure_path=args.output, ranges=args.ranges,
+                           source=args.model)
     qir.save(result.model, args.output, force=args.force)
     summary = result.to_json(timings=not args.no_timings)
     summary["input"] = str(args.model)
@@ -115,6 +116,8 @@ def cmd_compile(args) -> int:
     for r in result.records:  # what a pass could not do as asked (printed even with -q)
         for w in (r.report or {}).get("warnings", []):
             print(f"qxc: warning: pass '{r.name}': {w}", file=sys.stderr)
+    for w in result.warnings:
+        print(f"qxc: warning: {w}", file=sys.stderr)
     for note in result.notes if not args.quiet else []:
         print(f"qxc: note: {note}", file=sys.stderr)
     if not args.quiet:

@@ -483,13 +483,17 @@ class VerifierInstrument(Instrument):
     """After every pass: onnx.checker full check, unchanged I/O signature, optionally an onnxruntime session (that
     runs ``sample``, one feed of the data, when given). After the pipeline, a changed model runs ``sample`` in
     onnxruntime once, as its graph optimizations leave it: a valid model that onnxruntime's fused kernels refuse
-    fails the compile instead of reaching the user."""
+    fails the compile instead of reaching the user. Where onnxruntime cannot run the input model (``source``, its
+    file) either, the failure is not the passes': the check is dropped with a warning (``warnings``)."""
 
     def __init__(self, runtime: bool = False, providers: Sequence[str] = ("cpu",),
-                 sample: dict | None = None):
+                 sample: dict | None = None, source: str | os.PathLike | None = None):
         self.runtime = runtime
         self.providers = tuple(providers)
         self.sample = sample
+        self.source = source
+        self.warnings: list[str] = []
+        self._source_failure: str | None = None  # why onnxruntime cannot run the input model ("" once it can)
         self._signature = None
         self._changed = False
 
@@ -512,10 +516,32 @@ class VerifierInstrument(Instrument):
                 raise PassError(f"{subject}: onnxruntime cannot run it on the first sample: {run_failure(e)}"
                                 f"{hint}") from e
 
+    def _checked(self, model, subject: str, hint: str = "") -> bool:
+        """``_run_sample``, except that where the input model fails as well the check is dropped with a warning
+        (False): a model onnxruntime cannot run (an op or attribute it lacks) is no pass's doing."""
+        try:
+            self._run_sample(model, subject, hint)
+            return True
+        except PassError:
+            if self.source is None:
+                raise
+            if self._source_failure is None:
+                try:
+                    self._run_sample(qir.load(self.source), "onnxruntime cannot check the compiled model: the input "
+                                     "model")
+                    self._source_failure = ""
+                except (PassError, ModelError) as e:
+                    self._source_failure = str(e)
+            if not self._source_failure:
+                raise
+            self.runtime = False
+            self.warnings.append(f"{self._source_failure}; the compiled model was written unchecked")
+            return False
+
     def after_pipeline(self, model):
-        if self._changed and self.sample is not None and not self.runtime:  # with runtime, every pass ran it
-            self._run_sample(model, "the compiled model", "; rerun with --verify-runtime to find the pass that made "
-                             "it")
+        if self._changed and self.sample is not None and not self.runtime and not self.warnings:
+            # (with runtime every pass ran it; after a warning there is nothing it could tell)
+            self._checked(model, "the compiled model", "; rerun with --verify-runtime to find the pass that made it")
 
     def after_pass(self, index, pass_, model, record):
         if not record.modified and not pass_.changes_signature:
@@ -534,8 +560,7 @@ class VerifierInstrument(Instrument):
         if sig != expected:
             raise PassError(f"pass '{pass_.name}' changed the model's inputs/outputs: {self._signature} -> {sig}")
         record.verified.append("signature")
-        if self.runtime:
-            self._run_sample(model, f"pass '{pass_.name}' produced a model that fails")
+        if self.runtime and self._checked(model, f"pass '{pass_.name}' produced a model that fails"):
             record.verified.append("onnxruntime")
 
 
@@ -576,6 +601,7 @@ class CompileResult:
     stats_after: dict[str, Any]
     pipeline: str
     notes: list[str] = field(default_factory=list)  # what was done to the model besides the passes
+    warnings: list[str] = field(default_factory=list)  # what the compile could not do (a check it had to drop)
 
     @property
     def modified(self) -> bool:
@@ -584,7 +610,8 @@ class CompileResult:
     def to_json(self, timings: bool = True) -> dict[str, Any]:
         return {"pipeline": self.pipeline, "modified": self.modified, "before": self.stats_before,
                 "after": self.stats_after, "passes": [r.to_json(timings) for r in self.records],
-                **({"notes": self.notes} if self.notes else {})}
+                **({"notes": self.notes} if self.notes else {}),
+                **({"warnings": self.warnings} if self.warnings else {})}
 
 
 class PassManager:
