@@ -33,7 +33,8 @@ class Source:
     an Einsum summing several), or as its columns (``columns``: the x of a MatMul ``W @ x``), or the patches a Conv
     takes of it, ``conv = (kernel, pads, auto_pad, strides, dilations)``, of its input channels ``channels =
     (first, stop)`` only when given (one group of a grouped Conv); with ``output_padding``, the patches of the Conv
-    that computes a ConvTranspose with these attributes (:func:`~qxc.quant.gptq.conv_transpose_rows`)."""
+    that computes a ConvTranspose with these attributes (:func:`~qxc.quant.gptq.conv_transpose_rows`); with
+    ``select = (axis, index)``, of the tensor's slice at ``index`` along ``axis`` (one direction of an LSTM's Y)."""
 
     tensor: str
     conv: tuple | None = None
@@ -41,9 +42,12 @@ class Source:
     axes: int = 1
     columns: bool = False
     output_padding: tuple[int, ...] | None = None
+    select: tuple[int, int] | None = None
 
     def rows(self, arr: np.ndarray, k: int) -> Iterator[np.ndarray]:
         arr = np.asarray(arr, np.float32)
+        if self.select is not None and arr.ndim > self.select[0]:
+            arr = np.take(arr, self.select[1], axis=self.select[0])
         if self.columns:  # W @ x: the rows W multiplies are x's columns
             arr = np.swapaxes(arr, -1, -2) if arr.ndim >= 2 else arr
         if self.conv is None:

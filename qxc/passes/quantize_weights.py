@@ -55,6 +55,7 @@ from qxc.quant.gptq import (
     gptq_quantize,
     inverse_cholesky,
     reshaped,
+    stack_directions,
     stack_output_channels,
     transposed,
     transposed_groups,
@@ -442,6 +443,9 @@ class QuantizeWeightsPass(QxcPass):
             g = self._granularity(value_uses[0], shape)
             if isinstance(parts, str):
                 pass
+            elif value_uses[0].node.op_type in ("LSTM", "GRU") and shape[0] > 1 and g.block is None:
+                parts = ("gptq takes a bidirectional layer's weights per block: a scale per channel or per tensor "
+                         "would span both directions")
             elif len(parts) > 1 and g.axis is None:
                 parts = "gptq takes a grouped Conv's weight per channel or block, not per tensor"
             elif (value_uses[0].node.op_type == "Einsum" and g.axis is not None and g.block is None
@@ -490,6 +494,14 @@ class QuantizeWeightsPass(QxcPass):
                                                  keep_dequantized=keep, scale_dtype=scale_dtype),
                                    (per, *w.shape[1:]), g) for i, factor in enumerate(factors)]
             return pieces[0] if parts == 1 else stack_output_channels(pieces, w)
+        if value_uses[0].node.op_type in ("LSTM", "GRU"):  # direction d: x @ W[d].T, W[d] stored (N, K)
+            g_dir = Granularity() if g.axis is None else Granularity(axis=g.axis - 1, block=g.block)
+            pieces = [transposed(gptq_quantize(w[d].T, None, qt_name, symmetric=o.symmetric,
+                                               factor=factors[d if parts > 1 else 0],
+                                               granularity=transposed_groups(g_dir), name=value.name,
+                                               keep_dequantized=keep, scale_dtype=scale_dtype))
+                      for d in range(w.shape[0])]
+            return stack_directions(pieces, w, g)
         factor = factors[0]
         if value_uses[0].node.op_type == "ConvTranspose":  # as the Conv computing it: (M, C, *kernel flipped)
             wc = conv_transpose_as_conv(w)
@@ -674,6 +686,8 @@ def _gptq_inputs(value: ir.Value, value_uses: list[_Use]) -> list[tuple[list[Sou
     sources, groups = set(), 1
     for use in value_uses:
         node, attrs = use.node, use.node.attributes
+        if node.op_type in ("LSTM", "GRU") and use.index in (1, 2) and len(value_uses) == 1:
+            return _recurrent_inputs(node, use.index, shape)
         if node.op_type in ("Conv", "ConvTranspose") and use.index == 1:
             groups = attrs.get_int("group", 1)
             r = len(shape) - 2
@@ -717,6 +731,24 @@ def _gptq_inputs(value: ir.Value, value_uses: list[_Use]) -> list[tuple[list[Sou
     c = shape[1]  # input channels per group
     return [([Source(s.tensor, s.conv, (i * c, (i + 1) * c) if groups > 1 else None) for s in ordered],
              c * math.prod(shape[2:])) for i in range(groups)]
+
+
+def _recurrent_inputs(node: ir.Node, index: int, shape: tuple[int, ...]) -> list[tuple[list[Source], int]] | str:
+    """An LSTM's or a GRU's (directions, gates * hidden, K) weight: each direction d computes ``x_t @ W[d].T`` for W
+    (input 1), over the rows of X, every step's, shared by the directions; and ``h_(t-1) @ R[d].T`` for R (input 2),
+    over direction d's hidden states, read from the output Y (h_1..h_T: the last step stands in for the initial
+    state, one row in T)."""
+    if node.attributes.get_int("layout", 0):
+        return f"gptq reads the rows in onnxruntime, which runs {node.op_type}s of layout 0 only (this one is batch first)"
+    if index == 1:
+        return [([Source(node.inputs[0].name)], shape[2])]
+    y = node.outputs[0] if node.outputs else None
+    if y is None or not y.name:
+        return (f"gptq reads the rows of {node.op_type}'s R from its output Y (the hidden states), which this node "
+                "does not give")
+    if node.op_type == "GRU" and not node.attributes.get_int("linear_before_reset", 0):
+        return "gptq takes a GRU's R with linear_before_reset=1 only (else its new gate's rows multiply r * h)"
+    return [([Source(y.name, select=(1, d))], shape[2]) for d in range(shape[0])]  # Y: (T, D, batch, H)
 
 
 def _weight_inputs(node: ir.Node, index: int) -> list[int]:

@@ -15,6 +15,7 @@ calibration rows (held-out rows measured), 1 % lost 1.6 dB against round-to-near
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -291,6 +292,17 @@ def stack_output_channels(pieces: list[QuantizedTensor], w: np.ndarray) -> Quant
                            dequantized=None if first.dequantized is None else
                            np.concatenate([p.dequantized for p in pieces]),
                            scale_dtype="float16" if all(p.scale_dtype == "float16" for p in pieces) else "float32")
+
+
+def stack_directions(pieces: list[QuantizedTensor], w: np.ndarray, granularity: Granularity) -> QuantizedTensor:
+    """The quantizations of an LSTM's or a GRU's (directions, gates * hidden, K) weight, one (gates * hidden, K)
+    piece per direction, as one in ``w``'s layout and ``granularity`` (blocks along K, or with one direction a
+    scale per row or per tensor)."""
+    one = pieces[0] if len(pieces) == 1 else stack_output_channels(pieces, w.reshape(-1, w.shape[-1]))
+    shape = granularity.param_shape(w.shape)
+    return dataclasses.replace(one, codes=one.codes.reshape(w.shape), scale=one.scale.reshape(shape),
+                               zero_points=one.zero_points.reshape(shape), granularity=granularity,
+                               dequantized=None if one.dequantized is None else one.dequantized.reshape(w.shape))
 
 
 def _noise(qt: QuantizedTensor, w: np.ndarray) -> float:

@@ -20,7 +20,9 @@ from qxc.quant.gptq import (
     gptq_quantize,
     inverse_cholesky,
     reshaped,
+    stack_directions,
     transposed,
+    transposed_groups,
 )
 
 
@@ -260,3 +262,20 @@ def test_conv_codes_scales_and_zero_points_dequantize_to_the_reconstruction(m, c
     elif kind == "channel":
         scale, zp = (a.reshape(-1, *[1] * (w.ndim - 1)) for a in (scale, zp))
     np.testing.assert_array_equal((got.codes.astype(np.float32) - zp) * scale, got.dequantized)
+
+
+@pytest.mark.parametrize("directions,granularity", [(2, Granularity(axis=2, block=16)), (1, Granularity(axis=2, block=16)),
+                                                    (1, Granularity(axis=1)), (1, Granularity())])
+def test_an_lstm_weight_per_direction_comes_back_in_its_own_layout(directions, granularity):
+    """An LSTM's (directions, 4 * hidden, K) weight, each direction GPTQ'd as the (K, 4 * hidden) matrix x_t
+    multiplies: with uncorrelated inputs it is quantize_tensor of the whole weight, in ONNX's layout (blocks along
+    K per direction and gate row, or with one direction a scale per row or per tensor)."""
+    w = np.random.default_rng(21).standard_t(5, size=(directions, 24, 40)).astype(np.float32)
+    g_dir = Granularity() if granularity.axis is None else Granularity(granularity.axis - 1, granularity.block)
+    pieces = [transposed(gptq_quantize(w[d].T, np.eye(40), "uint4", symmetric=False, method="rtn",
+                                       granularity=transposed_groups(g_dir))) for d in range(directions)]
+    got = stack_directions(pieces, w, granularity)
+    want = quantize_tensor(w, "uint4", symmetric=False, granularity=granularity, method="rtn")
+    for field in ("codes", "scale", "zero_points", "dequantized"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    assert got.granularity == granularity and got.sqnr == pytest.approx(want.sqnr, abs=1e-4)
