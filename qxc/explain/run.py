@@ -159,6 +159,9 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
 
         loc = fit_local(predictor, x[pick], x, n_samples=local_samples, random_state=seed)
         doc["local"] = {**loc.to_json(features), "instances": pick.tolist()}
+        note = _poor_fit_note(np.asarray(loc.fidelity, np.float64))
+        if note:
+            doc.setdefault("notes", []).append(note)
     if "layers" in methods:
         from qxc.explain.layers import activation_stats
 
@@ -180,6 +183,19 @@ def _few_rows_note(tree: dict) -> str | None:
     return (f"tree: held-out fidelity {tree['fidelity']:.2f} on {settings['test_rows']} rows against "
             f"{tree['fidelity_train']:.2f} on the {settings['train_rows']} it was fit on: too few rows to fit and test "
             "a tree; --perturbations N fits it on N more in-distribution rows")
+
+
+def _poor_fit_note(fidelity: np.ndarray) -> str | None:
+    """A note when some local surrogates predict held-out neighbours worse than their mean does (R^2 below 0): the
+    model is not linear there (a decision tree's steps; a neighbourhood nearly constant but for a few points across
+    a step reads far below 0), and one such instance drags the mean down (a tree's: -127.8, mean -12.5, median
+    0.2)."""
+    bad = fidelity < 0
+    if not bad.any():
+        return None
+    return (f"local: held-out fidelity below 0 for {int(bad.sum())} of {len(fidelity)} instances (down to "
+            f"{fidelity.min():.2f}; mean {fidelity.mean():.2f}, median {np.median(fidelity):.2f}): the model is not "
+            "linear around them, and their local values describe it poorly")
 
 
 def _categories(predictor: Predictor, features: list[str]) -> dict[str, list[str]]:

@@ -1118,3 +1118,27 @@ def test_a_tree_fit_on_too_few_rows_comes_with_a_note(tmp_path, capsys):
     digits = explain_model(qir.load(MODELS / "digits_mlp.onnx"), load_data(MODELS / "digits_test.npz",
                            qir.load(MODELS / "digits_mlp.onnx")), methods=("tree",))
     assert "notes" not in digits  # 450 rows: nothing to say
+
+
+def test_local_surrogates_worse_than_a_constant_come_with_a_note():
+    """A decision tree's steps: around some instances the linear surrogate predicts held-out neighbours worse than
+    their mean (R^2 below 0, far below where the neighbourhood is nearly constant); the note counts them and gives
+    the median beside the mean they drag down. No note where every fit beats a constant."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.model_selection import train_test_split
+    from sklearn.tree import DecisionTreeClassifier
+
+    from qxc.explain.run import _poor_fit_note
+
+    assert _poor_fit_note(np.array([0.5, 0.9])) is None
+    assert _poor_fit_note(np.array([0.5, -3.0, 0.7])) == (
+        "local: held-out fidelity below 0 for 1 of 3 instances (down to -3.00; mean -0.60, median 0.50): the model "
+        "is not linear around them, and their local values describe it poorly")
+    x, y = load_breast_cancer(return_X_y=True)
+    xtr, xte, ytr, _ = train_test_split(x.astype(np.float32), y, test_size=0.3, random_state=0)
+    tree = qir.from_proto(to_onnx(DecisionTreeClassifier(max_depth=4, random_state=0).fit(xtr, ytr), xtr[:1]))
+    doc = explain_model(tree, load_data({"X": xte}, tree), methods=("local",))
+    fidelity = np.array(doc["local"]["fidelity"])
+    assert (fidelity < 0).any()  # this tree has such instances
+    assert [n for n in doc.get("notes", []) if n.startswith("local:")] == [_poor_fit_note(fidelity)]
