@@ -307,19 +307,24 @@ def external_files(model: ir.Model) -> set[Path]:
     return files
 
 
-def release_weights(model: ir.Model, values=None) -> None:
+def release_weights(model: ir.Model, values=None) -> list:
     """Unmap memory-mapped external weights (all, or those of ``values``); they are mapped again when next read.
 
     Pages a finished session touched then stop counting against the process. A buffer still exported (a live
-    session, a numpy view) keeps its mapping: that tensor is skipped.
+    session, a numpy view) keeps its mapping: that tensor is skipped, and returned with the others skipped (a caller
+    may try them again later, and only them).
     """
     if values is None:
         values = [v for g in model.graphs() for v in g.initializers.values()]
+    kept = []
     for value in values:
         t = value.const_value if isinstance(value, ir.Value) else value
         if isinstance(t, ir.ExternalTensor):
-            with contextlib.suppress(BufferError):
+            try:
                 t.release()
+            except BufferError:
+                kept.append(t)
+    return kept
 
 
 def total_weight_bytes(model: ir.Model) -> int:

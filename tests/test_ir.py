@@ -31,6 +31,20 @@ def test_load_keeps_external_weights_mapped_and_save_round_trips(tmp_path):
     np.testing.assert_array_equal(run(path, {"x": x})[0], run(out, {"x": x})[0])
 
 
+def test_release_weights_unmaps_and_returns_only_the_tensors_still_in_use(tmp_path):
+    """A weight whose buffer is still exported (a numpy view, a live session) keeps its mapping and comes back, so
+    a pass retries those alone (retrying every weight released so far made quantize-weights quadratic: 3,000
+    weights took 19 s, 11 s without)."""
+    model = qir.load(_save_external(mlp_model(), tmp_path))
+    values = list(model.graph.initializers.values())
+    held = values[0].const_value.numpy()  # a view into the mapping
+    kept = qir.release_weights(model, values)
+    assert [t.name for t in kept] == [values[0].const_value.name]
+    del held
+    assert qir.release_weights(model, kept) == []
+    np.testing.assert_array_equal(values[0].const_value.numpy(), numpy_helper.to_array(mlp_model().graph.initializer[0]))
+
+
 def test_save_refuses_to_overwrite_the_input_or_its_data(tmp_path):
     path = _save_external(mlp_model(), tmp_path)
     before = path.read_bytes(), (tmp_path / "m.onnx.data").read_bytes()

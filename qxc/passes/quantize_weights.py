@@ -312,7 +312,7 @@ class QuantizeWeightsPass(QxcPass):
         bits_for = self._bits_per_weight(model, todo)
         taken = value_names(model)
         opset = model.opset_imports.get("", 1)
-        quantized, released = [], []
+        quantized, mapped = [], []
         if self._grams is not None:
             self._grams.last_sweep = True  # the weights may be unmapped once their inputs are collected
         for (value, value_uses), (bits, g, qt, layout) in zip(todo, self._quantize_all(todo, bits_for)):
@@ -336,8 +336,9 @@ class QuantizeWeightsPass(QxcPass):
                 entry["bytes_after"] = self._emit_gather(value, value_uses, qt, g, taken)
             else:
                 entry["bytes_after"] = self._emit_qdq(value, qt, g, taken, opset)
-            released.append(t)  # unmap the float weight: its pages no longer count against us (a session that
-            qir.release_weights(model, released)  # shares them, gptq's, keeps them mapped until it closes)
+            # unmap the float weight: its pages no longer count against us (a session that shares them, gptq's,
+            # keeps them mapped until it closes: those are tried again with the next weights)
+            mapped = qir.release_weights(model, [*mapped, t])
             quantized.append(entry)
         self._grams = None  # the inputs' Grams and, if still open, their session
         if quantized and any(e["format"] != "qdq" for e in quantized):
