@@ -8,8 +8,11 @@ SiLU is x * Sigmoid(x), and a SwiGLU multiplies two layers' outputs (gate * up),
 into one group that shrinks together. The channels with the smallest L1/L2 weight norm (summed over tied layers,
 each scaled to mean 1) are removed from every writer's weight and bias, from every per-channel constant on the way,
 and from every reader's input channels. Anything else that touches the channels — a graph output, a residual Add
-with a tensor from outside the group (LayerNorm, an embedding), attention's MatMul of two computed tensors, Concat,
-Reshape, Softmax — keeps the layer whole, and the report says which and why. With ``sensitivity=true`` and data,
+with a tensor from outside the group (LayerNorm, an embedding), attention's MatMul of two computed tensors,
+Reshape, Softmax — keeps the layer whole, and the report says which and why. A Concat along the channels (a U-Net's
+skip connection, a YOLO block's) does not tie its inputs: each input's channels keep their place in the output's
+channel space, and the readers lose their rows at that offset; past a Concat only channel-wise ops with constants
+and readers may follow. With ``sensitivity=true`` and data,
 per-group fractions come from measured output error (the readers' input rows are zeroed, which is exactly
 equivalent to removal).
 """
@@ -63,6 +66,7 @@ class _Layer:
     axis: int  # the weight's axis that runs over the group's channels
     block: int = 1  # consumers after a Flatten: each channel is this many consecutive features
     bias: ir.Value | None = None  # producers: a per-channel bias input (Gemm, Conv)
+    offset: int = 0  # consumers after a Concat: where the group's channels start among the ones read
 
 
 @dataclass
@@ -72,7 +76,7 @@ class _Group:
     channels: int
     producers: list[_Layer] = field(default_factory=list)
     consumers: list[_Layer] = field(default_factory=list)
-    consts: list[tuple[ir.Value, int]] = field(default_factory=list)  # per-channel constant + its channel axis
+    consts: list[tuple[ir.Value, int, int]] = field(default_factory=list)  # per-channel constant, axis, offset
     values: list[ir.Value] = field(default_factory=list)  # values whose shapes change
 
 
@@ -106,7 +110,10 @@ class _Tracer:
         self.graph = start.graph
         self.selected = selected
         self.group = _Group(weight.const_value.shape[axis])
-        self.where: dict[ir.Value, tuple[int, int]] = {}  # value -> (channel axis from the end, block)
+        # value -> (channel axis from the end, block, offset, width): past a Concat the group's channels are
+        # [offset, offset + channels) of the value's ``width`` channels
+        self.where: dict[ir.Value, tuple[int, int, int, int]] = {}
+        self.concat_via: dict[ir.Node, ir.Value] = {}  # a Concat visited: the input it was reached from
         self.done: set[ir.Node] = set()
         self.by: dict[ir.Value, tuple[ir.Node, ir.Value] | None] = {}
         self.writes: dict[ir.Node, bool] = {}  # a layer met: True if it writes the channels, False if it reads them
@@ -118,6 +125,8 @@ class _Tracer:
             node, via = self.queue.pop()
             if node in self.writes and self.writes[node] != (via is None):
                 raise _Untied(f"'{node.name}' both reads and writes the channels")
+            if node in self.concat_via and via is not None and via is not self.concat_via[node]:
+                raise _Untied(f"Concat '{node.name}' joins the channels to themselves")
             if node not in self.done:
                 self.done.add(node)
                 self._visit(node, via)
@@ -154,14 +163,17 @@ class _Tracer:
         self.writes[node] = True
         self._join(node.outputs[0], _out_neg_axis(node, w.numpy()), 1)
 
-    def _join(self, v: ir.Value, neg: int, block: int, by: tuple[ir.Node, ir.Value] | None = None) -> None:
+    def _join(self, v: ir.Value, neg: int, block: int, by: tuple[ir.Node, ir.Value] | None = None,
+              span: tuple[int, int] | None = None) -> None:
         """``v`` carries the channels: every node that reads it, and the node that makes it, must keep them (``by``:
-        where a tensor from outside the channels' path was combined with them, and that tensor, for the report)."""
+        where a tensor from outside the channels' path was combined with them, and that tensor, for the report;
+        ``span``: past a Concat, (offset, width) of the channels among the value's)."""
+        place = (neg, block, *(span or (0, self.group.channels)))
         if v in self.where:
-            if self.where[v] != (neg, block):
+            if self.where[v] != place:
                 raise _Untied(f"'{v.name}' carries the channels along two different axes")
             return
-        self.where[v] = (neg, block)
+        self.where[v] = place
         self.by[v] = by
         for use in v.uses():
             if use.node.graph is not self.graph:
@@ -211,6 +223,8 @@ class _Tracer:
             self._reduce(n, via)
         elif op in ("Resize", "Upsample") and (via is None or via is n.inputs[0]):
             self._resize(n)
+        elif op == "Concat" and via is not None:
+            self._concat(n, via)
         elif via is None:
             raise _Untied(self._combined(n.outputs[0], f"{op} '{name}'"))
         else:
@@ -232,27 +246,31 @@ class _Tracer:
         by = self.by.get(out) if out in self.where else None  # reached from its output: who joined that
         carried = [self.where[i] for i in inputs if i in self.where] + (
             [self.where[n.outputs[0]]] if n.outputs[0] in self.where else [])
-        neg, block = carried[0]
+        neg, block, off, width = carried[0]
         for i in inputs:
             if i is None or i in self.where:
                 continue
             if is_weight(i):
-                self._constant(n, i, neg, block)
+                self._constant(n, i, neg, block, off, width)
             else:
                 if n.op_type == "Pow":
                     raise _Untied(f"Pow '{n.name}' raises to a computed power")
-                self._join(i, neg, block, by=by or (n, i))
-        self._join(n.outputs[0], neg, block)
+                if width != self.group.channels:
+                    raise _Untied(f"{n.op_type} '{n.name}' combines the channels, among others after a Concat, "
+                                  f"with '{i.name}'")
+                self._join(i, neg, block, by=by or (n, i), span=(off, width))
+        self._join(n.outputs[0], neg, block, span=(off, width))
 
-    def _constant(self, n: ir.Node, c: ir.Value, neg: int, block: int) -> None:
-        ax = _const_axis(tuple(c.const_value.shape), neg, self.group.channels * block)
+    def _constant(self, n: ir.Node, c: ir.Value, neg: int, block: int, off: int = 0, width: int | None = None
+                  ) -> None:
+        ax = _const_axis(tuple(c.const_value.shape), neg, (width or self.group.channels) * block)
         if ax is None:
             return
         if ax == -1 or block > 1:
             raise _Untied(f"constant '{c.name}' of {n.op_type} '{n.name}' is not per-channel")
         if not self._private(c):
             raise _Untied(f"constant '{c.name}' is shared")
-        self.group.consts.append((c, ax))
+        self.group.consts.append((c, ax, off))
 
     def _rank(self, v: ir.Value) -> int | None:
         return None if v.shape is None else len(v.shape)
@@ -261,27 +279,27 @@ class _Tracer:
         x = n.inputs[0]
         if x not in self.where:
             raise _Untied(f"BatchNormalization '{n.name}' is reached from its parameters")
-        neg, block = self.where[x]
+        neg, block, off, width = self.where[x]
         if block != 1 or self._rank(x) is None or neg != 1 - self._rank(x):
             raise _Untied(f"BatchNormalization '{n.name}' normalises another axis than the channels")
         for p in n.inputs[1:5]:
-            if p is None or not is_weight(p) or p.const_value.size != self.group.channels or not self._private(p):
+            if p is None or not is_weight(p) or p.const_value.size != width or not self._private(p):
                 raise _Untied(f"BatchNormalization '{n.name}' parameters are not private per-channel constants")
-            self.group.consts.append((p, 0))
-        self._join(n.outputs[0], neg, 1)
+            self.group.consts.append((p, 0, off))
+        self._join(n.outputs[0], neg, 1, span=(off, width))
 
     def _flatten(self, n: ir.Node, x: ir.Value) -> None:
-        neg, block = self.where[x]
+        neg, block, off, width = self.where[x]
         rank = self._rank(x)
         if (block != 1 or n.attributes.get_int("axis", 1) != 1 or rank is None or neg != 1 - rank
                 or any(not isinstance(d, int) for d in list(x.shape)[2:])):
             raise _Untied(f"Flatten '{n.name}' needs axis 1 over the channels and static spatial dims")
-        self._join(n.outputs[0], -1, int(np.prod(list(x.shape)[2:])) if rank > 2 else 1)
+        self._join(n.outputs[0], -1, int(np.prod(list(x.shape)[2:])) if rank > 2 else 1, span=(off, width))
 
     def _reduce(self, n: ir.Node, x: ir.Value) -> None:
         """A reduction over other axes than the channels (PyTorch's ``x.mean(dim=(2, 3))``) keeps them; with
         keepdims=0 they move as many places towards the end as reduced axes follow them."""
-        neg, block = self.where[x]
+        neg, block, off, width = self.where[x]
         rank = self._rank(x)
         axes = n.attributes.get_ints("axes")
         if axes is None and len(n.inputs) > 1 and n.inputs[1] is not None:
@@ -294,13 +312,13 @@ class _Tracer:
             raise _Untied(f"{n.op_type} '{n.name}' reduces over the channels")
         if n.attributes.get_int("keepdims", 1) == 0:
             neg += sum(a > channel for a in axes)
-        self._join(n.outputs[0], neg, 1)
+        self._join(n.outputs[0], neg, 1, span=(off, width))
 
     def _resize(self, n: ir.Node) -> None:
         """Resize/Upsample by constant scales (an FPN's or a U-Net's upsampling) keep the channels when their
         scale is 1; output ``sizes`` count the channels, so they keep the layer whole."""
         x, out = n.inputs[0], n.outputs[0]
-        neg, block = self.where[x] if x in self.where else self.where[out]
+        neg, block, off, width = self.where[x] if x in self.where else self.where[out]
         rank = self._rank(x) or self._rank(out)
         scales = n.attributes.get_floats("scales")  # Upsample before opset 9
         if scales is None:  # inputs: Upsample-9/Resize-10 (X, scales); Resize-11+ (X, roi, scales, sizes)
@@ -311,15 +329,30 @@ class _Tracer:
             scales = c.const_value.numpy().reshape(-1).tolist() if is_weight(c) else None
         if rank is None or block != 1 or not scales or len(scales) != rank or scales[rank + neg] != 1:
             raise _Untied(f"{n.op_type} '{n.name}' needs constant scales of 1 on the channels")
-        self._join(x, neg, 1)
-        self._join(out, neg, 1)
+        self._join(x, neg, 1, span=(off, width))
+        self._join(out, neg, 1, span=(off, width))
+
+    def _concat(self, n: ir.Node, via: ir.Value) -> None:
+        """A Concat along the channels places them in a wider channel space (at the offset of ``via`` among its
+        inputs) without tying the other inputs: their channels stay whole. Along another axis it ties the others."""
+        neg, block, off, width = self.where[via]
+        rank = self._rank(via)
+        axis = n.attributes.get_int("axis", 0)
+        if rank is None or block != 1 or axis % rank != rank + neg:
+            raise _Untied(f"consumed by Concat '{n.name}' along another axis than the channels")
+        sizes = [None if i is None or i.shape is None else i.shape[rank + neg] for i in n.inputs]
+        if any(not isinstance(c, int) for c in sizes):
+            raise _Untied(f"Concat '{n.name}' needs its inputs' channel counts known")
+        self.concat_via[n] = via
+        at = list(n.inputs).index(via)
+        self._join(n.outputs[0], neg, 1, span=(off + sum(sizes[:at]), sum(sizes)))
 
     def _consumer(self, n: ir.Node, wv: ir.Value, via: ir.Value) -> None:
         op, name = n.op_type, n.name
         self.writes[n] = False
         if not self._private(wv):
             raise _Untied(f"next layer '{name}' has no private constant weight")
-        neg, block = self.where[via]
+        neg, block, off, width = self.where[via]
         rank = self._rank(via)
         if op in ("Conv", "ConvTranspose"):
             if n.attributes.get_int("group", 1) != 1:
@@ -330,16 +363,14 @@ class _Tracer:
         if not reads_channels:
             raise _Untied(f"next layer '{name}' reduces over another axis than the channels")
         in_axis = weight_rule(n)[2] % len(wv.const_value.shape)
-        if wv.const_value.shape[in_axis] != self.group.channels * block:
-            raise _Untied(f"next layer '{name}' reads {wv.const_value.shape[in_axis]} features, "
-                          f"not {self.group.channels * block}")
-        self.group.consumers.append(_Layer(n, wv, in_axis, block))
+        if wv.const_value.shape[in_axis] != width * block:
+            raise _Untied(f"next layer '{name}' reads {wv.const_value.shape[in_axis]} features, not {width * block}")
+        self.group.consumers.append(_Layer(n, wv, in_axis, block, offset=off))
 
 
-def _take(a: np.ndarray, keep: np.ndarray, axis: int, block: int = 1) -> np.ndarray:
-    if block > 1:
-        keep = (keep[:, None] * block + np.arange(block)[None, :]).reshape(-1)
-    return np.take(a, keep, axis=axis)
+def _rows(channels: np.ndarray, block: int = 1, offset: int = 0) -> np.ndarray:
+    """The indices along a tensor's axis of ``channels`` placed at ``offset``, each ``block`` consecutive entries."""
+    return ((channels[:, None] + offset) * block + np.arange(block)[None, :]).reshape(-1)
 
 
 def _set(value: ir.Value, array: np.ndarray) -> None:
@@ -378,31 +409,49 @@ class PruneChannelsPass(QxcPass):
         if o.sensitivity and groups:
             fractions = self._guided(model, groups)
         layers, removed = [], 0
+        drops: dict[tuple[ir.Value, int], list[np.ndarray]] = {}  # (tensor, axis) -> indices to delete
+        shapes: dict[ir.Value, list[int]] = {}  # each marked tensor's shape once the marked rows are gone
+
+        def drop(value: ir.Value, axis: int, rows: np.ndarray) -> int:
+            """Mark ``rows`` of ``value`` along ``axis`` for deletion (a reader after a Concat loses rows for each
+            of its groups, at their offsets: all are deleted at once, in the original indices); the parameters
+            they hold, once the rows marked before are gone (a layer reading one group and writing another)."""
+            drops.setdefault((value, axis), []).append(rows)
+            shape = shapes.setdefault(value, list(value.const_value.shape))
+            params = len(rows) * int(np.prod(shape)) // shape[axis]
+            shape[axis] -= len(rows)
+            return params
+
         for group, frac in zip(groups, fractions):
             keep = self._keep(group, frac)
             if len(keep) == group.channels:
                 continue
-            matrices = group.producers + group.consumers
-            before = sum(m.weight.const_value.size for m in matrices)
+            gone = np.setdiff1d(np.arange(group.channels), keep)
+            params = 0
             for p in group.producers:
-                _set(p.weight, _take(p.weight.const_value.numpy(), keep, p.axis))
+                params += drop(p.weight, p.axis, gone)
                 if p.bias is not None:
-                    _set(p.bias, _take(p.bias.const_value.numpy(), keep, 0))
-            for const, ax in group.consts:
-                _set(const, _take(const.const_value.numpy(), keep, ax))
+                    drop(p.bias, 0, gone)
+            for const, ax, off in group.consts:
+                drop(const, ax, _rows(gone, 1, off))
             for c in group.consumers:
-                _set(c.weight, _take(c.weight.const_value.numpy(), keep, c.axis, c.block))
+                params += drop(c.weight, c.axis, _rows(gone, c.block, c.offset))
             for v in group.values:
                 v.shape = None  # re-inferred below
-            after = sum(m.weight.const_value.size for m in matrices)
-            removed += before - after
+            removed += params
             entry = {"node": group.producers[0].node.name, "next": [c.node.name for c in group.consumers],
                      "channels": group.channels, "kept": int(len(keep)),
                      "fraction_removed": round(1 - len(keep) / group.channels, 4),
-                     "parameters_removed": int(before - after)}
+                     "parameters_removed": int(params)}
+            concat = [c.node.name for c in group.consumers
+                      if c.weight.const_value.shape[c.axis] != group.channels * c.block]
+            if concat:  # readers of a Concat: they lose the group's rows at its offset
+                entry["through_concat"] = concat
             if len(group.producers) > 1:
                 entry["tied"] = [p.node.name for p in group.producers[1:]]
             layers.append(entry)
+        for (value, axis), parts in drops.items():  # a layer both reads one group and writes another: two axes
+            _set(value, np.delete(value.const_value.numpy(), np.concatenate(parts), axis=axis))
         if layers:
             qir.infer_shapes(model)
         else:
@@ -435,27 +484,28 @@ class PruneChannelsPass(QxcPass):
 
         if self.context.data is None:
             raise UsageError(f"pass '{self.name}': sensitivity=true needs sample data; pass --data")
-        ev = WeightSwapEvaluator(model, self.context.data, [c.weight for g in groups for c in g.consumers])
+        ev = WeightSwapEvaluator(model, self.context.data, list({c.weight: 0 for g in groups for c in g.consumers}))
         errors = np.zeros((len(groups), len(LEVELS)))
 
-        def zeroed(group: _Group, frac: float) -> dict[ir.Value, np.ndarray]:
-            """The next layers' weights with the removed channels' rows zeroed: exactly the removal's output."""
-            drop = np.setdiff1d(np.arange(group.channels), self._keep(group, frac))
-            swaps = {}
-            for c in group.consumers:
-                w = c.weight.const_value.numpy().copy()
-                idx = (drop[:, None] * c.block + np.arange(c.block)[None, :]).reshape(-1)
-                np.moveaxis(w, c.axis, 0)[idx] = 0
-                swaps[c.weight] = w
+        def zeroed(pairs) -> dict[ir.Value, np.ndarray]:
+            """The next layers' weights with each (group, fraction)'s removed channels' rows zeroed: exactly the
+            removal's output (a reader after a Concat loses the rows of every group it reads)."""
+            swaps: dict[ir.Value, np.ndarray] = {}
+            for group, frac in pairs:
+                drop = np.setdiff1d(np.arange(group.channels), self._keep(group, frac))
+                for c in group.consumers:
+                    w = swaps[c.weight] if c.weight in swaps else c.weight.const_value.numpy().copy()
+                    np.moveaxis(w, c.axis, 0)[_rows(drop, c.block, c.offset)] = 0
+                    swaps[c.weight] = w
             return swaps
 
         for i, group in enumerate(groups):
             for j, s in enumerate(LEVELS):
-                errors[i, j] = ev.error(zeroed(group, s))
+                errors[i, j] = ev.error(zeroed([(group, s)]))
         sizes = np.array([sum(m.weight.const_value.size for m in g.producers + g.consumers) for g in groups])
         alloc = allocate(errors, LEVELS, sizes, self.options.sparsity)
-        err_guided = ev.error({k: v for g, f in zip(groups, alloc) for k, v in zeroed(g, f).items()})
-        err_uniform = ev.error({k: v for g in groups for k, v in zeroed(g, self.options.sparsity).items()})
+        err_guided = ev.error(zeroed(zip(groups, alloc)))
+        err_uniform = ev.error(zeroed((g, self.options.sparsity) for g in groups))
         self.sensitivity = {"allocation": {g.producers[0].node.name: round(float(f), 4)
                                            for g, f in zip(groups, alloc)},
                             "joint_error": {"guided": round(err_guided, 6), "uniform": round(err_uniform, 6)}}

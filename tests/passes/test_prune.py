@@ -393,3 +393,73 @@ def test_channels_through_an_upsampling(form):
     x = {"x": rng.normal(size=(2, 3, 6, 6)).astype(np.float32)}
     ref = _removal_reference(proto, "k2", 1, kept)
     np.testing.assert_allclose(run(qir.to_proto(result.model), x)[0], run(ref, x)[0], rtol=1e-4, atol=1e-4)
+
+
+def _unet(concat_axis: int = 1, twice: bool = False) -> onnx.ModelProto:
+    """A U-Net level: enc = relu(conv1 x) [8 channels]; down = relu(conv2 maxpool(enc)) [16], upsampled by 2;
+    conv3 reads concat(up, enc) [24 channels] (or, with ``twice``, concat(enc, relu(enc)): 16 channels, or 8 along
+    the height); conv4 gives 3.
+    Each producer's bias is distinct per channel, so the kept channels can be read back from the biases."""
+    rng = np.random.default_rng(40)
+
+    def conv(name, m, c):
+        return [numpy_helper.from_array((rng.normal(size=(m, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32), f"{name}.w"),
+                numpy_helper.from_array((0.05 + 0.01 * np.arange(m)).astype(np.float32), f"{name}.b")]
+
+    reads = 24 if not twice else 16 if concat_axis == 1 else 8
+    nodes = [helper.make_node("Conv", ["x", "conv1.w", "conv1.b"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("Relu", ["c1"], ["enc"], name="relu1"),
+             helper.make_node("MaxPool", ["enc"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+             helper.make_node("Conv", ["p", "conv2.w", "conv2.b"], ["c2"], pads=[1] * 4, name="conv2"),
+             helper.make_node("Relu", ["c2"], ["down"], name="relu2"),
+             helper.make_node("Resize", ["down", "", "scales"], ["up"], mode="nearest", name="up"),
+             helper.make_node("Relu", ["enc"], ["enc2"], name="relu_twice"),
+             helper.make_node("Concat", ["enc", "enc2"] if twice else ["up", "enc"], ["cat"], axis=concat_axis,
+                              name="skip"),
+             helper.make_node("Conv", ["cat", "conv3.w", "conv3.b"], ["c3"], pads=[1] * 4, name="conv3"),
+             helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+             helper.make_node("Conv", ["r3", "conv4.w", "conv4.b"], ["y"], pads=[1] * 4, name="conv4")]
+    inits = [*conv("conv1", 8, 2), *conv("conv2", 16, 8), *conv("conv3", 12, reads), *conv("conv4", 3, 12),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    g = helper.make_graph(nodes, "unet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3, None, None])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_channels_through_a_concat_skip_connection_shrink_its_reader_at_each_inputs_offset():
+    """A U-Net's skip connection: conv1's channels reach conv2 and, through the Concat, conv3 at offset 16; conv2's
+    reach conv3 at offset 0. Both shrink, conv3 loses each group's rows at its offset, and the result equals the
+    original model with the removed channels zeroed at their producers (relu(0) = 0: they carry nothing)."""
+    proto = _unet()
+    result = compile_model(proto, "prune-channels{sparsity=0.5}", verify_runtime=True)
+    layers = {e["node"]: e for e in result.records[0].report["layers"]}
+    assert set(layers) == {"conv1", "conv2", "conv3"}
+    assert sorted(layers["conv1"]["next"]) == ["conv2", "conv3"] and layers["conv1"]["through_concat"] == ["conv3"]
+    assert layers["conv2"]["through_concat"] == ["conv3"]
+    w = _weights(result.model)
+    assert w["conv1.w"].shape == (4, 2, 3, 3) and w["conv2.w"].shape == (8, 4, 3, 3)
+    assert w["conv3.w"].shape == (6, 12, 3, 3) and w["conv4.w"].shape == (3, 6, 3, 3)
+    reference = onnx.load_from_string(proto.SerializeToString())
+    for name in ("conv1", "conv2", "conv3"):
+        full = {t.name: t for t in reference.graph.initializer}
+        b = numpy_helper.to_array(full[f"{name}.b"])
+        gone = ~np.isin(b, w[f"{name}.b"])
+        for part in ("w", "b"):
+            a = numpy_helper.to_array(full[f"{name}.{part}"]).copy()
+            a[gone] = 0
+            full[f"{name}.{part}"].CopyFrom(numpy_helper.from_array(a, f"{name}.{part}"))
+    x = np.random.default_rng(41).normal(size=(5, 2, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(qir.to_proto(result.model), {"x": x})[0], run(reference, {"x": x})[0],
+                               rtol=1e-5, atol=1e-5)
+    guided = compile_model(_unet(), "prune-channels{sparsity=0.5,sensitivity=true}", data={"x": x})
+    assert guided.records[0].report["sensitivity"]["joint_error"]["guided"] <= \
+        guided.records[0].report["sensitivity"]["joint_error"]["uniform"]
+
+
+@pytest.mark.parametrize("concat_axis,twice,reason", [
+    (2, True, "consumed by Concat 'skip' along another axis than the channels"),
+    (1, True, "Concat 'skip' joins the channels to themselves")])
+def test_a_concat_along_another_axis_or_of_the_channels_with_themselves_keeps_them_whole(concat_axis, twice, reason):
+    result = compile_model(_unet(concat_axis, twice), "prune-channels{sparsity=0.5}")
+    kept = {e["node"]: e["reason"] for e in result.records[0].report["kept_whole"]}
+    assert kept["conv1"] == reason
