@@ -10,7 +10,7 @@ each scaled to mean 1) are removed from every writer's weight and bias, from eve
 and from every reader's input channels. Anything else that touches the channels — a graph output, a residual Add
 with a tensor from outside the group (LayerNorm, an embedding), attention's MatMul of two computed tensors,
 Reshape, Softmax — keeps the layer whole, and the report says which and why. A Concat along the channels (a U-Net's
-skip connection, a YOLO block's) does not tie its inputs: each input's channels keep their place in the output's
+skip connection, an Inception block's) does not tie its inputs: each input's channels keep their place in the output's
 channel space, and the readers lose their rows at that offset; past a Concat only channel-wise ops with constants
 and readers may follow. With ``sensitivity=true`` and data,
 per-group fractions come from measured output error (the readers' input rows are zeroed, which is exactly
