@@ -463,3 +463,54 @@ def test_a_concat_along_another_axis_or_of_the_channels_with_themselves_keeps_th
     result = compile_model(_unet(concat_axis, twice), "prune-channels{sparsity=0.5}")
     kept = {e["node"]: e["reason"] for e in result.records[0].report["kept_whole"]}
     assert kept["conv1"] == reason
+
+
+def test_channels_through_nested_concats_and_batchnorms_equal_zeroing_the_readers_rows():
+    """A dense block: every layer reads the concatenation of all before it, normalised (BatchNormalization over the
+    concatenation: its parameters lose each group's entries at its offset). Removal equals the original model with
+    the readers' rows of the removed channels zeroed, at each group's offset in each reader."""
+    rng = np.random.default_rng(42)
+    inits, nodes = [], []
+
+    def conv(name, m, c, x):
+        inits.extend([numpy_helper.from_array((rng.normal(size=(m, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32),
+                                              f"{name}.w"),
+                      numpy_helper.from_array((0.05 + 0.01 * np.arange(m)).astype(np.float32), f"{name}.b")])
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [name], pads=[1] * 4, name=name))
+
+    def bn_relu(name, c, x):
+        params = [rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c), rng.normal(0, 0.1, c), rng.uniform(0.5, 1.5, c)]
+        inits.extend(numpy_helper.from_array(p.astype(np.float32), f"{name}.{k}") for p, k in zip(params, "sbmv"))
+        nodes.extend([helper.make_node("BatchNormalization", [x] + [f"{name}.{k}" for k in "sbmv"], [f"{name}.n"],
+                                       name=name),
+                      helper.make_node("Relu", [f"{name}.n"], [f"{name}.r"], name=f"{name}.relu")])
+        return f"{name}.r"
+
+    conv("s", 4, 2, "x")
+    conv("a", 3, 4, bn_relu("bn1", 4, "s"))
+    nodes.append(helper.make_node("Concat", ["s", "a"], ["cat1"], axis=1, name="cat1"))
+    conv("b", 3, 7, bn_relu("bn2", 7, "cat1"))
+    nodes.append(helper.make_node("Concat", ["cat1", "b"], ["cat2"], axis=1, name="cat2"))
+    conv("y", 2, 10, bn_relu("bn3", 10, "cat2"))
+    g = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2, 6, 6])], inits)
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    result = compile_model(onnx.load_from_string(proto.SerializeToString()), "prune-channels{sparsity=0.5}",
+                           verify_runtime=True)
+    w = _weights(result.model)
+    full = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    dropped = {n: np.flatnonzero(~np.isin(full[f"{n}.b"], w[f"{n}.b"])) for n in "sab"}
+    assert [len(d) for d in dropped.values()] == [2, 1, 1] and w["y.w"].shape == (2, 6, 3, 3)
+    assert w["bn3.s"].shape == (6,)  # 10 channels: s loses 2 of its 4, a and b 1 of their 3
+    reference = onnx.load_from_string(proto.SerializeToString())
+    offsets = {"a": {"s": 0}, "b": {"s": 0, "a": 4}, "y": {"s": 0, "a": 4, "b": 7}}  # reader -> group -> offset
+    for t in reference.graph.initializer:
+        reader = t.name.split(".")[0]
+        if t.name.endswith(".w") and reader in offsets:
+            a = numpy_helper.to_array(t).copy()
+            for group, off in offsets[reader].items():
+                a[:, dropped[group] + off] = 0
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+    x = rng.normal(size=(5, 2, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(run(qir.to_proto(result.model), {"x": x})[0], run(reference, {"x": x})[0],
+                               rtol=1e-5, atol=1e-5)
