@@ -126,8 +126,9 @@ def cmd_compile(args) -> int:
         for r in result.records:
             t = "" if args.no_timings else f" {r.seconds:8.3f}s"
             print(f"  {r.index:02d} {r.name:<18}{t} {'modified' if r.modified else 'unchanged'}", file=sys.stderr)
-        print(f"  nodes {b['nodes']} -> {a['nodes']}, weight bytes {b['weight_bytes']} -> {a['weight_bytes']}",
-              file=sys.stderr)
+        ratio = f" ({a['weight_bytes'] / b['weight_bytes']:.3f}x)" if b["weight_bytes"] else ""
+        print(f"  nodes {b['nodes']:,} -> {a['nodes']:,}, weight bytes {b['weight_bytes']:,} -> "
+              f"{a['weight_bytes']:,}{ratio}", file=sys.stderr)
         for r in result.records:  # what a pass left alone that the user may want
             for note in (r.report or {}).get("notes", []):
                 print(f"qxc: note: pass '{r.name}': {note}", file=sys.stderr)

@@ -33,6 +33,8 @@ def test_compile_writes_model_and_json(tmp_path, capsys):
     assert [p["pass"] for p in stats["passes"]] == ["fold-constants", "cleanup"]
     assert stats["before"]["nodes"] > stats["after"]["nodes"]
     assert onnx.load(out).graph.node
+    b, a = stats["before"]["weight_bytes"], stats["after"]["weight_bytes"]
+    assert (f"weight bytes {b:,} -> {a:,} ({a / b:.3f}x)") in capsys.readouterr().err  # the summary's size ratio
 
 
 def test_compile_notes_the_weights_a_pass_left_in_float(tmp_path, capsys):
