@@ -284,9 +284,11 @@ def cmd_compare(args) -> int:
 
         for name, o in doc["outputs"].items():
             worst = o["max_abs"] if isinstance(o["max_abs"], str) else f"{o['max_abs']:.4g}"
-            mismatched = o.get("nonfinite_mismatches")
+            mismatched, nonfinite = o.get("nonfinite_mismatches"), o.get("nonfinite_reference")
             print(f"output {name}: SQNR {db(o['sqnr_db'])} dB, cosine {o['cosine']:.6f}, max abs {worst}"
-                  + (f", {mismatched} infinities or NaN not matched" if mismatched else ""))
+                  + (f", {mismatched} infinities or NaN not matched" if mismatched else "")
+                  + (f"; the reference holds {nonfinite:,} infinities or NaN of {o['elements']:,} values"
+                     + (" (the figures compare none)" if nonfinite == o["elements"] else "") if nonfinite else ""))
         if doc["accuracy"]:
             print("accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in doc["accuracy"].items()))
         labels = {"first_jump": "first jump", "largest_drop": "largest drop",

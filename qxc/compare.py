@@ -31,7 +31,8 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "Average
 class ErrorSums:
     """Running float64 sums for SQNR, cosine and max abs error over the finite values. Infinities and NaN (an
     attention mask's -inf) agree when both models hold the same one in the same place; anywhere else they are
-    counted as ``nonfinite_mismatches``, and the error is infinite."""
+    counted as ``nonfinite_mismatches``, and the error is infinite. ``nonfinite`` counts the reference's own
+    infinities and NaN: where every value is one, the figures compare nothing."""
 
     ref2: float = 0.0
     err2: float = 0.0
@@ -40,6 +41,7 @@ class ErrorSums:
     max_abs: float = 0.0
     count: int = 0
     nonfinite_mismatches: int = 0
+    nonfinite: int = 0
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
         if ref.shape != cand.shape or ref.size == 0:
@@ -49,6 +51,7 @@ class ErrorSums:
         self.count += r.size
         finite = np.isfinite(r) & np.isfinite(c)
         if not finite.all():
+            self.nonfinite += int(r.size - np.count_nonzero(np.isfinite(r)))
             same = (r == c) | (np.isnan(r) & np.isnan(c))
             self.nonfinite_mismatches += int(np.count_nonzero(~finite & ~same))
             r, c = r[finite], c[finite]
@@ -64,7 +67,7 @@ class ErrorSums:
     def merge(self, other: ErrorSums) -> ErrorSums:
         return ErrorSums(self.ref2 + other.ref2, self.err2 + other.err2, self.dot + other.dot,
                          self.cand2 + other.cand2, max(self.max_abs, other.max_abs), self.count + other.count,
-                         self.nonfinite_mismatches + other.nonfinite_mismatches)
+                         self.nonfinite_mismatches + other.nonfinite_mismatches, self.nonfinite + other.nonfinite)
 
     @property
     def sqnr(self) -> float:
@@ -86,6 +89,8 @@ class ErrorSums:
                "elements": self.count}
         if self.nonfinite_mismatches:
             out["nonfinite_mismatches"] = self.nonfinite_mismatches
+        if self.nonfinite:
+            out["nonfinite_reference"] = self.nonfinite
         return out
 
 

@@ -177,7 +177,33 @@ def test_infinities_agree_where_both_models_hold_them():
     got = same.to_json()
     assert got["sqnr_db"] == pytest.approx(10 * np.log10(22 / 0.01), rel=1e-4) and "nonfinite_mismatches" not in got
     assert lost.to_json() == {"sqnr_db": "-inf", "cosine": 1.0, "max_abs": "inf", "elements": 6,
-                              "nonfinite_mismatches": 1}
+                              "nonfinite_mismatches": 1, "nonfinite_reference": 2}
+    assert got["nonfinite_reference"] == 2  # the reference's own infinities and NaN, counted
+
+
+def test_an_output_of_nothing_but_nan_says_its_figures_compare_nothing(tmp_path, capsys):
+    """Activations that overflow in both models (a deep residual stack) make every output value NaN: an SQNR of inf
+    and a cosine of 1 then compare nothing, and the output line says so."""
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Div", ["x", "zero"], ["r"]), helper.make_node("Sub", ["r", "r"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+                          [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+    import onnx
+
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.ones((3, 4), np.float32))  # x / 0 = inf, inf - inf = NaN
+    assert main(["compare", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"),
+                 "--no-layers"]) == 0
+    assert ("output y: SQNR inf dB, cosine 1.000000, max abs 0; the reference holds 12 infinities or NaN of 12 "
+            "values (the figures compare none)") in capsys.readouterr().out
+    from qxc.report import build_report, write_report
+
+    model = qir.load(tmp_path / "m.onnx")
+    fidelity = compare_models(model, model, load_data(tmp_path / "d.npz", model), layers=False).to_json()
+    page = write_report(build_report(title="m", fidelity=fidelity), tmp_path / "r.html").read_text()
+    assert "the original model gives 12 infinities or NaN of 12 values: the figures above compare none." in page
 
 
 def test_compare_names_the_first_tensor_that_lost_its_infinities(tmp_path, capsys):
