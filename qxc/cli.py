@@ -65,8 +65,9 @@ def _paths(args) -> list[str]:
 
 
 def _check_paths(args) -> None:
-    """No two outputs of a command share a file and no output is one of its inputs (compile's -o over its model
-    takes --force, checked by the command): the later write would replace the earlier file without a word."""
+    """No two outputs of a command share a file and no output is one of its inputs (a model written over the input
+    model, compile's -o or explain's --embed, takes --force, checked where it is written): the later write would
+    replace the earlier file without a word."""
     inputs: dict[Path, str] = {}
     for dest, label in _INPUTS.items():
         value = getattr(args, dest, None)
@@ -81,7 +82,8 @@ def _check_paths(args) -> None:
         r = Path(v).resolve()
         if r in written:
             raise UsageError(f"{v}: both {written[r]} and {flag} would write it; give each its own path")
-        if r in inputs and not (args.command == "compile" and dest == "output" and inputs[r] == "the model"):
+        model_out = (args.command, dest) in (("compile", "output"), ("explain", "embed"))  # a model over its input:
+        if r in inputs and not (model_out and inputs[r] == "the model"):  # --force, checked where it is written
             raise UsageError(f"{v}: {flag} would overwrite {inputs[r]}, an input; choose another path")
         written[r] = flag
 

@@ -255,6 +255,10 @@ def test_an_output_never_replaces_another_output_or_an_input(tmp_path, capsys):
                                   "--report", tmp_path / "r.html", "-q"]]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["output"] == str(out)  # the compile summary, kept
     assert "compile" in json.loads((tmp_path / "r.report.json").read_text())  # the report's own document
+    embed = ["explain", model, "--data", MODELS / "digits_test.npz", "--method", "tree", "--embed", model, "-o",
+             tmp_path / "e.json"]
+    assert main([str(a) for a in embed]) == 2 and model.read_bytes() == before  # a model over its input: --force
+    assert main([str(a) for a in [*embed, "--force"]]) == 0 and model.read_bytes() != before
     assert main([str(a) for a in ["report", tmp_path / "r.report.json", "-o", tmp_path / "p.json"]]) == 0
     assert (tmp_path / "p.json").read_text().startswith("<!DOCTYPE html>")
     assert "compile" in json.loads((tmp_path / "p.report.json").read_text())  # not over the page
