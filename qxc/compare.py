@@ -128,17 +128,18 @@ class Comparison:
                 "first_nonfinite": self.first_nonfinite, "unfused": self.unfused, "settings": self.settings}
 
 
-def _predictions(outs: list[np.ndarray]) -> np.ndarray | None:
-    """Class predictions: a label output, or the argmax of a score matrix (probabilities or logits: top-1
-    agreement is what a classifier's users compare; a multi-output regressor's columns get it too, meaninglessly,
-    unless its two-column targets are given)."""
+def _predictions(outs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """Class predictions and which rows have one: a label output, or the argmax of a score matrix (probabilities or
+    logits: top-1 agreement is what a classifier's users compare; a multi-output regressor's columns get it too,
+    meaninglessly, unless its two-column targets are given). A row of scores holding NaN predicts no class (numpy's
+    argmax would name the first NaN's column, and two all-NaN models would agree everywhere)."""
     for o in outs:
         if o.dtype.kind in "iuUO" and o.ndim == 1:  # class labels: integers or strings
-            return o
+            return o, np.ones(len(o), bool)
     for o in outs:
         if o.dtype.kind == "f" and o.ndim == 2 and o.shape[1] > 1:
-            return o.argmax(axis=1)
-    return None
+            return o.argmax(axis=1), ~np.isnan(o).any(axis=1)
+    return None, None
 
 
 def plan(ref: ir.Model, cand: ir.Model, layers: bool) -> tuple[list[str], dict[str, str], list]:
@@ -186,7 +187,7 @@ class Accumulator:
     def empty(self) -> dict:
         return {"outputs": {n: ErrorSums() for n in self.out_names},
                 "layers": {n: ErrorSums() for n in self.mapping}, "rows": 0, "agree": 0, "correct_ref": 0,
-                "correct_cand": 0, "predicted": 0, "labeled": 0}
+                "correct_cand": 0, "predicted": 0, "labeled": 0, "classed": 0}
 
     def update(self, state: dict, feed: dict, labels: np.ndarray | None) -> None:
         from qxc.runtime.session import normalize_output, run
@@ -198,15 +199,16 @@ class Accumulator:
                 state["outputs"][n].update(a.astype(np.float64), b.astype(np.float64))
         # class predictions, unless the labels say regression targets (two columns)
         regression = labels is not None and np.ndim(labels) > 1
-        pr, pc = (None, None) if regression else (_predictions(r_out), _predictions(c_out))
+        (pr, vr), (pc, vc) = ((None, None), (None, None)) if regression else (_predictions(r_out), _predictions(c_out))
         if pr is not None and pc is not None:
-            state["predicted"] += len(pr)
-            state["agree"] += int(np.sum(pr == pc))
+            state["classed"] += len(pr)
+            state["predicted"] += int(vr.sum())  # agreement is over the rows the reference predicts a class for
+            state["agree"] += int(np.sum((pr == pc) & vr & vc))
             if labels is not None and len(labels) == len(pr):
                 lab = np.asarray(labels).astype(pr.dtype)
                 state["labeled"] += len(pr)
-                state["correct_ref"] += int(np.sum(pr == lab))
-                state["correct_cand"] += int(np.sum(pc == lab))
+                state["correct_ref"] += int(np.sum((pr == lab) & vr))
+                state["correct_cand"] += int(np.sum((pc == lab) & vc))
         if self.layers:
             rt, ct = self.ref_run.run(feed), self.cand_run.run(feed)
             for name, target in self.mapping.items():
@@ -220,7 +222,7 @@ def merge_states(states: list[dict]) -> dict:
         for key in ("outputs", "layers"):
             for n, s in st[key].items():
                 out[key][n] = out[key][n].merge(s)
-        for key in ("rows", "agree", "correct_ref", "correct_cand", "predicted", "labeled"):
+        for key in ("rows", "agree", "correct_ref", "correct_cand", "predicted", "labeled", "classed"):
             out[key] += st[key]
     return out
 
@@ -230,7 +232,7 @@ def finish(state: dict, order, mapping, *, layers: bool, jump_db: float, setting
     result.outputs = {n: s.to_json() for n, s in state["outputs"].items() if s.count}  # numbers, not labels
     if state["predicted"]:
         result.accuracy = {"agreement": state["agree"] / state["predicted"]}
-        if state["labeled"] == state["predicted"]:
+        if state["labeled"] == state["classed"]:
             result.accuracy.update({"reference": state["correct_ref"] / state["labeled"],
                                     "candidate": state["correct_cand"] / state["labeled"]})
     if layers:

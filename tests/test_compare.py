@@ -196,8 +196,14 @@ def test_an_output_of_nothing_but_nan_says_its_figures_compare_nothing(tmp_path,
     np.savez(tmp_path / "d.npz", x=np.ones((3, 4), np.float32))  # x / 0 = inf, inf - inf = NaN
     assert main(["compare", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"),
                  "--no-layers"]) == 0
+    out = capsys.readouterr().out
     assert ("output y: SQNR inf dB, cosine 1.000000, max abs 0; the reference holds 12 infinities or NaN of 12 "
-            "values (the figures compare none)") in capsys.readouterr().out
+            "values (the figures compare none)") in out
+    assert "agreement" not in out  # rows of NaN scores predict no class (argmax named the first NaN: 1.0000)
+    from qxc.compare import _predictions
+
+    pred, valid = _predictions([np.array([[0.2, 0.8], [np.nan, 0.1], [0.9, 0.1]], np.float32)])
+    assert pred[[0, 2]].tolist() == [1, 0] and valid.tolist() == [True, False, True]
     from qxc.report import build_report, write_report
 
     model = qir.load(tmp_path / "m.onnx")
