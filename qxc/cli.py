@@ -319,7 +319,8 @@ def _fail_below(doc: dict, threshold: float | None) -> int:
 def _backend(args, model):
     from qxc.scale import make_backend
 
-    options = {k: getattr(args, a) for k, a in (("output", "explain_output"), ("task", "task")) if hasattr(args, a)}
+    options = {k: getattr(args, a) for k, a in (("output", "explain_output"), ("task", "task"),
+                                                ("output_name", "output_name")) if hasattr(args, a)}
     return make_backend(args.backend, model, args.provider.split(","), address=args.ray_address,
                         workers=args.workers, threads=getattr(args, "threads", None), predictor_options=options)
 
@@ -358,12 +359,15 @@ def cmd_explain_chunked(args, model) -> int:
     if args.task == "auto" and args.labels:  # logits with class labels: a classifier, as in the local run
         from qxc.explain.run import class_labels
 
-        outputs = [v for v in model.graph.outputs if v.shape is not None and len(v.shape) == 2]
+        outputs = [v for v in model.graph.outputs if v.shape is not None and len(v.shape) == 2
+                   and (args.output_name is None or v.name == args.output_name)]
         width = outputs[0].shape[1] if outputs and isinstance(outputs[0].shape[1], int) else 0
         if class_labels(first_labels, width):
             args.task = "classification"
     backend = _backend(args, model)
     doc: dict = {"schema": "qxc.explain/1", "model": str(args.model)}
+    if args.output_name:
+        doc["output"] = args.output_name
     if args.explain_output:
         doc["explained_output"] = args.explain_output
     try:
@@ -464,13 +468,15 @@ def cmd_explain(args) -> int:
                         instances=args.instances, background=args.background, max_depth=args.max_depth,
                         max_leaf_nodes=args.max_leaf_nodes, perturbations=args.perturbations, baseline=args.baseline,
                         local_samples=args.local_samples,
-                        source=str(args.model), threads=args.threads, output=args.explain_output, task=args.task)
+                        source=str(args.model), threads=args.threads, output=args.explain_output, task=args.task,
+                        output_name=args.output_name)
     if args.embed:
         from qxc.explain.embed import embed, linear_contributions, tree_to_onnx, verify_tree
         from qxc.explain.predictor import Predictor
         from qxc.explain.surrogates import fit_tree
 
         pred = Predictor(model, providers=args.provider.split(","), threads=args.threads, output=args.explain_output,
+                         output_name=args.output_name,
                          task=doc["task"])  # as the explanation took it (logits with class labels: a classifier)
         if pred.input is None:
             raise UsageError(f"--embed: the surrogate reads one [rows, features] input; {args.model} has "
@@ -665,6 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--provider", default="cpu")
     e.add_argument("--strict-provider", action="store_true", help=_STRICT_HELP)
     e.add_argument("--threads", type=_count, help="onnxruntime intra-op threads (default: onnxruntime's choice)")
+    e.add_argument("--output-name", metavar="NAME",
+                   help="the model output to explain (default: a classifier's probabilities, else the first float "
+                        "output; an embedding or a second head of a classifier is explained as numbers)")
     e.add_argument("--explain-output", type=int, default=0, metavar="N",
                    help="the output column of a multi-output regressor that shapley, tree and local explain "
                         "(default 0; permutation and ablation score every output)")

@@ -42,7 +42,7 @@ class Predictor:
     def __init__(self, model: ir.Model, *, providers: Sequence[str] = ("cpu",), batch_size: int = BATCH_ROWS,
                  threads: int | None = None, output: int = 0,
                  task: Literal["auto", "classification", "regression"] = "auto",
-                 categories: dict[str, list[list[str]]] | None = None):
+                 categories: dict[str, list[list[str]]] | None = None, output_name: str | None = None):
         """The model reads a table of rows x features: its single [rows, features] input (or [rows, d1, d2, ...] with
         fixed d's, an image: each element a feature, in C order), or one input per column
         or group of columns (skl2onnx's DataFrame exports: [rows, 1] inputs, numbers or strings); string columns
@@ -51,7 +51,9 @@ class Predictor:
         ``task``: ``auto`` takes a model with a label output (skl2onnx) for a classifier, and one whose only
         float output is a probability matrix (rows in [0, 1] summing to 1, e.g. a Softmax; one probe row tells)
         too, its label the most probable class; ``classification`` takes any (rows, classes) score output's argmax
-        for the label (logits); ``regression`` explains the outputs as numbers."""
+        for the label (logits); ``regression`` explains the outputs as numbers. ``output_name``: the float output
+        explained (default: the first; another output of a classifier with a label output, an embedding or a
+        second head, is explained as numbers, or as a classifier of its own if it holds probabilities)."""
         from qxc.runtime import make_session
 
         self.model = model  # what it runs (the feeds of a table are checked against its inputs)
@@ -70,6 +72,16 @@ class Predictor:
         if not floats:
             raise UsageError("the model has no float output to explain")
         self.score_out = floats[0].name
+        if output_name is not None:
+            if output_name not in self.output_names:
+                raise UsageError(f"the model has no output '{output_name}'; its outputs are "
+                                 f"{', '.join(self.output_names)}")
+            if output_name not in {o.name for o in floats}:
+                raise UsageError(f"output '{output_name}' holds no floats to explain; its float outputs are "
+                                 f"{', '.join(o.name for o in floats)}")
+            if output_name != self.score_out:  # not the classifier's scores: its labels say nothing of this one
+                self.label_out = None
+            self.score_out = output_name
         self.output = output  # the column of a multi-output regressor that ``value`` explains
         self.rows_evaluated = 0
         self.calls = 0

@@ -74,7 +74,8 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
                   use_labels: bool = True, compare=None, providers=("cpu",), seed: int = 0, repeats: int = 5,
                   instances: int = 10, background: int = 100, max_depth: int = 4, max_leaf_nodes: int | None = None,
                   perturbations: int = 0, baseline: str = "mean", local_samples: int = 1000, source: str = "",
-                  threads: int | None = None, output: int = 0, task: str = "auto") -> dict:
+                  threads: int | None = None, output: int = 0, task: str = "auto", output_name: str | None = None
+                  ) -> dict:
     """Every method in ``methods`` on ``model`` over ``data`` as one ``qxc.explain/1`` document (schema above);
     the tree surrogate is bounded by ``max_depth`` and ``max_leaf_nodes`` and also fits ``perturbations`` extra
     in-distribution rows (a data row with one feature redrawn from its observed values); ablation replaces a
@@ -82,14 +83,16 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
     ``threads`` caps onnxruntime's intra-op threads (default: onnxruntime's own choice); ``output``: the column of
     a multi-output regressor that Shapley values and the surrogates explain (permutation and ablation score every
     output, as scikit-learn's ``score`` does); ``task``: see :class:`Predictor` (auto: skl2onnx label outputs and
-    probability-matrix outputs make classifiers)."""
+    probability-matrix outputs make classifiers); ``output_name``: the model output explained (default: the first
+    float output)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UsageError(f"unknown explanation method '{unknown[0]}'; use {', '.join(METHODS)}")
     t0 = time.perf_counter()
     model = qir.coerce_model(model)
     data = load_data(data, model)  # a path, a dict of arrays, a DataFrame or a Dataset
-    predictor = Predictor(model, providers=providers, threads=threads, output=output, task=task)
+    predictor = Predictor(model, providers=providers, threads=threads, output=output, task=task,
+                          output_name=output_name)
     x = _matrix(data, predictor)
     columns = _output_columns(predictor, x, output)
     if task == "auto" and use_labels and class_labels(data.labels, columns) and not predictor.is_classifier:
@@ -168,7 +171,7 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
         doc["layers"] = {"values": activation_stats(model, data, providers=providers)}
     if compare is not None:
         doc["drift"] = _drift(predictor, qir.coerce_model(compare), x, y, perm, tree, features, providers, seed,
-                              repeats, tree_opts, threads, output, task)
+                              repeats, tree_opts, threads, output, task, output_name)
     doc["timing"] = {"seconds": round(time.perf_counter() - t0, 4), "rows_evaluated": int(predictor.rows_evaluated),
                      "onnxruntime_calls": int(predictor.calls)}
     return doc
@@ -204,12 +207,12 @@ def _categories(predictor: Predictor, features: list[str]) -> dict[str, list[str
 
 
 def _drift(predictor, other, x, y, perm, tree, features, providers, seed, repeats, tree_opts, threads=None,
-           output=0, task="auto") -> dict:
+           output=0, task="auto", output_name=None) -> dict:
     from qxc.explain.drift import drift
     from qxc.explain.surrogates import fit_tree, holdout_split
 
     cand = Predictor(other, providers=providers, threads=threads, output=output, task=task,
-                     categories=predictor.table_inputs.categories)
+                     categories=predictor.table_inputs.categories, output_name=output_name)
     perm_c = permutation_importance(cand, x, y, n_repeats=repeats, random_state=seed)
     perm_r = perm or permutation_importance(predictor, x, y, n_repeats=repeats, random_state=seed)
     tree_r = tree or fit_tree(predictor, x, features, **tree_opts)

@@ -1142,3 +1142,46 @@ def test_local_surrogates_worse_than_a_constant_come_with_a_note():
     fidelity = np.array(doc["local"]["fidelity"])
     assert (fidelity < 0).any()  # this tree has such instances
     assert [n for n in doc.get("notes", []) if n.startswith("local:")] == [_poor_fit_note(fidelity)]
+
+
+def _two_headed() -> qir.ir.Model:
+    """A network with two float outputs: an embedding (3 numbers) first, then class probabilities (a Softmax)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(50)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "we"], ["emb"]), helper.make_node("MatMul", ["x", "wc"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probs"], axis=1)], "heads",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, [None, 3]),
+         helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "we"),
+         numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "wc")])
+    return qir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_the_output_to_explain_is_chosen_by_name(tmp_path):
+    """By default the first float output (the embedding, as numbers); --output-name picks the classification
+    head, whose probabilities make it a classifier; a name the model lacks, or a label output, is a usage error
+    that lists what can be explained."""
+    x = np.random.default_rng(51).normal(size=(120, 4)).astype(np.float32)
+    data = load_data({"x": x}, _two_headed())
+    first = explain_model(_two_headed(), data, methods=("permutation", "shapley"), instances=3)
+    assert (first["output"], first["task"], first["outputs"]) == ("emb", "regression", 3)
+    heads = explain_model(_two_headed(), data, methods=("permutation", "shapley"), instances=3, output_name="probs")
+    assert (heads["output"], heads["task"]) == ("probs", "classification") and "outputs" not in heads
+    probs = run(qir.to_proto(_two_headed()), {"x": x[heads["shapley"]["instances"]]})[1]
+    phi = np.array(heads["shapley"]["values"])  # exact values of the predicted class's probability
+    np.testing.assert_allclose(phi.sum(axis=1) + heads["shapley"]["base_value"], probs.max(axis=1), rtol=1e-4)
+    with pytest.raises(UsageError, match="no output 'logits'; its outputs are emb, probs"):
+        explain_model(_two_headed(), data, methods=("permutation",), output_name="logits")
+    path = tmp_path / "heads.onnx"
+    qir.save(_two_headed(), path)
+    np.savez(tmp_path / "d.npz", x=x)
+    assert main(["explain", str(path), "--data", str(tmp_path / "d.npz"), "--method", "tree", "--output-name", "probs",
+                 "-o", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["output"] == "probs"
+    clf = qir.load(MODELS / "digits_mlp.onnx")
+    with pytest.raises(UsageError, match="output 'label' holds no floats to explain; its float outputs are "
+                                         "probabilities"):
+        explain_model(clf, load_data(MODELS / "digits_test.npz", clf), methods=("permutation",), output_name="label")
