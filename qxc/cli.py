@@ -342,7 +342,13 @@ def cmd_explain_chunked(args, model) -> int:
 
     from qxc.explain.importance import stability
     from qxc.explain.predictor import element_names
-    from qxc.scale import chunks_of, distributed_labels, distributed_permutation, distributed_shapley
+    from qxc.scale import (
+        chunks_of,
+        distributed_description,
+        distributed_labels,
+        distributed_permutation,
+        distributed_shapley,
+    )
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     unsupported = [m for m in methods if m not in ("permutation", "shapley", "tree")]
@@ -366,8 +372,6 @@ def cmd_explain_chunked(args, model) -> int:
             args.task = "classification"
     backend = _backend(args, model)
     doc: dict = {"schema": "qxc.explain/1", "model": str(args.model)}
-    if args.output_name:
-        doc["output"] = args.output_name
     if args.explain_output:
         doc["explained_output"] = args.explain_output
     try:
@@ -378,6 +382,7 @@ def cmd_explain_chunked(args, model) -> int:
         if len(item) > 1:
             doc["input_shape"] = list(item)
         doc["rows"] = sum(c.stop - c.start for c in chunks)
+        doc.update(distributed_description(backend))  # the task and the output, as the local run has them
         settings = {"backend": args.backend, "chunks": len(chunks), "chunk_rows": args.chunk_rows,
                     "random_state": args.seed}
         if "permutation" in methods:

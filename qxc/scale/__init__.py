@@ -10,11 +10,13 @@ from qxc.scale.backends import LocalBackend, RayBackend, make_backend
 from qxc.scale.chunks import Chunk, chunks_of
 from qxc.scale.tasks import (
     distributed_compare,
+    distributed_description,
     distributed_labels,
     distributed_permutation,
     distributed_ranges,
     distributed_shapley,
 )
 
-__all__ = ["Chunk", "LocalBackend", "RayBackend", "chunks_of", "distributed_compare", "distributed_labels",
+__all__ = ["Chunk", "LocalBackend", "RayBackend", "chunks_of", "distributed_compare", "distributed_description",
+           "distributed_labels",
            "distributed_permutation", "distributed_ranges", "distributed_shapley", "make_backend"]

@@ -186,6 +186,16 @@ def distributed_labels(backend, chunks: Sequence[Chunk]) -> np.ndarray:
     return np.concatenate(backend.map(predict_task, list(chunks)))
 
 
+def describe_task(worker, _=None) -> dict:
+    """What the workers explain: the model output (its name) and the task, as the local run's document has them."""
+    pred = _predictor(worker)
+    return {"task": "classification" if pred.is_classifier else "regression", "output": pred.score_out}
+
+
+def distributed_description(backend) -> dict:
+    return backend.map(describe_task, [None])[0]
+
+
 def _table(x: np.ndarray, pred) -> np.ndarray:
     """A chunk's rows as the explainers' rows x features (an image's elements in C order)."""
     return np.ascontiguousarray(x.reshape(len(x), -1), dtype=pred.dtype)

@@ -289,6 +289,7 @@ def test_chunked_explain_of_an_image_model_equals_the_local_run(tmp_path):
         docs[kind] = json.loads(out.read_text())
     chunked, local = docs["chunked"], docs["local"]
     assert chunked["features"] == local["features"] and len(local["features"]) == 64
+    assert (chunked["task"], chunked["output"]) == (local["task"], local["output"]) == ("classification", "logits")
     assert chunked["permutation"]["metric"] == local["permutation"]["metric"] == "accuracy"
     np.testing.assert_allclose(list(chunked["permutation"]["values"].values()),
                                list(local["permutation"]["values"].values()), atol=1e-6)
