@@ -404,7 +404,14 @@ def cmd_explain_chunked(args, model) -> int:
             doc["shapley"] = {**res.to_json(feats), "seconds": round(time.perf_counter() - t, 4),
                               "settings": {**settings, **res.settings, "instances": len(inst), "background": len(bg)}}
         if "tree" in methods:
-            from qxc.explain.surrogates import fit_decision_tree, holdout_split, tree_fidelity, tree_rules
+            from qxc.explain.run import few_rows_note
+            from qxc.explain.surrogates import (
+                TreeSurrogate,
+                fit_decision_tree,
+                holdout_split,
+                tree_fidelity,
+                tree_rules,
+            )
 
             t = time.perf_counter()
             sample, rows = [], 0
@@ -420,12 +427,15 @@ def cmd_explain_chunked(args, model) -> int:
             xtr, xte, ytr, yte = x[train_rows], x[test_rows], y[train_rows], y[test_rows]
             tree = fit_decision_tree(xtr, ytr, classifier, max_depth=args.max_depth,
                                      max_leaf_nodes=args.max_leaf_nodes, random_state=args.seed)
-            fid = tree_fidelity(tree, xte, yte, classifier)
-            doc["tree"] = {"fidelity": round(fid, 6), "metric": "agreement" if classifier else "r2",
-                           "rules": tree_rules(tree, feats), "depth": int(tree.get_depth()),
-                           "leaves": int(tree.get_n_leaves()), "seconds": round(time.perf_counter() - t, 4),
-                           "settings": {**settings, "rows": len(x), "max_depth": args.max_depth,
-                                        "max_leaf_nodes": args.max_leaf_nodes}}
+            surrogate = TreeSurrogate(
+                tree, tree_fidelity(tree, xte, yte, classifier), tree_fidelity(tree, xtr, ytr, classifier),
+                tree_rules(tree, feats), classifier, time.perf_counter() - t,
+                {**settings, "rows": len(x), "max_depth": args.max_depth, "max_leaf_nodes": args.max_leaf_nodes,
+                 "perturbations": 0, "holdout": 0.25, "train_rows": len(xtr), "test_rows": len(xte)})
+            doc["tree"] = surrogate.to_json(feats)  # as the local run writes it
+            note = few_rows_note(doc["tree"])
+            if note:
+                doc.setdefault("notes", []).append(note)
     finally:
         backend.close()
     doc["timing"] = {"seconds": round(time.perf_counter() - t0, 4)}
@@ -433,6 +443,8 @@ def cmd_explain_chunked(args, model) -> int:
         _emit_json(doc, args.output)
     else:
         print(_dump_json(doc), end="")
+    for note in doc.get("notes", []):
+        print(f"qxc: note: {note}", file=sys.stderr)
     return 0
 
 

@@ -154,7 +154,7 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
 
         tree = fit_tree(predictor, x, features, **tree_opts)
         doc["tree"] = tree.to_json(features)  # exported to ONNX (and verified) by --embed, not on every run
-        note = _few_rows_note(doc["tree"])
+        note = few_rows_note(doc["tree"])
         if note:
             doc.setdefault("notes", []).append(note)
     if "local" in methods:
@@ -162,7 +162,7 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
 
         loc = fit_local(predictor, x[pick], x, n_samples=local_samples, random_state=seed)
         doc["local"] = {**loc.to_json(features), "instances": pick.tolist()}
-        note = _poor_fit_note(np.asarray(loc.fidelity, np.float64))
+        note = poor_fit_note(np.asarray(loc.fidelity, np.float64))
         if note:
             doc.setdefault("notes", []).append(note)
     if "layers" in methods:
@@ -177,7 +177,7 @@ def explain_model(model, data: Dataset | Any, *, methods: Sequence[str] = ("perm
     return doc
 
 
-def _few_rows_note(tree: dict) -> str | None:
+def few_rows_note(tree: dict) -> str | None:
     """A note when the tree was fit and tested on too few rows to be trusted: its held-out fidelity falls far below
     the fit's own (a wine classifier's 54 test rows: 1.00 on the 40 it was fit on, 0.43 on the 14 held out)."""
     settings = tree["settings"]
@@ -188,7 +188,7 @@ def _few_rows_note(tree: dict) -> str | None:
             "a tree; --perturbations N fits it on N more in-distribution rows")
 
 
-def _poor_fit_note(fidelity: np.ndarray) -> str | None:
+def poor_fit_note(fidelity: np.ndarray) -> str | None:
     """A note when some local surrogates predict held-out neighbours worse than their mean does (R^2 below 0): the
     model is not linear there (a decision tree's steps; a neighbourhood nearly constant but for a few points across
     a step reads far below 0), and one such instance drags the mean down (a tree's: -127.8, mean -12.5, median

@@ -1129,10 +1129,10 @@ def test_local_surrogates_worse_than_a_constant_come_with_a_note():
     from sklearn.model_selection import train_test_split
     from sklearn.tree import DecisionTreeClassifier
 
-    from qxc.explain.run import _poor_fit_note
+    from qxc.explain.run import poor_fit_note
 
-    assert _poor_fit_note(np.array([0.5, 0.9])) is None
-    assert _poor_fit_note(np.array([0.5, -3.0, 0.7])) == (
+    assert poor_fit_note(np.array([0.5, 0.9])) is None
+    assert poor_fit_note(np.array([0.5, -3.0, 0.7])) == (
         "local: held-out fidelity below 0 for 1 of 3 instances (down to -3.00; mean -0.60, median 0.50): the model "
         "is not linear around them, and their local values describe it poorly")
     x, y = load_breast_cancer(return_X_y=True)
@@ -1141,7 +1141,7 @@ def test_local_surrogates_worse_than_a_constant_come_with_a_note():
     doc = explain_model(tree, load_data({"X": xte}, tree), methods=("local",))
     fidelity = np.array(doc["local"]["fidelity"])
     assert (fidelity < 0).any()  # this tree has such instances
-    assert [n for n in doc.get("notes", []) if n.startswith("local:")] == [_poor_fit_note(fidelity)]
+    assert [n for n in doc.get("notes", []) if n.startswith("local:")] == [poor_fit_note(fidelity)]
 
 
 def _two_headed() -> qir.ir.Model:

@@ -272,7 +272,8 @@ def test_csv_chunks_read_class_name_labels_like_the_local_reader(tmp_path):
 
 def test_chunked_explain_of_an_image_model_equals_the_local_run(tmp_path):
     """An image's elements are its features in the chunked run too (names included), and logits with class labels
-    make a classifier there as well: on one shard, permutation importance equals the local run's."""
+    make a classifier there as well: on one shard, permutation importance equals the local run's, and the tree is
+    the local run's, written the same way."""
     import json
 
     from qxc.cli import main
@@ -285,11 +286,14 @@ def test_chunked_explain_of_an_image_model_equals_the_local_run(tmp_path):
     for kind, data in (("chunked", folder), ("local", MODELS / "cnn_digits_test.npz")):
         out = tmp_path / f"{kind}.json"
         assert main(["explain", str(MODELS / "cnn_digits.onnx"), "--data", str(data), "--labels", "--method",
-                     "permutation", "-o", str(out)]) == 0
+                     "permutation,tree", "-o", str(out)]) == 0
         docs[kind] = json.loads(out.read_text())
     chunked, local = docs["chunked"], docs["local"]
     assert chunked["features"] == local["features"] and len(local["features"]) == 64
     assert (chunked["task"], chunked["output"]) == (local["task"], local["output"]) == ("classification", "logits")
+    same = {"fidelity", "fidelity_train", "metric", "rules", "nodes", "depth", "leaves"}
+    assert {k: v for k, v in chunked["tree"].items() if k in same} == {k: v for k, v in local["tree"].items() if k in same}
+    assert set(chunked["tree"]) == set(local["tree"])
     assert chunked["permutation"]["metric"] == local["permutation"]["metric"] == "accuracy"
     np.testing.assert_allclose(list(chunked["permutation"]["values"].values()),
                                list(local["permutation"]["values"].values()), atol=1e-6)
