@@ -18,5 +18,4 @@ from qxc.scale.tasks import (
 )
 
 __all__ = ["Chunk", "LocalBackend", "RayBackend", "chunks_of", "distributed_compare", "distributed_description",
-           "distributed_labels",
-           "distributed_permutation", "distributed_ranges", "distributed_shapley", "make_backend"]
+           "distributed_labels", "distributed_permutation", "distributed_ranges", "distributed_shapley", "make_backend"]
