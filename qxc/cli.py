@@ -405,13 +405,7 @@ def cmd_explain_chunked(args, model) -> int:
                               "settings": {**settings, **res.settings, "instances": len(inst), "background": len(bg)}}
         if "tree" in methods:
             from qxc.explain.run import few_rows_note
-            from qxc.explain.surrogates import (
-                TreeSurrogate,
-                fit_decision_tree,
-                holdout_split,
-                tree_fidelity,
-                tree_rules,
-            )
+            from qxc.explain.surrogates import holdout_split, tree_surrogate
 
             t = time.perf_counter()
             sample, rows = [], 0
@@ -424,14 +418,10 @@ def cmd_explain_chunked(args, model) -> int:
             y = distributed_labels(backend, sample)
             classifier = y.dtype.kind != "f"  # class labels (integers or strings) or a regression's outputs
             train_rows, test_rows = holdout_split(len(x), 0.25, args.seed)
-            xtr, xte, ytr, yte = x[train_rows], x[test_rows], y[train_rows], y[test_rows]
-            tree = fit_decision_tree(xtr, ytr, classifier, max_depth=args.max_depth,
-                                     max_leaf_nodes=args.max_leaf_nodes, random_state=args.seed)
-            surrogate = TreeSurrogate(
-                tree, tree_fidelity(tree, xte, yte, classifier), tree_fidelity(tree, xtr, ytr, classifier),
-                tree_rules(tree, feats), classifier, time.perf_counter() - t,
-                {**settings, "rows": len(x), "max_depth": args.max_depth, "max_leaf_nodes": args.max_leaf_nodes,
-                 "perturbations": 0, "holdout": 0.25, "train_rows": len(xtr), "test_rows": len(xte)})
+            surrogate = tree_surrogate(x[train_rows], y[train_rows], x[test_rows], y[test_rows], classifier, feats,
+                                       max_depth=args.max_depth, max_leaf_nodes=args.max_leaf_nodes,
+                                       random_state=args.seed, started=t,
+                                       settings={**settings, "rows": len(x), "perturbations": 0, "holdout": 0.25})
             doc["tree"] = surrogate.to_json(feats)  # as the local run writes it
             note = few_rows_note(doc["tree"])
             if note:

@@ -129,15 +129,26 @@ def fit_tree(predictor: Predictor, x: np.ndarray, features: list[str], *, max_de
     if perturbations:
         train = np.concatenate([train, perturb_marginal(train, perturbations, rng)])
     y_train, y_test = surrogate_targets(predictor, train), surrogate_targets(predictor, test)
-    tree = fit_decision_tree(train, y_train, predictor.is_classifier, max_depth=max_depth,
-                             max_leaf_nodes=max_leaf_nodes, random_state=random_state)
-    fid = tree_fidelity(tree, test, y_test, predictor.is_classifier)
-    fid_train = tree_fidelity(tree, train, y_train, predictor.is_classifier)
-    rules = tree_rules(tree, list(features), predictor.category_names)
-    return TreeSurrogate(tree, float(fid), float(fid_train), rules, predictor.is_classifier, time.perf_counter() - t,
-                         {"max_depth": max_depth, "max_leaf_nodes": max_leaf_nodes, "perturbations": perturbations,
-                          "holdout": holdout, "random_state": random_state, "train_rows": len(train),
-                          "test_rows": len(test)})
+    return tree_surrogate(train, y_train, test, y_test, predictor.is_classifier, features, max_depth=max_depth,
+                          max_leaf_nodes=max_leaf_nodes, random_state=random_state,
+                          categories=predictor.category_names, started=t,
+                          settings={"perturbations": perturbations, "holdout": holdout})
+
+
+def tree_surrogate(train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_test: np.ndarray, classifier: bool,
+                   features: list[str], *, max_depth: int = 4, max_leaf_nodes: int | None = None,
+                   random_state: int = 0, categories: dict[int, list[str]] | None = None,
+                   started: float | None = None, settings: dict | None = None) -> TreeSurrogate:
+    """The tree fit on the model's targets over ``train``, its fidelity on ``test`` (held out) and on ``train``, its
+    rules; ``settings`` joins the fit's own (the local run's and the sharded run's trees are written alike)."""
+    t = time.perf_counter() if started is None else started
+    tree = fit_decision_tree(train, y_train, classifier, max_depth=max_depth, max_leaf_nodes=max_leaf_nodes,
+                             random_state=random_state)
+    fid, fid_train = tree_fidelity(tree, test, y_test, classifier), tree_fidelity(tree, train, y_train, classifier)
+    rules = tree_rules(tree, list(features), categories)
+    return TreeSurrogate(tree, float(fid), float(fid_train), rules, classifier, time.perf_counter() - t,
+                         {**(settings or {}), "max_depth": max_depth, "max_leaf_nodes": max_leaf_nodes,
+                          "random_state": random_state, "train_rows": len(train), "test_rows": len(test)})
 
 
 @dataclass
