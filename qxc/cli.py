@@ -55,13 +55,18 @@ _INPUTS = {"model": "the model", "reference": "the reference model", "candidate"
 _OUTPUTS = {"output": "-o", "json": "--json", "report": "--report", "embed": "--embed"}
 
 
+def _files(args, dests) -> list[tuple[str, str]]:
+    """(dest, path) of every file named by these arguments (a list argument names several; '-' is a stream)."""
+    out = []
+    for dest in dests:
+        value = getattr(args, dest, None)
+        out += [(dest, v) for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v != "-"]
+    return out
+
+
 def _paths(args) -> list[str]:
     """Every file a command reads or writes, by its arguments."""
-    out = []
-    for dest in (*_INPUTS, *_OUTPUTS):
-        value = getattr(args, dest, None)
-        out += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v != "-"]
-    return out
+    return [v for _, v in _files(args, (*_INPUTS, *_OUTPUTS))]
 
 
 def _check_paths(args) -> None:
@@ -69,17 +74,11 @@ def _check_paths(args) -> None:
     model, compile's -o or explain's --embed, takes --force, checked where it is written): the later write would
     replace the earlier file without a word."""
     inputs: dict[Path, str] = {}
-    for dest, label in _INPUTS.items():
-        value = getattr(args, dest, None)
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, str) and v != "-":
-                inputs.setdefault(Path(v).resolve(), label)
+    for dest, v in _files(args, _INPUTS):
+        inputs.setdefault(Path(v).resolve(), _INPUTS[dest])
     written: dict[Path, str] = {}
-    for dest, flag in _OUTPUTS.items():
-        v = getattr(args, dest, None)
-        if not isinstance(v, str) or v == "-":
-            continue
-        r = Path(v).resolve()
+    for dest, v in _files(args, _OUTPUTS):
+        flag, r = _OUTPUTS[dest], Path(v).resolve()
         if r in written:
             raise UsageError(f"{v}: both {written[r]} and {flag} would write it; give each its own path")
         model_out = (args.command, dest) in (("compile", "output"), ("explain", "embed"))  # a model over its input:
