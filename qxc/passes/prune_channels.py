@@ -261,9 +261,8 @@ class _Tracer:
                 self._join(i, neg, block, by=by or (n, i), span=(off, width))
         self._join(n.outputs[0], neg, block, span=(off, width))
 
-    def _constant(self, n: ir.Node, c: ir.Value, neg: int, block: int, off: int = 0, width: int | None = None
-                  ) -> None:
-        ax = _const_axis(tuple(c.const_value.shape), neg, (width or self.group.channels) * block)
+    def _constant(self, n: ir.Node, c: ir.Value, neg: int, block: int, off: int, width: int) -> None:
+        ax = _const_axis(tuple(c.const_value.shape), neg, width * block)
         if ax is None:
             return
         if ax == -1 or block > 1:
